@@ -1,0 +1,156 @@
+"""
+The base language model and its tokenizer: one loader for every script.
+
+    model, tokenizer = load_base("gpt2")      # Hugging Face weights (GPT-2 family)
+    model, tokenizer = load_base("tiny")      # a small random GPT-2, no download
+    model, tokenizer = load_base("out/lm")    # a directory saved with save_pretrained
+
+Names: tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | mistral | any Hugging Face
+causal-LM id | a local directory. Everything but `tiny` goes through transformers'
+`from_pretrained`, the path a user takes with any model; `trust_remote_code` stays off.
+
+Tokenizers share one small interface (encode, decode, eos_id, vocab_size):
+- the GPT-2 family uses tiktoken's "gpt2" encoding (the same BPE, and fast);
+- `tiny` uses raw UTF-8 bytes (ids 0..255, 256 = end of text), so it needs no download;
+- every other model uses its own Hugging Face tokenizer.
+"""
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from trainer import UserError
+
+MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
+GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
+
+# The `tiny` model: GPT-2's architecture at a size a laptop CPU trains in minutes.
+TINY_CONFIG = dict(
+    n_layer=4,  # transformer blocks
+    n_head=4,  # attention heads
+    n_embd=256,  # width
+    n_positions=512,  # longest sequence (prefix + soft token + span fits easily)
+    vocab_size=257,  # 256 bytes + end of text
+    bos_token_id=256,
+    eos_token_id=256,
+)
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: no vocabulary file, works for any text."""
+
+    name = "bytes"
+    eos_id = 256
+    vocab_size = 257
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class TiktokenTokenizer:
+    """GPT-2's BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
+
+    name = "tiktoken-gpt2"
+
+    def __init__(self):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken raises plain requests/OS errors when offline
+            raise UserError(
+                f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); "
+                "set TIKTOKEN_CACHE_DIR to a folder holding its cached files, or use --model tiny"
+            ) from e
+        self.eos_id = self.enc.eot_token
+        self.vocab_size = self.enc.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([i for i in ids if i < self.vocab_size])
+
+
+class HFTokenizer:
+    """A model's own Hugging Face tokenizer behind the same interface."""
+
+    name = "huggingface"
+
+    def __init__(self, path):
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos_id = self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def tokenizer_for(config, path):
+    """Pick the tokenizer a model was trained with, from its config."""
+    saved = getattr(config, TOKENIZER_KEY, None)
+    if saved == ByteTokenizer.name:
+        return ByteTokenizer()
+    if saved == TiktokenTokenizer.name or (config.model_type == "gpt2" and config.vocab_size == 50257):
+        return TiktokenTokenizer()
+    return HFTokenizer(path)
+
+
+# -----------------------------------------------------------------------------
+# models
+
+
+def resolve_dtype(dtype, device):
+    """'auto' is bf16 on a CUDA device that supports it, else fp32 (bf16 is slow on CPUs)."""
+    if dtype == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UserError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
+    return getattr(torch, dtype)
+
+
+def load_base(name, device="cpu", dtype="auto"):
+    """Load (model, tokenizer) by name; see the module docstring for the names."""
+    torch_dtype = resolve_dtype(dtype, device)
+    if name == "tiny":
+        model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).to(torch_dtype)
+        tokenizer = ByteTokenizer()
+    else:
+        path = MODEL_ALIASES.get(name, name)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            tokenizer = tokenizer_for(config, path)
+        except (OSError, ValueError) as e:
+            where = "directory" if os.path.isdir(path) else "model"
+            raise UserError(
+                f"cannot load {where} '{path}' ({str(e).splitlines()[0][:120]}); without network only "
+                "models already in the Hugging Face cache load: use --model tiny, or a local "
+                "directory saved with save_pretrained"
+            ) from e
+    return model.to(device).eval(), tokenizer
+
+
+def save_base(model, tokenizer, path):
+    """Save a base model so that load_base(path) returns it with the same tokenizer."""
+    setattr(model.config, TOKENIZER_KEY, tokenizer.name)
+    model.save_pretrained(path)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.tok.save_pretrained(path)
+
+
+def hidden_size(model):
+    """The LM's width: the size of its hidden states and token embeddings."""
+    return model.get_input_embeddings().embedding_dim
