@@ -1,0 +1,218 @@
+"""
+LoRA, written out: low-rank adapters on a frozen model (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models"; the layout follows microsoft/loralib).
+
+A wrapped layer computes  y = base(x) + B(A(dropout(x))) * alpha / r,  with A (r x in)
+Kaiming-initialised and B (out x r) zero-initialised, so a freshly injected model equals
+its base until trained. One layer holds several *named* adapters ("encoder", "decoder",
+...) and uses one at a time; BigVAE switches between two per call over one frozen LM:
+
+    add_adapter(model, "encoder"); add_adapter(model, "decoder")
+    mark_only_lora_trainable(model)
+    with use_adapter(model, "encoder"):
+        h = model(...)             # encoder adapter on; the previous one comes back after
+
+The base layer can be an nn.Linear, GPT-2's Conv1D (weight stored transposed, in x out)
+or a bitsandbytes 8-bit/4-bit linear: the adapter only adds to the base's output.
+merge() folds the active adapter into a floating-point base weight (for fast inference);
+unmerge() takes it out again. Neither happens behind your back.
+"""
+
+import contextlib
+import re
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers.pytorch_utils import Conv1D
+
+# Default layers to adapt, per architecture (model.config.model_type).
+DEFAULT_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],  # qkv, attention and MLP output, MLP input
+    **{llama_like: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for llama_like in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+}
+
+
+class LoRALayer(nn.Module):
+    """A frozen base layer plus named low-rank adapters, one of them active."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        if isinstance(base, Conv1D):  # GPT-2: weight is (in, out)
+            self.in_features, self.out_features = base.weight.shape
+        else:  # nn.Linear and the bitsandbytes linears that subclass it
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling = {}
+        self.active = None  # name of the adapter in use; None = base layer only
+        self.merged = None  # name of the adapter folded into base.weight, if any
+
+    def add(self, name, r, alpha, dropout):
+        device = self.base.weight.device
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device)  # Kaiming uniform
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device)
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / r
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.active is None or self.merged is not None:
+            return out
+        A, B = self.lora_A[self.active], self.lora_B[self.active]
+        x = self.lora_dropout[self.active](x.to(A.weight.dtype))
+        return out + (B(A(x)) * self.scaling[self.active]).to(out.dtype)  # (B, T, out)
+
+    def delta_weight(self, name):
+        """The adapter as a dense update, laid out like base.weight."""
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]  # (out, in)
+        return delta.T if isinstance(self.base, Conv1D) else delta
+
+    def merge(self):
+        if self.merged is not None or self.active is None:
+            return
+        if not self.base.weight.is_floating_point():
+            raise ValueError("merge() needs a floating-point base weight; 8-bit and 4-bit layers "
+                             "cannot be merged, run them with the adapter unmerged")
+        with torch.no_grad():
+            w = self.base.weight
+            w.copy_((w.float() + self.delta_weight(self.active)).to(w.dtype))
+        self.merged = self.active
+
+    def unmerge(self):
+        if self.merged is None:
+            return
+        with torch.no_grad():
+            w = self.base.weight
+            w.copy_((w.float() - self.delta_weight(self.merged)).to(w.dtype))
+        self.merged = None
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALayer)]
+
+
+def find_targets(model, targets=None):
+    """Names of the Linear/Conv1D layers to adapt: a target is a layer's last name component
+    (e.g. "c_attn") or a regular expression for its whole name (e.g. r"h\\.[0-5]\\.attn\\.c_attn")."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)]
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, LoRALayer) or isinstance(m, (nn.Linear, Conv1D))
+               and not any(n.startswith(w + ".") for w in wrapped)]  # not a LoRA layer's insides
+    candidates = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(f"no default LoRA targets for architecture '{model_type}'; name them with "
+                             f"targets=[...] from its Linear layers: {', '.join(candidates)}")
+        targets = DEFAULT_TARGETS[model_type]
+    names = []
+    for target in targets:
+        found = [n for n in linears if n.rsplit(".", 1)[-1] == target or re.fullmatch(target, n)]
+        if not found:
+            raise ValueError(f"LoRA target '{target}' matches no Linear layer; candidates: {', '.join(candidates)}")
+        names += found
+    return sorted(set(names))
+
+
+def add_adapter(model, name, r=8, alpha=16, dropout=0.0, targets=None):
+    """Add adapter `name` to the target layers (wrapping them on first use); returns their names."""
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+    names = list(wrapped) if wrapped and targets is None else find_targets(model, targets)
+    for layer_name in names:
+        layer = wrapped.get(layer_name)
+        if layer is None:
+            parent_name, _, child = layer_name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            layer = LoRALayer(base)
+            setattr(parent, child, layer)
+        if name in layer.lora_A:
+            raise ValueError(f"adapter '{name}' already exists")
+        layer.add(name, r, alpha, dropout)
+    return names
+
+
+def set_adapter(model, name):
+    """Make adapter `name` active in every LoRA layer that has it; None runs the plain base model."""
+    layers = lora_layers(model)
+    if name is not None and not any(name in layer.lora_A for layer in layers):
+        known = sorted({n for layer in layers for n in layer.lora_A})
+        raise ValueError(f"no adapter '{name}'; this model has: {', '.join(known) or 'none'}")
+    for layer in layers:
+        if layer.merged is not None and layer.merged != name:
+            raise ValueError(f"adapter '{layer.merged}' is merged; unmerge() before switching adapters")
+        layer.active = name if name in layer.lora_A else None
+
+
+def active_adapter(model):
+    return next((layer.active for layer in lora_layers(model) if layer.active is not None), None)
+
+
+@contextlib.contextmanager
+def use_adapter(model, name):
+    """Run a block with adapter `name` (None: no adapter), then restore the previous one."""
+    previous = active_adapter(model)
+    set_adapter(model, name)
+    try:
+        yield model
+    finally:
+        set_adapter(model, previous)
+
+
+def merge(model):
+    """Fold the active adapter into the base weights (forward then skips the LoRA path)."""
+    for layer in lora_layers(model):
+        layer.merge()
+
+
+def unmerge(model):
+    for layer in lora_layers(model):
+        layer.unmerge()
+
+
+def is_lora_key(key, name=None):
+    """Is this parameter name part of adapter `name` (of any adapter when None)?"""
+    return re.search(rf"\.lora_[AB]\.{re.escape(name) if name else '[^.]+'}\.", key) is not None
+
+
+def lora_parameters(model, name=None):
+    """The LoRA parameters of adapter `name`, or of all adapters."""
+    return (p for n, p in model.named_parameters() if is_lora_key(n, name))
+
+
+def mark_only_lora_trainable(model):
+    """Freeze everything but the adapters: the base gets neither gradients nor optimizer state."""
+    for n, p in model.named_parameters():
+        p.requires_grad = is_lora_key(n)
+
+
+def strip_name(key, name):
+    return key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.")
+
+
+def adapter_state_dict(model, name):
+    """Adapter `name`'s weights, keyed without its name so they load under any name."""
+    return {strip_name(k, name): v.detach().clone() for k, v in model.state_dict().items() if is_lora_key(k, name)}
+
+
+def load_adapter_state_dict(model, name, state_dict):
+    own = {strip_name(k, name): k for k in model.state_dict() if is_lora_key(k, name)}
+    if set(own) != set(state_dict):
+        raise ValueError(f"adapter weights do not fit adapter '{name}' of this model "
+                         f"({len(state_dict)} tensors given, {len(own)} expected); were they saved from another model?")
+    params = model.state_dict()
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            params[own[k]].copy_(v)
+
+
+def save_adapter(model, name, path):
+    save_file({k: v.contiguous() for k, v in adapter_state_dict(model, name).items()}, path)
+
+
+def load_adapter(model, name, path):
+    load_adapter_state_dict(model, name, load_file(path))
