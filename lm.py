@@ -121,17 +121,38 @@ def resolve_dtype(dtype, device):
     return getattr(torch, dtype)
 
 
-def load_base(name, device="cpu", dtype="auto"):
-    """Load (model, tokenizer) by name; see the module docstring for the names."""
+def quantization_config(quantize):
+    """bitsandbytes settings for --load-8bit / --load-4bit (NF4, as BigVAE used)."""
+    try:
+        import accelerate  # noqa: F401  (transformers' quantized loading needs both)
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"--load-{quantize} needs bitsandbytes and accelerate: pip install bitsandbytes accelerate") from e
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_base(name, device="cpu", dtype="auto", quantize=None):
+    """Load (model, tokenizer) by name; see the module docstring for the names.
+    quantize: None, "8bit" or "4bit" (bitsandbytes; linear layers of the loaded weights)."""
     torch_dtype = resolve_dtype(dtype, device)
     if name == "tiny":
+        if quantize:
+            raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
+                            "or give a Hugging Face id or directory as --model")
         model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).to(torch_dtype)
         tokenizer = ByteTokenizer()
     else:
         path = MODEL_ALIASES.get(name, name)
+        extra = {}
+        if quantize:  # quantized weights are placed on their device while loading
+            extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
         try:
             config = AutoConfig.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
             tokenizer = tokenizer_for(config, path)
         except (OSError, ValueError) as e:
             where = "directory" if os.path.isdir(path) else "model"
@@ -140,7 +161,7 @@ def load_base(name, device="cpu", dtype="auto"):
                 "models already in the Hugging Face cache load: use --model tiny, or a local "
                 "directory saved with save_pretrained"
             ) from e
-    return model.to(device).eval(), tokenizer
+    return (model if quantize else model.to(device)).eval(), tokenizer
 
 
 def save_base(model, tokenizer, path):

@@ -14,7 +14,8 @@ import lm
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=257)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=257, bos_token_id=256,
+                        eos_token_id=256)
     return GPT2LMHeadModel(config).eval()
 
 

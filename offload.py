@@ -1,0 +1,155 @@
+"""
+CPU offload of a frozen LM's decoder layers, written out: how a 7B model trains on a GPU
+smaller than its weights.
+
+The frozen weights of every decoder layer live in pinned CPU memory. Just before a layer
+runs, a wrapper around its forward makes its weights resident on the GPU (waiting for a copy that
+was started early on a side CUDA stream, so copy and compute overlap) and starts copying
+the next layer; every other layer's GPU copy is dropped. Everything else (embeddings,
+final norm, LM head, LoRA adapters, the VAE head) stays on the GPU.
+
+Training needs the weights a second time, in the backward pass. Without more, autograd
+would keep every layer's weights alive until then and offload would save nothing. So the
+wrapper also checkpoints each layer's activations (torch.utils.checkpoint, when gradients
+are on): the backward pass re-runs each layer's forward just before that layer's backward,
+which fetches its weights again, now walking the layers last to first (the prefetch follows
+the direction). At any moment at most two layers are resident: the one running and the one
+being fetched. (transformers' own checkpointing is not used for this: it deliberately runs
+the recomputation outside module hooks and wrappers; leave --grad-checkpoint off.)
+
+bitsandbytes 8-bit layers keep their int8 weight and scales in `layer.state` (their
+backward reads it there), so those two tensors are what moves for them; 4-bit layers are
+not supported. On a CPU-only machine the same code runs with the CPU as both storage and
+compute device (copies are clones), which is how the tests check it.
+"""
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+
+def decoder_layers(model):
+    """The model's stack of transformer blocks (GPT-2: transformer.h; Llama/Mistral: model.layers)."""
+    num_layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
+
+
+def frozen_slots(layer):
+    """(owner, attribute) pairs holding the layer's frozen tensors, the things offload moves."""
+    slots = []
+    for module in layer.modules():
+        params = dict(module.named_parameters(recurse=False))
+        state = getattr(module, "state", None)
+        if hasattr(state, "SCB"):  # bitsandbytes Linear8bitLt: int8 weight and scales live in .state
+            if module.weight.CB is not None:
+                module.init_8bit_state()
+            slots += [(state, "CB"), (state, "SCB"), (params.pop("weight"), "data")]
+        elif type(params.get("weight")).__name__ == "Params4bit":
+            raise ValueError("offload does not support 4-bit layers; use --load-8bit or bf16 with --offload")
+        slots += [(p, "data") for p in params.values() if not p.requires_grad]
+        slots += [(module, name) for name, _ in module.named_buffers(recurse=False)]
+    return slots
+
+
+class LayerOffloader:
+    """Keeps the frozen weights of `layers` on the CPU and brings each to `device` as it runs."""
+
+    def __init__(self, layers, device):
+        self.layers, self.device = list(layers), torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.slots, self.stored = [], []  # per layer: [(owner, attr, key)]; {key: CPU tensor}
+        self.resident = {}  # layer index -> (CUDA event or None, {id(cpu tensor): device tensor})
+        self.last_started = -1
+        self.num_fetches = 0  # copies to the device, for the tests and the curious
+        self.max_resident = 0
+        for i, layer in enumerate(self.layers):
+            slots = frozen_slots(layer)
+            stored, keys = {}, []
+            for owner, attr in slots:
+                t = getattr(owner, attr)
+                key = (t.data_ptr(), t.dtype, tuple(t.shape))  # 8-bit: state.CB and weight.data share memory
+                if key not in stored:
+                    cpu = t.detach().to("cpu")
+                    stored[key] = cpu.pin_memory() if self.cuda else cpu
+                keys.append(key)
+            self.slots.append([(owner, attr, key) for (owner, attr), key in zip(slots, keys)])
+            self.stored.append(stored)
+            self._release(i)
+            for module in layer.modules():  # what is not offloaded (LoRA, trainable parts) lives on the device
+                for p in module.parameters(recurse=False):
+                    if p.requires_grad:
+                        p.data = p.data.to(self.device)
+            layer.forward = self._checkpointed(i, layer.forward)
+
+    def _checkpointed(self, i, forward):
+        """Layer i's forward, fetching its weights first; with gradients, also activation-checkpointed,
+        so the backward pass re-runs it (and so fetches the weights again) just before its backward."""
+
+        def fetch_and_run(*args, **kwargs):
+            self._before(i)
+            return forward(*args, **kwargs)
+
+        def checkpointed_forward(*args, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(fetch_and_run, *args, use_reentrant=False, **kwargs)
+            return fetch_and_run(*args, **kwargs)
+
+        return checkpointed_forward
+
+    def _fetch(self, i):
+        """Start copying layer i's weights to the device (on the side stream on CUDA)."""
+        if i in self.resident or not 0 <= i < len(self.layers):
+            return
+        self.num_fetches += 1
+        if not self.cuda:
+            self.resident[i] = (None, {key: cpu.clone() for key, cpu in self.stored[i].items()})
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            copies = {key: cpu.to(self.device, non_blocking=True) for key, cpu in self.stored[i].items()}
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.resident[i] = (event, copies)
+
+    def _release(self, i):
+        """Drop layer i's device copy: its slots point at empty placeholders again."""
+        self.resident.pop(i, None)
+        for owner, attr, key in self.slots[i]:
+            setattr(owner, attr, torch.empty(0, dtype=self.stored[i][key].dtype, device=self.device))
+
+    def _before(self, i):
+        """Before layer i runs: make it resident, drop the others, prefetch the next."""
+        direction = -1 if i < self.last_started else 1  # backward re-runs layers last to first
+        self.last_started = i
+        self._fetch(i)
+        event, copies = self.resident[i]
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for t in copies.values():  # tell the allocator the main stream uses them now
+                t.record_stream(torch.cuda.current_stream(self.device))
+        for owner, attr, key in self.slots[i]:
+            setattr(owner, attr, copies[key])
+        for j in list(self.resident):
+            if j != i:
+                self._release(j)
+        self._fetch(i + direction)
+        self.max_resident = max(self.max_resident, len(self.resident))
+
+
+def offload_layers(model, device):
+    """Move `model` to `device` except the frozen weights of its decoder layers, which are
+    offloaded to the CPU and fetched layer by layer; returns the LayerOffloader."""
+    layers = decoder_layers(model)
+    offloader = LayerOffloader(layers, device)
+    inside = {id(m) for m in layers.modules()}
+    for module in model.modules():  # everything outside the decoder layers goes to the device
+        if id(module) not in inside:
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(device)
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.to(device))
+    return offloader

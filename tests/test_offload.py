@@ -1,0 +1,107 @@
+"""offload.py and quantized loading, on CPU: the CPU serves as both storage and compute device,
+so the offload code path runs whole (hooks, fetch, release, prefetch direction) without CUDA."""
+
+import pytest
+import torch
+
+import lm
+import lora
+import offload
+from trainer import UserError
+
+IDS = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                    reason="checks the CUDA copy stream and pinned memory; needs a GPU"))
+
+
+def adapted(path, quantize=None, should_checkpoint=False, device="cpu"):
+    """A base with a non-zero 'decoder' adapter, the only trainable part (as in the VAE)."""
+    model, _ = lm.load_base(path, device=device, dtype="float32", quantize=quantize)
+    lora.add_adapter(model, "decoder", r=4, alpha=8)
+    lora.mark_only_lora_trainable(model)
+    lora.set_adapter(model, "decoder")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    if should_checkpoint:  # --grad-checkpoint: transformers' own per-layer activation checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def loss_and_grads(model, device="cpu"):
+    torch.manual_seed(2)  # the same dropout masks for both models
+    ids = IDS.to(device)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    return loss.detach().cpu(), [p.grad.cpu() for p in lora.lora_parameters(model)]
+
+
+def watch_residency(offloader):
+    """Record, whenever a layer starts (in the forward pass or its re-run in the backward pass),
+    which layers have weights on the device while it runs."""
+    seen, before = [], offloader._before
+
+    def recording_before(i):
+        before(i)
+        seen.append((i, sorted(offloader.resident)))
+
+    offloader._before = recording_before
+    return seen
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("quantize", [None, "8bit"])
+def test_offload_gives_the_same_numbers_with_one_layer_resident(saved_model_dir, quantize, device):
+    if quantize:
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed only for --load-8bit")
+    plain = adapted(saved_model_dir, quantize, should_checkpoint=True, device=device)
+    offloaded = adapted(saved_model_dir, quantize)  # loaded on the CPU, then offloaded
+    offloader = offload.offload_layers(offloaded, device)
+    seen = watch_residency(offloader)
+    num_layers = len(offloader.layers)
+
+    # before a run no layer's weights are on the device: their slots hold empty placeholders
+    frozen = [p for layer in offloader.layers for p in layer.parameters() if not p.requires_grad]
+    assert frozen and all(p.numel() == 0 for p in frozen)
+    loss, grads = loss_and_grads(plain, device)
+    loss_off, grads_off = loss_and_grads(offloaded, device)
+    assert torch.allclose(loss, loss_off, atol=1e-5)
+    for a, b in zip(grads, grads_off):
+        assert torch.allclose(a, b, atol=1e-5)
+
+    # forward 0..L-1, then the backward pass re-runs each layer last to first (checkpointing)
+    order = [i for i, _ in seen]
+    assert order == list(range(num_layers)) + list(reversed(range(num_layers)))
+    for i, resident in seen:  # only the running layer and the one being prefetched
+        assert i in resident and len(resident) <= 2 and all(abs(j - i) <= 1 for j in resident)
+    assert offloader.num_fetches == 2 * num_layers - 1  # the last layer stays for the turn
+    assert offloader.max_resident == 2
+
+
+def test_offload_refuses_4bit_layers():
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed only for --load-4bit")
+    layers = torch.nn.ModuleList([torch.nn.Sequential(bnb.nn.Linear4bit(64, 64))])
+    with pytest.raises(ValueError, match="does not support 4-bit"):
+        offload.LayerOffloader(layers, "cpu")
+
+
+def test_load_8bit_trains_lora_on_cpu(saved_model_dir):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed only for --load-8bit")
+    model = adapted(saved_model_dir, "8bit")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    loss, grads = loss_and_grads(model)
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_quantizing_tiny_is_a_clear_error():
+    with pytest.raises(UserError, match="tiny has none"):
+        lm.load_base("tiny", quantize="8bit")
+
+
+def test_decoder_layers_are_found(saved_model_dir):
+    model, _ = lm.load_base(saved_model_dir)
+    assert len(offload.decoder_layers(model)) == model.config.num_hidden_layers
