@@ -1,0 +1,81 @@
+"""
+A pretrained causal LM as the world model's transformer: the user's "put the LM inside
+IRIS", done so that it can work.
+
+worldmodel.py's WorldModel talks to its transformer through three things (see its
+docstring): `width`, `new_cache(batch_size, max_tokens)` and
+`backbone(embeds (B, T, C), cache) -> hidden (B, T, C)`. LMBackbone gives a Hugging Face
+causal LM (tiny, GPT-2, Mistral, a local directory: anything lm.load_base returns) that
+interface:
+- it is fed `inputs_embeds`, so the world model's embeddings stay differentiable and the
+  LM's token lookup is bypassed;
+- it stays **causal** (no attention mask is passed, so the LM applies its own causal
+  mask): a world model that sees the future while training copies it and then fails
+  when imagining, the bug of an earlier public attempt;
+- imagination uses the LM's **real KV cache** (`past_key_values`), so each imagined token
+  costs one token's forward pass, not a pass over the whole context;
+- the heads read the LM's **last hidden state** (the transformer body's output, the LM
+  head is never run): no vocabulary-wide logits to map back;
+- the LM is frozen and learns through a LoRA adapter named "dynamics" (lora.py); other
+  adapters, e.g. the VAE's "encoder" and "decoder", may live in the same layers.
+
+The world model's embedding tables then have the LM's width. For them, the user's open
+question has two answers: IRIS's own tables, learned from scratch, or rows of the LM's
+own token-embedding table (`lm_token_tables`), frozen or trained.
+"""
+
+import torch
+import torch.nn as nn
+from transformers import DynamicCache
+
+import lora
+from lm import hidden_size
+
+
+class LMCache:
+    """The LM's own KV cache with the `length` the world model reads (tokens held)."""
+
+    def __init__(self):
+        self.past = DynamicCache()
+
+    @property
+    def length(self):
+        return self.past.get_seq_length()
+
+
+class LMBackbone(nn.Module):
+    def __init__(self, lm, r=16, alpha=32, dropout=0.0, should_train_base=False):
+        super().__init__()
+        self.lm = lm
+        self.body = lm.base_model  # the transformer without its LM head (GPT2Model, MistralModel, ...)
+        self.width = hidden_size(lm)
+        lora.add_adapter(lm, "dynamics", r=r, alpha=alpha, dropout=dropout)
+        for name, p in lm.named_parameters():  # only the dynamics adapter (and the base, if asked) trains
+            p.requires_grad = lora.is_lora_key(name, "dynamics") or (should_train_base and not lora.is_lora_key(name))
+
+    def new_cache(self, batch_size, max_tokens):
+        return LMCache()  # grows as needed; the world model rebuilds it when its context is full
+
+    def forward(self, embeds, cache=None):
+        dtype = self.lm.get_input_embeddings().weight.dtype
+        with lora.use_adapter(self.lm, "dynamics"):
+            out = self.body(inputs_embeds=embeds.to(dtype), past_key_values=None if cache is None else cache.past,
+                            use_cache=cache is not None)
+        return out.last_hidden_state.to(embeds.dtype)  # (B, T, C)
+
+
+def lm_token_tables(lm, obs_vocab_size, num_actions, should_train=False):
+    """Observation and action tables made of rows of the LM's own token-embedding table:
+    the last obs_vocab_size + num_actions rows of its vocabulary (in GPT-2 these are rare
+    tokens, so no common word's meaning is borrowed). They are copies: training them
+    (should_train) leaves the LM's table, which other adapters rely on, untouched; frozen,
+    a copy computes exactly what a lookup in the LM's table would."""
+    table = lm.get_input_embeddings().weight.detach().float()
+    vocab_size, needed = table.shape[0], obs_vocab_size + num_actions
+    if needed > vocab_size:
+        raise ValueError(f"the LM's vocabulary has {vocab_size} rows, fewer than the {obs_vocab_size} observation "
+                         f"+ {num_actions} action tokens; use IRIS's own tables, or fewer observation tokens")
+    rows = table[vocab_size - needed:]
+    obs = nn.Embedding.from_pretrained(rows[:obs_vocab_size].clone(), freeze=not should_train)
+    act = nn.Embedding.from_pretrained(rows[obs_vocab_size:].clone(), freeze=not should_train)
+    return obs, act

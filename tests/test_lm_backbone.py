@@ -1,0 +1,87 @@
+"""lm_backbone.py: a pretrained LM inside the IRIS world model stays causal, its real KV cache
+gives the full-context logits, and only the dynamics adapter, embedder and heads train."""
+
+import pytest
+import torch
+
+import lora
+from conftest import tiny_gpt2, tiny_mistral
+from lm_backbone import LMBackbone, lm_token_tables
+from worldmodel import WorldModel, WorldModelConfig, interleave
+
+CONFIG = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=16, num_actions=3, max_steps=5)
+
+
+def world_model(make_lm, other_adapter=None):
+    torch.manual_seed(0)
+    lm = make_lm()
+    if other_adapter:  # e.g. a VAE's adapter, living in the same layers
+        lora.add_adapter(lm, other_adapter, r=4)
+    backbone = LMBackbone(lm, r=4, alpha=8)
+    for p in lora.lora_parameters(backbone.lm, "dynamics"):  # a trained adapter, not B = 0
+        torch.nn.init.normal_(p, std=0.05)
+    return WorldModel(CONFIG, backbone).eval()
+
+
+def tokens(batch_size=2, num_steps=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randint(0, CONFIG.obs_vocab_size, (batch_size, num_steps, CONFIG.tokens_per_obs), generator=g)
+    actions = torch.randint(0, CONFIG.num_actions, (batch_size, num_steps), generator=g)
+    return interleave(obs, actions)
+
+
+LMS = pytest.mark.parametrize("make_lm", [tiny_gpt2, tiny_mistral], ids=["gpt2", "mistral"])
+
+
+@LMS
+def test_lm_backbone_is_causal(make_lm):
+    """Changing a later token leaves every earlier position's logits unchanged."""
+    model = world_model(make_lm)
+    x = tokens()
+    changed = x.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % CONFIG.obs_vocab_size  # step 3's third obs token (5 tokens a step)
+    with torch.no_grad():
+        a, b = model.backbone(model.embedder(x)), model.backbone(model.embedder(changed))
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-5)
+    assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
+
+
+@LMS
+def test_kv_cached_tokens_equal_full_context(make_lm):
+    model = world_model(make_lm)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x)
+        cache = model.backbone.new_cache(len(x), CONFIG.max_tokens)
+        steps = [model(x[:, :7], cache)] + [model(x[:, t:t + 1], cache) for t in range(7, x.shape[1])]
+    assert cache.length == x.shape[1]
+    for name in full:
+        cached = torch.cat([s[name] for s in steps], dim=1)
+        assert torch.allclose(cached, full[name], atol=1e-4), name
+
+
+@LMS
+def test_only_dynamics_adapter_embedder_and_heads_train(make_lm):
+    model = world_model(make_lm, other_adapter="decoder")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lm_trainable = {n for n in trainable if n.startswith("backbone.")}
+    assert lm_trainable and all(lora.is_lora_key(n, "dynamics") for n in lm_trainable)
+    assert {n.split(".")[0] for n in trainable} == {"backbone", "embedder", "pos_emb", "heads"}
+    batch = dict(obs_tokens=torch.randint(0, 16, (2, 5, 4)), actions=torch.randint(0, 3, (2, 5)),
+                 rewards=torch.zeros(2, 5), ends=torch.zeros(2, 5), mask_padding=torch.ones(2, 5, dtype=torch.bool))
+    model.train()
+    model.compute_loss(batch)["loss"].backward()
+    for n, p in model.named_parameters():
+        assert (p.grad is not None) == (n in trainable and not lora.is_lora_key(n, "decoder")), n
+
+
+def test_lm_token_tables_are_rows_of_the_lm_table():
+    lm = tiny_gpt2()
+    obs, act = lm_token_tables(lm, 16, 3)
+    table = lm.get_input_embeddings().weight
+    assert torch.equal(obs.weight, table[-19:-3]) and torch.equal(act.weight, table[-3:])
+    assert not obs.weight.requires_grad
+    trained, _ = lm_token_tables(lm, 16, 3, should_train=True)
+    assert trained.weight.requires_grad and trained.weight.data_ptr() != table.data_ptr()
+    with pytest.raises(ValueError, match="fewer than the 300 observation"):
+        lm_token_tables(lm, 300, 3)
