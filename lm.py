@@ -15,6 +15,7 @@ Tokenizers share one small interface (encode, decode, eos_id, vocab_size):
 - every other model uses its own Hugging Face tokenizer.
 """
 
+import inspect
 import os
 
 import torch
@@ -170,6 +171,13 @@ def save_base(model, tokenizer, path):
     model.save_pretrained(path)
     if isinstance(tokenizer, HFTokenizer):
         tokenizer.tok.save_pretrained(path)
+
+
+def cache_kwarg(model, cache):
+    """{name: cache} for a forward call: transformers renamed `past_key_values` to `cache`
+    during 5.x (the old name is removed in 5.40), so ask the model which one it takes."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def hidden_size(model):

@@ -12,7 +12,7 @@ interface:
 - it stays **causal** (no attention mask is passed, so the LM applies its own causal
   mask): a world model that sees the future while training copies it and then fails
   when imagining, the bug of an earlier public attempt;
-- imagination uses the LM's **real KV cache** (`past_key_values`), so each imagined token
+- imagination uses the LM's **real KV cache** (`past_key_values`, or `cache` in newer transformers), so each imagined token
   costs one token's forward pass, not a pass over the whole context;
 - the heads read the LM's **last hidden state** (the transformer body's output, the LM
   head is never run): no vocabulary-wide logits to map back;
@@ -29,7 +29,7 @@ import torch.nn as nn
 from transformers import DynamicCache
 
 import lora
-from lm import hidden_size
+from lm import cache_kwarg, hidden_size
 
 
 class LMCache:
@@ -59,8 +59,8 @@ class LMBackbone(nn.Module):
     def forward(self, embeds, cache=None):
         dtype = self.lm.get_input_embeddings().weight.dtype
         with lora.use_adapter(self.lm, "dynamics"):
-            out = self.body(inputs_embeds=embeds.to(dtype), past_key_values=None if cache is None else cache.past,
-                            use_cache=cache is not None)
+            out = self.body(inputs_embeds=embeds.to(dtype), use_cache=cache is not None,
+                            **cache_kwarg(self.body, None if cache is None else cache.past))
         return out.last_hidden_state.to(embeds.dtype)  # (B, T, C)
 
 
