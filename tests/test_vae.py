@@ -1,0 +1,172 @@
+"""Tests for vae.py on tiny GPT-2 and Mistral models built from configs (offline, CPU)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2, tiny_mistral
+
+import lm
+import lora
+from vae import VAE, VAEConfig, ZMemory, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
+
+
+def make_vae(base="gpt2", **overrides):
+    torch.manual_seed(0)
+    model = tiny_gpt2() if base == "gpt2" else tiny_mistral()
+    cfg = VAEConfig(latent_size=16, lora_r=4, lora_alpha=8, **overrides)
+    return VAE(model, cfg, lm.ByteTokenizer()).eval()
+
+
+def ids(*rows):
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_encoder_is_bidirectional_and_decoder_causal(base):
+    vae = make_vae(base)
+    lora.mark_only_lora_trainable(vae.base)
+    for p in lora.lora_parameters(vae.base):  # non-zero adapters, so the adapter path is exercised too
+        torch.nn.init.normal_(p, std=0.05)
+    a, b = ids([5, 6, 7, 8, 9]), ids([5, 6, 7, 8, 10])  # differ in the last token only
+    with torch.no_grad():
+        ha, hb = vae.encoder_hidden(a)[0], vae.encoder_hidden(b)[0]
+        assert not torch.allclose(ha[:, 0], hb[:, 0])  # the first position sees the last one
+        assert not torch.allclose(vae.encode(a)[0], vae.encode(b)[0])
+        z = torch.randn(1, 16)
+        la, lb = vae(z, a), vae(z, b)  # target position t is predicted from targets before t only
+        assert torch.allclose(la, lb, atol=1e-6)  # the last target is never an input
+        la, lb = vae(z, ids([5, 6, 1, 8, 9])), vae(z, a)
+        assert torch.allclose(la[:, :3], lb[:, :3], atol=1e-6) and not torch.allclose(la[:, 3:], lb[:, 3:])
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_padding_does_not_change_mu(base):
+    vae = make_vae(base, posterior="diagonal")
+    with torch.no_grad():
+        mu, logvar = vae.encode(ids([3, 4, 5]))
+        padded = ids([3, 4, 5, 256, 256], [7, 7, 7, 7, 7])
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+        mu_p, logvar_p = vae.encode(padded, mask)
+    assert torch.allclose(mu, mu_p[:1], atol=1e-5) and torch.allclose(logvar, logvar_p[:1], atol=1e-5)
+
+
+def test_kl_matches_closed_form():
+    mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    assert torch.allclose(kl_per_dim(mu, logvar), torch.distributions.kl_divergence(q, p), atol=1e-5)
+    assert torch.allclose(kl_per_dim(mu, None), torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, torch.ones_like(mu)), p), atol=1e-6)  # BigVAE: N(mu, I)
+
+
+def test_schedules_at_known_steps():
+    cfg = VAEConfig(ae_iters=100, noise_ramp_iters=50, kl_max=0.01, kl_iters=200)
+    assert noise_scale(99, cfg) == 0 and kl_weight(99, cfg) == 0  # autoencoder phase
+    assert noise_scale(124, cfg) == pytest.approx(0.5) and noise_scale(149, cfg) == 1 == noise_scale(10**6, cfg)
+    assert kl_weight(100, cfg) == 0 and kl_weight(200, cfg) == pytest.approx(0.005)  # sin^2(pi/4) = 1/2
+    assert kl_weight(300, cfg) == pytest.approx(0.01) and kl_weight(10**6, cfg) == pytest.approx(0.01)
+    cyc = VAEConfig(kl_schedule="cyclical", kl_max=1.0, kl_iters=8)  # per cycle: 0, ramp, hold
+    assert [kl_weight(s, cyc) for s in (0, 1, 2, 3, 4, 7, 8, 11)] == pytest.approx([0, 0, 0, 0.5, 1, 1, 0, 0.5])
+    assert kl_weight(7, VAEConfig(kl_schedule="constant", kl_max=0.3)) == 0.3
+    assert noise_scale(0, VAEConfig()) == 1  # no autoencoder phase: BigVAE's full noise from the start
+    w = token_weights(20, True, "cpu")
+    assert w[:8].eq(0.05).all() and w[-8:].eq(0.15).all() and w[8:12].eq(1).all()
+
+
+def test_loss_terms_and_free_bits():
+    vae = make_vae(ae_iters=0, kl_schedule="constant", kl_max=0.5)
+    span = torch.randint(0, 256, (3, 10))
+    batch = {"input_ids": span, "target_ids": span, "prefix_ids": torch.randint(0, 256, (3, 4))}
+    torch.manual_seed(1)
+    terms = vae.compute_loss(batch, step=0)
+    assert set(terms) == {"loss", "rec", "kl", "beta", "noise"}
+    assert terms["loss"].item() == pytest.approx(terms["rec"].item() + 0.5 * terms["kl"].item() / 10, rel=1e-5)
+    vae.cfg.free_bits = 1e3  # every dimension below the floor: the KL term is the floor itself
+    torch.manual_seed(1)
+    floored = vae.compute_loss(batch, step=0)
+    assert floored["loss"].item() == pytest.approx(terms["rec"].item() + 0.5 * 1e3 * 16 / 10, rel=1e-4)
+
+
+def test_frozen_base_gets_no_gradients():
+    vae = make_vae()
+    lora.mark_only_lora_trainable(vae.base)
+    span = torch.randint(0, 256, (2, 8))
+    vae.compute_loss({"input_ids": span, "target_ids": span}, step=0)["loss"].backward()
+    base = [p for n, p in vae.base.named_parameters() if not lora.is_lora_key(n)]
+    assert all(p.grad is None for p in base)
+    assert all(p.grad is not None for p in lora.lora_parameters(vae.base, "encoder"))
+    assert all(p.grad is not None for p in vae.head.parameters())
+
+
+def test_generation_builds_no_graph_and_matches_teacher_forcing():
+    vae = make_vae()
+    for p in lora.lora_parameters(vae.base):
+        torch.nn.init.normal_(p, std=0.05)
+    z, prefix = torch.randn(2, 16), torch.randint(0, 256, (2, 3))
+    out = vae.generate(z, 6, prefix)  # greedy, KV cache with z's memory
+    assert out.shape == (2, 6) and not out.requires_grad
+    with torch.no_grad():
+        logits = vae(z, out, prefix)  # the cached greedy path picks the teacher-forced argmax
+    assert torch.equal(logits.argmax(-1), out)
+
+
+def test_memory_cache_is_read_only():
+    vae = make_vae()
+    z, span = torch.randn(2, 16), torch.randint(0, 256, (2, 5))
+    cache = vae.memory(z)
+    assert isinstance(cache, ZMemory) and cache.get_seq_length() == 1
+    with torch.no_grad(), lora.use_adapter(vae.base, "decoder"):
+        first = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits
+        again = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits
+    assert cache.get_seq_length() == 1 and torch.equal(first, again)  # a re-run sees the same memory
+
+
+def test_gumbel_max_samples_follow_the_softmax():
+    vae = make_vae(z_memory=False)
+    z = torch.randn(1, 16).expand(4000, -1)
+    with torch.no_grad():
+        logits = vae(z[:1], ids([0])).squeeze()  # first-token logits
+    torch.manual_seed(0)
+    first = vae.generate(z, 1, temperature=2.0)[:, 0]
+    expected = F.softmax(logits / 2.0, -1)
+    top = expected.topk(3).indices
+    observed = torch.bincount(first, minlength=257).float() / len(first)
+    assert torch.allclose(observed[top], expected[top], atol=0.03)
+
+
+def test_slerp_and_interpolate():
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    b = b / b.norm(dim=-1, keepdim=True) * a.norm(dim=-1, keepdim=True)
+    assert torch.allclose(slerp(a, b, torch.zeros(3, 1)), a, atol=1e-5)
+    assert torch.allclose(slerp(a, b, torch.ones(3, 1)), b, atol=1e-5)
+    mid = slerp(a, b, torch.full((3, 1), 0.5))
+    assert torch.allclose(mid.norm(dim=-1), a.norm(dim=-1), atol=1e-4)  # stays on the sphere
+    vae = make_vae()
+    path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
+    assert len(path) == 4 and path[0] == vae.reconstruct(["hello there", "bye now"])[0]
+    assert len(vae.sample_prior(3, 5)) == 3
+
+
+@pytest.mark.parametrize("z_memory", [True, False])
+def test_overfits_one_batch(z_memory):
+    """The whole model learns to reconstruct 4 spans exactly, teacher-forced and greedy."""
+    vae = make_vae(z_memory=z_memory, ae_iters=10**6)  # autoencoder: z = mu
+    vae.train()
+    torch.manual_seed(0)
+    span = torch.randint(0, 256, (4, 12))
+    batch = {"input_ids": span, "target_ids": span}
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    for step in range(150):
+        loss = vae.compute_loss(batch, step)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        mu, _ = vae.encode(span)
+        accuracy = (vae(mu, span).argmax(-1) == span).float().mean().item()
+    assert accuracy == 1.0 and loss.item() < 0.1
+    assert torch.equal(vae.generate(mu, 12), span)
+    assert not math.isnan(loss.item())

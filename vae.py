@@ -1,0 +1,306 @@
+"""
+A text VAE made from a decoder-only language model: BigVAE's recipe (JD-P/minihf, branch
+adavae-moe) with two pieces from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022).
+
+    model, tokenizer = lm.load_base("gpt2")
+    vae = VAE(model, VAEConfig(), tokenizer)       # tokenizer: only for the text helpers
+    terms = vae.compute_loss(batch, step)        # {"loss", "rec", "kl", "beta", "noise"}
+    vae.reconstruct(["Return the sum of a and b."])
+    vae.interpolate("first text", "second text", steps=5)
+
+One base LM, two LoRA adapters (lora.py) switched per call:
+- encode: the "encoder" adapter reads the span with bidirectional attention (a 4-D mask;
+  transformers 5.x needs no patching for it), an attention pooling over the real (not
+  padded) positions and `w_e` give mu (and log-variance for the diagonal posterior);
+- decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
+  BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also one extra
+  key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
+  decoder learned to read z far sooner this way (LOG in the README).
+Posteriors: "bigvae" is N(mu, I), KL = |mu|^2 / 2 (BigVAE has no variance head);
+"diagonal" is N(mu, diag(exp(logvar))) (Optimus, AdaVAE).
+The sampling noise and the KL weight follow schedules of the step: an optional noise-free,
+KL-free autoencoder phase first (`ae_iters`), the noise then grows to full over
+`noise_ramp_iters`, and the KL weight warms up (BigVAE's sin^2), cycles (Optimus, AdaVAE)
+or stays constant; free bits (per-dimension KL floor) are optional.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import lora
+from lm import cache_kwarg, hidden_size
+
+
+@dataclass
+class VAEConfig:
+    latent_size: int = 768  # size of z (BigVAE: 768)
+    posterior: str = "bigvae"  # "bigvae": N(mu, I); "diagonal": N(mu, diag(exp(logvar)))
+    z_memory: bool = True  # z also as one key/value in every layer (Optimus); False: BigVAE's soft token only
+    lora_r: int = 32  # adapter rank (BigVAE: 32)
+    lora_alpha: float = 8.0  # adapter scale is alpha / r (BigVAE: 8)
+    ae_iters: int = 0  # first steps: plain autoencoder, z = mu and no KL term
+    noise_ramp_iters: int = 0  # then the sampling noise grows linearly from 0 to full over these steps
+    kl_schedule: str = "cosine"  # "cosine" (BigVAE's sin^2 warm-up), "cyclical" (Optimus, AdaVAE), "constant"
+    kl_max: float = 0.01  # KL weight reached (BigVAE: 0.01, later 0.1)
+    kl_iters: int = 5000  # cosine: warm-up steps; cyclical: steps per cycle (both counted after ae_iters)
+    free_bits: float = 0.0  # KL floor per latent dimension, in nats (0: off)
+    edge_weights: bool = False  # BigVAE's token weights: 0.05 on the first 8, 0.15 on the last 8 targets
+
+
+POSTERIORS = ("bigvae", "diagonal")
+KL_SCHEDULES = ("cosine", "cyclical", "constant")
+
+# -----------------------------------------------------------------------------
+# schedules and loss terms: plain functions of the step, tested at known points
+
+
+def noise_scale(step, cfg):
+    """How much of the posterior's noise is sampled: 0 in the autoencoder phase, then a ramp to 1."""
+    if step < cfg.ae_iters:
+        return 0.0
+    return min(1.0, (step - cfg.ae_iters + 1) / cfg.noise_ramp_iters) if cfg.noise_ramp_iters else 1.0
+
+
+def kl_weight(step, cfg):
+    """The KL term's weight (beta) at this step; 0 during the autoencoder phase."""
+    s = step - cfg.ae_iters
+    if s < 0:
+        return 0.0
+    if cfg.kl_schedule == "cosine":  # BigVAE: v * sin^2(min(s / steps, 1) * pi / 2)
+        return cfg.kl_max * math.sin(min(s / cfg.kl_iters, 1.0) * math.pi / 2) ** 2
+    if cfg.kl_schedule == "cyclical":  # each cycle: 0 for a quarter, linear ramp for a quarter, then hold
+        u = (s % cfg.kl_iters) / cfg.kl_iters
+        return cfg.kl_max * min(1.0, max(0.0, (u - 0.25) / 0.25))
+    return cfg.kl_max
+
+
+def kl_per_dim(mu, logvar):
+    """KL(q(z|x) || N(0, I)) per example and dimension, (B, D). logvar None: BigVAE's N(mu, I)."""
+    if logvar is None:
+        return 0.5 * mu.pow(2)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
+
+
+def token_weights(num_tokens, should_weight_edges, device):
+    """Per-position loss weights: BigVAE's 0.05 on the first 8 and 0.15 on the last 8 targets, else 1."""
+    weights = torch.ones(num_tokens, device=device)
+    if should_weight_edges:
+        weights[:8], weights[-8:] = 0.05, 0.15
+    return weights
+
+
+def bidirectional_mask(mask, dtype):
+    """(B, T) True-for-real-token mask -> additive (B, 1, T, T) mask: every position sees every
+    real position, none sees padding. Additive, so eager and sdpa attention read it alike."""
+    keep = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)  # (B, 1, T, T)
+    return torch.zeros(keep.shape, dtype=dtype, device=mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+def slerp(a, b, t):
+    """Spherical interpolation between the rows of a and b; falls back to lerp when they are parallel."""
+    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)[:, None]
+    omega = torch.acos(cos)
+    if omega.abs().max() < 1e-4:
+        return torch.lerp(a, b, t)
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+class ZMemory(DynamicCache):
+    """z's key/value in every layer, as a KV cache that is read but never extended: each call
+    prepends the memory to its keys and values and leaves the cache as it was, so a layer can
+    be re-run for its backward pass (offload.py's checkpointing) and sees the same memory.
+    Generation extends a plain DynamicCache filled the same way."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+
+# -----------------------------------------------------------------------------
+# the VAE head
+
+
+class VAEComponent(nn.Module):
+    """BigVAE's head: `f` scores positions for pooling, `w_e` maps the pooled state to mu,
+    `w_d` maps z to one soft token; plus `w_logvar` (diagonal posterior) and `w_memory`
+    (z as a key/value per layer) when chosen."""
+
+    def __init__(self, width, cfg, memory_size=0):
+        super().__init__()
+        self.f = nn.Linear(width, 1)
+        self.w_e = nn.Linear(width, cfg.latent_size)
+        self.w_d = nn.Linear(cfg.latent_size, width)
+        nn.init.orthogonal_(self.w_e.weight)  # as BigVAE: orthogonal w_e, w_d starts as its transpose
+        with torch.no_grad():
+            self.w_d.weight.copy_(self.w_e.weight.T)
+        self.w_logvar = nn.Linear(width, cfg.latent_size) if cfg.posterior == "diagonal" else None
+        self.w_memory = nn.Linear(cfg.latent_size, memory_size) if memory_size else None
+        # per-dimension RMS of posterior samples, measured on held-out text; sample_prior scales by it
+        self.register_buffer("latent_rms", torch.ones(()))
+
+    def pool(self, hidden, mask):
+        """Attention pooling over the real positions: (B, T, C), (B, T) -> (B, C)."""
+        scores = self.f(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        return torch.einsum("bt,btc->bc", scores.softmax(-1), hidden)
+
+
+# -----------------------------------------------------------------------------
+# the VAE
+
+
+class VAE(nn.Module):
+    """A VAE over one base LM with "encoder" and "decoder" LoRA adapters and a VAEComponent."""
+
+    def __init__(self, base, cfg, tokenizer=None):
+        super().__init__()
+        if cfg.posterior not in POSTERIORS or cfg.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, kl_schedule one of {KL_SCHEDULES}")
+        self.base, self.cfg, self.tokenizer = base, cfg, tokenizer
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else base.config.eos_token_id
+        for name in ("encoder", "decoder"):
+            lora.add_adapter(base, name, r=cfg.lora_r, alpha=cfg.lora_alpha)
+        c = base.config
+        self.num_layers = c.num_hidden_layers
+        self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        self.head_dim = getattr(c, "head_dim", None) or hidden_size(base) // c.num_attention_heads
+        memory_size = self.num_layers * 2 * self.num_kv_heads * self.head_dim if cfg.z_memory else 0
+        self.head = VAEComponent(hidden_size(base), cfg, memory_size)
+
+    # --- encoder -------------------------------------------------------------------------
+
+    def encoder_hidden(self, input_ids, mask=None):
+        """Last hidden states of the encoder adapter, every position seeing every real one: (B, T, C)."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        dtype = self.base.get_input_embeddings().weight.dtype
+        with lora.use_adapter(self.base, "encoder"):
+            out = self.base.base_model(input_ids=input_ids, attention_mask=bidirectional_mask(mask, dtype))
+        return out.last_hidden_state, mask
+
+    def encode(self, input_ids, mask=None):
+        """Posterior parameters (mu, logvar) of a batch of spans, (B, D) each; logvar None for bigvae."""
+        hidden, mask = self.encoder_hidden(input_ids, mask)
+        pooled = self.head.pool(hidden.to(self.head.w_e.weight.dtype), mask)  # (B, C)
+        logvar = self.head.w_logvar(pooled) if self.head.w_logvar is not None else None
+        return self.head.w_e(pooled), logvar
+
+    @staticmethod
+    def sample(mu, logvar, scale=1.0):
+        """z = mu + scale * std * eps (reparameterised); scale 0 gives z = mu."""
+        if scale == 0.0:
+            return mu
+        std = torch.ones_like(mu) if logvar is None else (0.5 * logvar).exp()
+        return mu + scale * std * torch.randn_like(mu)
+
+    # --- decoder -------------------------------------------------------------------------
+
+    def memory(self, z, cache_class=ZMemory):
+        """A KV cache holding z as one key/value per layer (Optimus), or an empty one."""
+        cache = cache_class(config=self.base.config)
+        if self.head.w_memory is not None:
+            kv = self.head.w_memory(z).view(z.shape[0], self.num_layers, 2, self.num_kv_heads, 1, self.head_dim)
+            kv = kv.to(self.base.get_input_embeddings().weight.dtype)
+            for layer in range(self.num_layers):  # (B, heads, 1, head_dim) each
+                DynamicCache.update(cache, kv[:, layer, 0], kv[:, layer, 1], layer)
+        return cache
+
+    def decoder_inputs(self, z, prefix_ids=None, ids=None):
+        """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C)."""
+        embed = self.base.get_input_embeddings()
+        parts = [self.head.w_d(z)[:, None].to(embed.weight.dtype)]
+        parts += [embed(x) for x in (prefix_ids, ids) if x is not None and x.shape[1] > 0]
+        return torch.cat(parts, 1)
+
+    def forward(self, z, target_ids, prefix_ids=None):
+        """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V)."""
+        embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1])
+        memory = {**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None else {}
+        with lora.use_adapter(self.base, "decoder"):
+            out = self.base(inputs_embeds=embeds, logits_to_keep=target_ids.shape[1], **memory)
+        return out.logits
+
+    def compute_loss(self, batch, step):
+        """Named loss terms for a batch {"input_ids", "target_ids", optional "input_mask", "prefix_ids"}."""
+        cfg, target = self.cfg, batch["target_ids"]
+        mu, logvar = self.encode(batch["input_ids"], batch.get("input_mask"))
+        noise = noise_scale(step, cfg)
+        logits = self(self.sample(mu, logvar, noise), target, batch.get("prefix_ids"))
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
+        weights = token_weights(target.shape[1], cfg.edge_weights, target.device)
+        rec = (ce * weights).sum() / (weights.sum() * target.shape[0])  # weighted mean over tokens
+        kl_dims = kl_per_dim(mu.float(), None if logvar is None else logvar.float())  # (B, D)
+        kl = kl_dims.sum(-1).mean()  # nats per example
+        kl_term = kl_dims.mean(0).clamp(min=cfg.free_bits).sum() if cfg.free_bits > 0 else kl
+        beta = kl_weight(step, cfg)
+        loss = rec + beta * kl_term / target.shape[1]  # BigVAE: the KL is spread over the target tokens
+        return {"loss": loss, "rec": rec, "kl": kl.detach(), "beta": torch.tensor(beta),
+                "noise": torch.tensor(noise)}
+
+    # --- generation (no autograd graph: nothing here needs gradients) -------------------------
+
+    @torch.no_grad()
+    def generate(self, z, num_tokens, prefix_ids=None, temperature=0.0):
+        """Decode num_tokens tokens from z with the KV cache: greedy at temperature 0, else
+        Gumbel-max sampling argmax(logits + temperature * gumbel) (= softmax(logits / T)).
+        After an end-of-text token a row keeps emitting it. Returns (B, num_tokens)."""
+        cache, eos = self.memory(z, DynamicCache), self.eos_id
+        done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+        out_ids = []
+        with lora.use_adapter(self.base, "decoder"):
+            out = self.base(inputs_embeds=self.decoder_inputs(z, prefix_ids), use_cache=True, logits_to_keep=1,
+                            **cache_kwarg(self.base, cache))
+            for i in range(num_tokens):
+                logits = out.logits[:, -1].float()
+                if temperature > 0:
+                    uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)
+                    logits = logits + temperature * -torch.log(-torch.log(uniform))
+                next_id = logits.argmax(-1).masked_fill(done, eos)
+                done |= next_id == eos
+                out_ids.append(next_id)
+                if i + 1 == num_tokens or done.all():
+                    break
+                out = self.base(input_ids=next_id[:, None], use_cache=True, **cache_kwarg(self.base, cache))
+        ids = torch.stack(out_ids, 1)
+        return F.pad(ids, (0, num_tokens - ids.shape[1]), value=eos)
+
+    def tokenize(self, texts):
+        """Texts -> right-padded ids (B, T) and their mask."""
+        rows = [self.tokenizer.encode(t) for t in texts]
+        length = max(1, max(len(r) for r in rows))
+        device = self.head.w_e.weight.device
+        ids = torch.full((len(rows), length), self.tokenizer.eos_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), True
+        return ids, mask
+
+    def detokenize(self, ids):
+        eos = self.tokenizer.eos_id
+        return [self.tokenizer.decode([i for i in row if i != eos]) for row in ids.tolist()]
+
+    @torch.no_grad()
+    def reconstruct(self, texts, temperature=0.0):
+        """Encode texts (z = mu) and decode them back as long as the longest one."""
+        ids, mask = self.tokenize(texts)
+        mu, _ = self.encode(ids, mask)
+        return self.detokenize(self.generate(mu, ids.shape[1], temperature=temperature))
+
+    @torch.no_grad()
+    def sample_prior(self, n, num_tokens, temperature=0.0):
+        """Texts decoded from z ~ N(0, latent_rms^2 I) (BigVAE samples randn * the measured RMS)."""
+        z = torch.randn(n, self.cfg.latent_size, device=self.head.w_e.weight.device) * self.head.latent_rms
+        return self.detokenize(self.generate(z, num_tokens, temperature=temperature))
+
+    @torch.no_grad()
+    def interpolate(self, text_a, text_b, steps=5, mode="slerp"):
+        """Decode steps points on the lerp or slerp path between the two posterior means."""
+        ids, mask = self.tokenize([text_a, text_b])
+        mu, _ = self.encode(ids, mask)
+        t = torch.linspace(0, 1, steps, device=mu.device)[:, None]  # (S, 1)
+        a, b = mu[:1].expand(steps, -1), mu[1:].expand(steps, -1)
+        z = torch.lerp(a, b, t) if mode == "lerp" else slerp(a, b, t)
+        return self.detokenize(self.generate(z, ids.shape[1]))
