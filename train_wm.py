@@ -1,0 +1,416 @@
+"""
+Train an IRIS-style world model (worldmodel.py) on a Gymnasium environment, and measure
+it on held-out episodes against the copy-last-observation baseline.
+
+    python train_wm.py                                    # CartPole-v1 on the CPU, a few minutes
+    python train_wm.py --env ALE/Pong-v5 --max-iters 600  # Atari through ale-py (ROMs ship with it)
+    python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
+    python train_wm.py --resume out-wm --max-iters 4000   # continue a run
+
+Steps, as IRIS (Micheli et al. 2023) with the agent left out:
+1. collect --collect-steps transitions with a uniformly random policy (seeded), split by
+   episode into train and held-out (the last --val-fraction of the episodes);
+2. fit (vectors) or train (frames, --tokenizer-iters) the observation tokenizer, then
+   turn every observation into K tokens once (the tokenizer is frozen from then on);
+3. train the world model on --segment-steps-step segments from random starts, padded
+   past an episode's end (mask_padding), as IRIS samples them;
+4. evaluate on the held-out episodes: obs-token accuracy and cross-entropy, reward and
+   end accuracy, and open-loop imagination: from real observations, imagine --horizon
+   steps with the real actions and compare with the real future, and with the baseline
+   that predicts "nothing changes". Error: vectors, mean |x - x_real| in units of each
+   dimension's standard deviation; frames, mean |pixel - pixel_real| / 255 at 64x64.
+   A picture of real vs imagined goes to OUT_DIR/imagination.png.
+The last line printed is one JSON object of the run's metrics.
+"""
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
+from trainer import (UserError, add_common_args, check_out_dir, load_checkpoint, make_parser, run_cli,
+                     save_checkpoint, setup, train)
+from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    add_common_args(parser, model=None, out_dir="out-wm", max_iters=1500, eval_interval=500, batch_size=32,
+                    lr=1e-3, warmup_iters=100, weight_decay=0.01)
+    g = parser.add_argument_group("world model")
+    g.add_argument("--env", default="CartPole-v1", help="Gymnasium id with a Discrete action space and a "
+                   "vector or RGB-frame Box observation, e.g. CartPole-v1, Acrobot-v1, ALE/Pong-v5 "
+                   "(default: %(default)s)")
+    g.add_argument("--backbone", default="iris", choices=["iris"], help="the transformer inside the world "
+                   "model: iris = IRIS's minGPT (default: %(default)s)")
+    g.add_argument("--collect-steps", type=int, default=20000, help="random-policy transitions to collect "
+                   "(default: %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="share of the episodes held out for "
+                   "evaluation (default: %(default)s)")
+    g.add_argument("--segment-steps", type=int, default=20, help="steps per training segment, and the "
+                   "world model's context in steps (IRIS: 20; default: %(default)s)")
+    g.add_argument("--width", type=int, default=128, help="transformer width (IRIS: 256; default: %(default)s)")
+    g.add_argument("--num-layers", type=int, default=3, help="transformer layers (IRIS: 10; default: "
+                   "%(default)s)")
+    g.add_argument("--num-heads", type=int, default=4, help="attention heads (IRIS: 4; default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout (IRIS: 0.1; default: %(default)s)")
+    g.add_argument("--num-bins", type=int, default=64, help="vector observations: bins per dimension "
+                   "(default: %(default)s)")
+    g.add_argument("--tokenizer-iters", type=int, default=2000, help="frame observations: tokenizer "
+                   "training steps before the world model's (default: %(default)s)")
+    g.add_argument("--tokenizer-lr", type=float, default=1e-3, help="frame tokenizer learning rate "
+                   "(default: %(default)s)")
+    g.add_argument("--tokenizer-batch-size", type=int, default=64, help="frames per tokenizer step "
+                   "(default: %(default)s)")
+    g.add_argument("--horizon", type=int, default=20, help="imagined steps in the open-loop test "
+                   "(default: %(default)s)")
+    g.add_argument("--num-imagine", type=int, default=256, help="held-out starts imagined from "
+                   "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.model is not None:
+        raise UserError("--model picks a pretrained LM, which --backbone iris does not use; "
+                        "size IRIS's transformer with --width, --num-layers and --num-heads")
+    if args.eval_only and not args.resume:
+        raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# environment and data
+
+
+def make_env(env_id):
+    import gymnasium as gym
+
+    if env_id.startswith("ALE/"):
+        import ale_py
+
+        gym.register_envs(ale_py)
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown Gymnasium env {env_id!r} ({e}); try CartPole-v1, Acrobot-v1 or "
+                        "ALE/Pong-v5") from e
+    space = env.observation_space
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise UserError(f"{env_id} has actions {env.action_space}; the world model needs a Discrete "
+                        "action space (e.g. CartPole-v1, ALE/Pong-v5)")
+    is_vector = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    is_frame = (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
+                and space.dtype == np.uint8)
+    if not (is_vector or is_frame):
+        raise UserError(f"{env_id} has observations {space}; supported are vectors (a 1-D Box) and RGB "
+                        "frames (an (H, W, 3) uint8 Box)")
+    return env
+
+
+def make_tokenizer(env, args):
+    shape = env.observation_space.shape
+    if len(shape) == 1:
+        return VectorTokenizer(VectorTokenizerConfig(obs_dim=shape[0], num_bins=args.num_bins))
+    return FrameTokenizer(FrameTokenizerConfig())
+
+
+def collect(env, tokenizer, num_steps, seed):
+    """num_steps transitions of a seeded uniformly random policy, as flat tensors:
+    obs (N, *obs_shape) preprocessed, actions, rewards, ends (terminated) and episode (N,).
+    The last episode is cut at num_steps (like a time limit: no end label)."""
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    chunks, raw = [], []
+    actions, rewards, ends, episode = [], [], [], []
+    num_episodes = 0
+    for _ in range(num_steps):
+        action = env.action_space.sample()
+        raw.append(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        actions.append(action), rewards.append(reward), ends.append(terminated), episode.append(num_episodes)
+        if terminated or truncated:
+            obs, _ = env.reset()
+            num_episodes += 1
+        if len(raw) == 1000:  # preprocess as we go: raw Atari frames are 100 kB each
+            chunks.append(tokenizer.preprocess(np.stack(raw)))
+            raw = []
+    if raw:
+        chunks.append(tokenizer.preprocess(np.stack(raw)))
+    return {"obs": torch.cat(chunks), "actions": torch.tensor(actions), "ends": torch.tensor(ends),
+            "rewards": torch.tensor(rewards, dtype=torch.float32), "episode": torch.tensor(episode)}
+
+
+def split(data, val_fraction):
+    """Split by episode: the last val_fraction of the episodes (at least one) are held out."""
+    num_episodes = int(data["episode"][-1]) + 1
+    if num_episodes < 2:
+        raise UserError(f"only {num_episodes} episode collected: raise --collect-steps")
+    num_val = min(num_episodes - 1, max(1, round(num_episodes * val_fraction)))
+    first_val = int((data["episode"] < num_episodes - num_val).sum())
+    return ({k: v[:first_val] for k, v in data.items()}, {k: v[first_val:] for k, v in data.items()})
+
+
+def add_episode_bounds(data):
+    """For each step, the index of its episode's first step and one past its last."""
+    n = len(data["episode"])
+    first = torch.nonzero(data["episode"][1:] != data["episode"][:-1]).squeeze(1) + 1
+    bounds = torch.cat([torch.tensor([0]), first, torch.tensor([n])])
+    which = torch.bucketize(torch.arange(n), bounds, right=True) - 1  # episode number within data
+    data["episode_start"], data["episode_end"] = bounds[which], bounds[which + 1]
+
+
+def batch_generator(args, index):
+    """The random source of batch `index`: a function of (--seed, index) only, so a resumed
+    run draws the very batches the uninterrupted run would have."""
+    return torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+
+
+def segments(data, starts, num_steps):
+    """IRIS's training segments: num_steps steps from each start, padded past the episode's end."""
+    idx = starts.unsqueeze(1) + torch.arange(num_steps)  # (B, L)
+    mask_padding = idx < data["episode_end"][starts].unsqueeze(1)
+    idx = torch.where(mask_padding, idx, starts.unsqueeze(1))  # padded steps repeat the start; never labels
+    return {"obs_tokens": data["obs_tokens"][idx], "actions": data["actions"][idx],
+            "rewards": data["rewards"][idx], "ends": data["ends"][idx], "mask_padding": mask_padding}
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state):
+    """The tokenizer's own training phase, with the shared loop; resumes from state."""
+    targs = copy.copy(args)
+    targs.max_iters, targs.lr, targs.eval_interval = args.tokenizer_iters, args.tokenizer_lr, args.tokenizer_iters
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=args.tokenizer_lr)
+    if "tokenizer_optimizer" in state:
+        optimizer.load_state_dict(state["tokenizer_optimizer"])
+    frames = train_data["obs"]
+
+    def get_batch(index):
+        idx = torch.randint(len(frames), (args.tokenizer_batch_size,), generator=batch_generator(args, index))
+        return {"frames": frames[idx].to(run.device)}
+
+    def save(step):
+        save_checkpoint(args.out_dir, {**state, "tokenizer": tokenizer.state_dict(), "tokenizer_step": step,
+                                       "tokenizer_optimizer": optimizer.state_dict()})
+
+    print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
+    train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_data["obs"], run), targs,
+          run, start_step=state.get("tokenizer_step", 0), save=save)
+    tokenizer.eval()
+
+
+@torch.no_grad()
+def tokenizer_metrics(tokenizer, obs, run):
+    """Held-out reconstruction error, in the units of the imagination error."""
+    scale = obs_scale(obs)
+    errors = [(tokenizer.decode(tokenizer.encode(o.to(run.device))).float().cpu() - o.float()).abs() / scale
+              for o in obs.split(512)]
+    return {"tokenizer_err": torch.cat(errors).mean().item()}
+
+
+def obs_scale(obs):
+    """What one unit of error is: 255 for frames, each dimension's std for vectors."""
+    return 255.0 if obs.dtype == torch.uint8 else obs.float().std(0).clamp(min=1e-8)
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(world_model, tokenizer, val, scale, args, run):
+    world_model.eval()
+    metrics = heldout_metrics(world_model, val, args, run)
+    curves, example = imagine(world_model, tokenizer, val, scale, args, run)
+    for h in sorted({1, 5, args.horizon} & set(range(1, args.horizon + 1))):
+        for name, curve in curves.items():
+            metrics[f"{name}_h{h}"] = curve[h - 1]
+    beats = [i < c for i, c in zip(curves["imag_err"], curves["copy_err"])]
+    metrics["imag_beats_copy_up_to_h"] = (beats + [False]).index(False)  # first horizon where it does not
+    draw(example, curves, os.path.join(args.out_dir, "imagination.png"))
+    return metrics
+
+
+def heldout_metrics(world_model, val, args, run):
+    """Token accuracy and cross-entropy of each head over the held-out episodes, cut
+    into consecutive segments from each episode's start."""
+    steps = torch.arange(len(val["episode"]))
+    starts = steps[(steps - val["episode_start"]) % args.segment_steps == 0]
+    sums = {}
+    for chunk in starts.split(64):
+        batch = {k: v.to(run.device) for k, v in segments(val, chunk, args.segment_steps).items()}
+        for name, (logits, labels) in world_model.logits_and_labels(batch).items():
+            keep = labels != -100
+            logits, labels = logits[keep].float(), labels[keep]
+            ce = nn.functional.cross_entropy(logits, labels, reduction="sum")
+            correct = (logits.argmax(-1) == labels)
+            for key, value in ((f"{name}_ce", ce), (f"{name}_acc", correct.sum()), (name, keep.sum())):
+                sums[key] = sums.get(key, 0) + value.item()
+            if name == "end":  # ends are rare: how many of them are caught
+                sums["end_recall"] = sums.get("end_recall", 0) + correct[labels == 1].sum().item()
+                sums["num_ends"] = sums.get("num_ends", 0) + (labels == 1).sum().item()
+    metrics = {f"val_{name}_{m}": sums[f"{name}_{m}"] / max(1, sums[name])
+               for name in ("obs", "reward", "end") for m in ("acc", "ce")}
+    metrics["val_end_recall"] = sums["end_recall"] / max(1, sums["num_ends"])
+    return metrics
+
+
+def imagine(world_model, tokenizer, val, scale, args, run):
+    """Open-loop imagination from held-out starts with the real actions; per-horizon
+    token accuracy and error of the world model and of copying the start observation."""
+    H = args.horizon
+    valid = torch.nonzero(torch.arange(len(val["episode"])) + H < val["episode_end"]).squeeze(1)
+    if len(valid) == 0:
+        raise UserError(f"no held-out episode is longer than --horizon {H}; lower it or raise --collect-steps")
+    starts = valid[torch.linspace(0, len(valid) - 1, min(args.num_imagine, len(valid))).long()]
+    env = WorldModelEnv(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
+    obs, info = env.reset(val["obs"][starts].to(run.device))
+    real_tokens = val["obs_tokens"][starts]
+    imagined = [obs.cpu()]
+    curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
+    for h in range(1, H + 1):
+        obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(run.device))
+        imagined.append(obs.cpu())
+        real, real_next = val["obs"][starts], val["obs"][starts + h]
+        next_tokens = val["obs_tokens"][starts + h]
+        curves["imag_acc"].append((info["obs_tokens"].cpu() == next_tokens).float().mean().item())
+        curves["copy_acc"].append((real_tokens == next_tokens).float().mean().item())
+        curves["imag_err"].append(((obs.cpu().float() - real_next.float()).abs() / scale).mean().item())
+        curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
+    example = {"real": val["obs"][starts[0]:starts[0] + H + 1], "imagined": torch.stack(imagined)[:, 0]}
+    return curves, example
+
+
+# -----------------------------------------------------------------------------
+# pictures (Pillow, imported only here)
+
+
+def draw(example, curves, path):
+    """Real vs imagined: frames side by side, or one plot per vector dimension; and the
+    error per horizon of the world model and of the copy baseline."""
+    from PIL import Image, ImageDraw
+
+    real, imagined = example["real"], example["imagined"]
+    panel_w, panel_h = 300, 140
+    if real.dim() == 4:  # frames (T, 64, 64, 3): a row of real, a row of imagined
+        rows = torch.cat([torch.cat(list(real), 1), torch.cat(list(imagined), 1)], 0).numpy()
+        top = Image.fromarray(rows)
+        plots = []
+    else:
+        top = None
+        plots = [(f"dim {d}: real (black) vs imagined (red)",
+                  {"black": real[:, d].tolist(), "red": imagined[:, d].tolist()}) for d in range(real.shape[1])]
+    plots.append(("error per step: imagined (red) vs copy (grey)",
+                  {"red": curves["imag_err"], "gray": curves["copy_err"]}))
+    width = max(top.width if top else 0, panel_w * len(plots))
+    height = (top.height if top else 0) + panel_h
+    image = Image.new("RGB", (width, height), "white")
+    if top:
+        image.paste(top, (0, 0))
+    canvas = ImageDraw.Draw(image)
+    y0 = top.height if top else 0
+    for i, (title, series) in enumerate(plots):
+        x0 = i * panel_w
+        values = [v for vs in series.values() for v in vs]
+        lo, hi = min(values), max(values)
+        span = (hi - lo) or 1.0
+        canvas.rectangle([x0 + 5, y0 + 20, x0 + panel_w - 5, y0 + panel_h - 5], outline="lightgray")
+        canvas.text((x0 + 8, y0 + 4), title, fill="black")
+        for color, vs in series.items():
+            points = [(x0 + 10 + (panel_w - 20) * t / max(1, len(vs) - 1),
+                       y0 + panel_h - 10 - (panel_h - 35) * (v - lo) / span) for t, v in enumerate(vs)]
+            canvas.line(points, fill=color, width=2)
+    image.save(path)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    run = setup(args)
+    env = make_env(args.env)
+    tokenizer = make_tokenizer(env, args).to(run.device)
+    config = {k: getattr(args, k) for k in ("env", "backbone", "collect_steps", "val_fraction", "segment_steps",
+                                            "width", "num_layers", "num_heads", "num_bins", "tokenizer_iters", "seed")}
+    must_match = list(config)
+    state = {"config": config}
+    if args.resume:
+        state = load_checkpoint(args.resume, config, must_match)
+        if args.eval_only and "world_model" not in state:
+            raise UserError(f"{args.resume} stopped while training the tokenizer and has no world model "
+                            "yet; resume it without --eval-only")
+    else:
+        check_out_dir(args)
+    os.makedirs(args.out_dir, exist_ok=True)  # the picture goes there too
+
+    t_collect = time.time()
+    data = collect(env, tokenizer, args.collect_steps, args.seed)
+    train_data, val_data = split(data, args.val_fraction)
+    print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
+          f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
+
+    if "tokenizer" in state:
+        tokenizer.load_state_dict(state["tokenizer"])
+    elif isinstance(tokenizer, VectorTokenizer):
+        tokenizer.fit(train_data["obs"].to(run.device))
+    if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
+        train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state)
+    tokenizer.eval()
+    metrics = tokenizer_metrics(tokenizer, val_data["obs"], run)
+    for part in (train_data, val_data):
+        part["obs_tokens"] = torch.cat([tokenizer.encode(o.to(run.device)).cpu() for o in part["obs"].split(512)])
+        add_episode_bounds(part)
+
+    world_model = WorldModel(
+        WorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
+                         num_actions=int(env.action_space.n), max_steps=args.segment_steps),
+        Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers, num_heads=args.num_heads,
+                                      dropout=args.dropout))).to(run.device)
+    # IRIS: weight decay on Linear weights only (not embeddings, LayerNorms or biases)
+    decayed = {id(m.weight) for m in world_model.modules() if isinstance(m, nn.Linear)}
+    params = list(world_model.parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}], lr=args.lr)
+    start_step = 0
+    if "world_model" in state:
+        world_model.load_state_dict(state["world_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+    print(f"world model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+          f"{tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
+
+    scale = obs_scale(train_data["obs"])
+    train_starts = len(train_data["actions"])
+    num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
+
+    def get_batch(index):
+        starts = torch.randint(train_starts, (args.batch_size,), generator=batch_generator(args, index))
+        batch = {k: v.to(run.device) for k, v in segments(train_data, starts, args.segment_steps).items()}
+        return {**batch, "num_tokens": num_tokens}
+
+    def save(step):
+        save_checkpoint(args.out_dir, {
+            "config": config, "tokenizer": tokenizer.state_dict(), "tokenizer_step": args.tokenizer_iters,
+            "world_model": world_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
+
+    def evaluate_now():
+        return evaluate(world_model, tokenizer, val_data, scale, args, run)
+
+    if args.eval_only:
+        metrics.update(evaluate_now())
+    else:
+        metrics.update(train(world_model, optimizer, get_batch, evaluate_now, args, run, start_step, save))
+    metrics["wall_seconds"] = round(time.time() - t_start, 1)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    run_cli(main)
