@@ -14,8 +14,9 @@ wrapper also checkpoints each layer's activations (torch.utils.checkpoint, when 
 are on): the backward pass re-runs each layer's forward just before that layer's backward,
 which fetches its weights again, now walking the layers last to first (the prefetch follows
 the direction). At any moment at most two layers are resident: the one running and the one
-being fetched. (transformers' own checkpointing is not used for this: it deliberately runs
-the recomputation outside module hooks and wrappers; leave --grad-checkpoint off.)
+being fetched. (transformers' own checkpointing can't be used for this: it deliberately
+runs the recomputation outside module hooks and wrappers. --grad-checkpoint is the same
+wrapper without the fetching, so it adds nothing to --offload.)
 
 bitsandbytes 8-bit layers keep their int8 weight and scales in `layer.state` (their
 backward reads it there), so those two tensors are what moves for them; 4-bit layers are
@@ -27,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from lora import LoRALayer
+
 
 def decoder_layers(model):
     """The model's stack of transformer blocks (GPT-2: transformer.h; Llama/Mistral: model.layers)."""
@@ -35,6 +38,44 @@ def decoder_layers(model):
         if isinstance(module, nn.ModuleList) and len(module) == num_layers:
             return module
     raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
+
+
+def checkpointed(layer, before=None):
+    """The layer's forward, activation-checkpointed whenever gradients are on: only its inputs
+    are kept, and the backward pass re-runs it just before the layer's own backward. `before()`
+    runs first on every run, the re-run included (offload fetches the layer's weights there).
+    The re-run happens after the caller has switched LoRA adapters (the VAE runs the encoder,
+    then the decoder, then one backward pass), so it puts back the adapters of the first run."""
+    forward = layer.forward
+    adapters = [m for m in layer.modules() if isinstance(m, LoRALayer)]
+
+    def run(active, *args, **kwargs):
+        if before is not None:
+            before()
+        now = [m.active for m in adapters]
+        for m, name in zip(adapters, active):
+            m.active = name
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            for m, name in zip(adapters, now):
+                m.active = name
+
+    def maybe_checkpointed(*args, **kwargs):
+        active = [m.active for m in adapters]
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run, active, *args, use_reentrant=False, **kwargs)
+        return run(active, *args, **kwargs)
+
+    return maybe_checkpointed
+
+
+def checkpoint_layers(model):
+    """Per-layer activation checkpointing (--grad-checkpoint). Not transformers' own
+    (`gradient_checkpointing_enable`): that one drops any KV cache passed in, and the VAE
+    passes z to every layer as a cache entry (vae.py's z memory)."""
+    for layer in decoder_layers(model):
+        layer.forward = checkpointed(layer)
 
 
 def frozen_slots(layer):
@@ -83,22 +124,7 @@ class LayerOffloader:
                 for p in module.parameters(recurse=False):
                     if p.requires_grad:
                         p.data = p.data.to(self.device)
-            layer.forward = self._checkpointed(i, layer.forward)
-
-    def _checkpointed(self, i, forward):
-        """Layer i's forward, fetching its weights first; with gradients, also activation-checkpointed,
-        so the backward pass re-runs it (and so fetches the weights again) just before its backward."""
-
-        def fetch_and_run(*args, **kwargs):
-            self._before(i)
-            return forward(*args, **kwargs)
-
-        def checkpointed_forward(*args, **kwargs):
-            if torch.is_grad_enabled():
-                return torch.utils.checkpoint.checkpoint(fetch_and_run, *args, use_reentrant=False, **kwargs)
-            return fetch_and_run(*args, **kwargs)
-
-        return checkpointed_forward
+            layer.forward = checkpointed(layer, before=lambda i=i: self._before(i))
 
     def _fetch(self, i):
         """Start copying layer i's weights to the device (on the side stream on CUDA)."""
@@ -153,3 +179,23 @@ def offload_layers(model, device):
             for name, b in module.named_buffers(recurse=False):
                 setattr(module, name, b.to(device))
     return offloader
+
+
+def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False):
+    """A rough GPU memory budget in bytes, printed before training so a run that cannot fit
+    says so early. Activations per token and layer follow Korthikanti et al. 2022 (about
+    34 x width bytes in 16-bit with fused attention); with checkpointing only each layer's
+    input (2 x width bytes) is kept, plus one layer's activations during its re-run."""
+    width, num_layers = model.config.hidden_size, model.config.num_hidden_layers
+    layer_ids = {id(p) for p in decoder_layers(model).parameters()}
+    frozen_outside = sum(p.numel() * p.element_size() for p in model.parameters()
+                         if id(p) not in layer_ids and not p.requires_grad)
+    frozen_layers = sum(p.numel() * p.element_size() for p in decoder_layers(model).parameters()
+                        if not p.requires_grad)
+    weights = frozen_outside + (2 * frozen_layers / num_layers if should_offload else frozen_layers)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16  # fp32 weight, grad, 2 AdamW
+    per_layer_token = 34 * width
+    per_token = (2 * width * num_layers + per_layer_token if should_checkpoint or should_offload
+                 else per_layer_token * num_layers) + 12 * model.config.vocab_size  # + fp32 logits and grads
+    return {"weights": weights, "trainable_and_optimizer": trainable, "activations_per_token": per_token,
+            "total": weights + trainable + per_token * tokens_per_step}

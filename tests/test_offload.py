@@ -26,8 +26,8 @@ def adapted(path, quantize=None, should_checkpoint=False, device="cpu"):
     with torch.no_grad():
         for p in lora.lora_parameters(model):
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    if should_checkpoint:  # --grad-checkpoint: transformers' own per-layer activation checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if should_checkpoint:  # --grad-checkpoint
+        offload.checkpoint_layers(model)
     model.train()
     return model
 
@@ -105,3 +105,31 @@ def test_quantizing_tiny_is_a_clear_error():
 def test_decoder_layers_are_found(saved_model_dir):
     model, _ = lm.load_base(saved_model_dir)
     assert len(offload.decoder_layers(model)) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("should_offload", [False, True], ids=["checkpoint", "offload"])
+def test_recomputation_uses_the_adapter_of_the_first_run(saved_model_dir, should_offload):
+    """Encoder pass with one adapter, decoder pass with another, one backward (as the VAE
+    trains): checkpointed layers re-run with the adapter each pass had, not the current one."""
+    def two_adapter_grads(transform):
+        model, _ = lm.load_base(saved_model_dir)
+        for name, seed in (("encoder", 3), ("decoder", 4)):
+            lora.add_adapter(model, name, r=4, alpha=8)
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in lora.lora_parameters(model, name):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        lora.mark_only_lora_trainable(model)
+        model.eval()  # no dropout: the two models must compute the same thing
+        transform(model)
+        with lora.use_adapter(model, "encoder"):
+            a = model(IDS).logits.square().mean()
+        with lora.use_adapter(model, "decoder"):
+            b = model(IDS, labels=IDS).loss
+        (a + b).backward()
+        return [p.grad for p in lora.lora_parameters(model)]
+
+    plain = two_adapter_grads(lambda model: None)
+    transform = (lambda m: offload.offload_layers(m, "cpu")) if should_offload else offload.checkpoint_layers
+    for a, b in zip(plain, two_adapter_grads(transform)):
+        assert torch.allclose(a, b, atol=1e-6)
