@@ -178,7 +178,8 @@ class VAE(nn.Module):
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         dtype = self.base.get_input_embeddings().weight.dtype
         with lora.use_adapter(self.base, "encoder"):
-            out = self.base.base_model(input_ids=input_ids, attention_mask=bidirectional_mask(mask, dtype))
+            out = self.base.base_model(input_ids=input_ids, attention_mask=bidirectional_mask(mask, dtype),
+                                       use_cache=False)  # no cache to fill: a checkpointed re-run would fill it twice
         return out.last_hidden_state, mask
 
     def encode(self, input_ids, mask=None):
@@ -218,7 +219,8 @@ class VAE(nn.Module):
     def forward(self, z, target_ids, prefix_ids=None):
         """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V)."""
         embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1])
-        memory = {**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None else {}
+        memory = ({**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None
+                  else {"use_cache": False})
         with lora.use_adapter(self.base, "decoder"):
             out = self.base(inputs_embeds=embeds, logits_to_keep=target_ids.shape[1], **memory)
         return out.logits
