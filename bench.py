@@ -4,20 +4,29 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
 
     python bench.py lora                # our LoRA vs peft's: training step; merged vs base forward
     python bench.py lora --steps 3      # a quicker, noisier look
+    python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
+                                        # GPU: a Mistral-7B-sized VAE training step in bf16, 8-bit,
+                                        # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
+    python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3 --scaled-down --device cpu
+                                        # the same code on a small Mistral config, on a CPU
 
 Times are medians over steps that alternate between the contenders, so a machine that
 slows down or speeds up mid-run affects both alike.
 """
 
 import argparse
+import contextlib
+import gc
 import json
 import statistics
+import sys
 import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora
+import offload
 
 
 def timed(fn):
@@ -89,13 +98,114 @@ def bench_lora(args):
     }
 
 
-BENCHMARKS = {"lora": bench_lora}
+# Mistral-7B-v0.1's config.json (the model the user's notes name), and a small stand-in for CPUs.
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096)
+MISTRAL_SCALED_DOWN = dict(MISTRAL_7B, vocab_size=1000, hidden_size=256, intermediate_size=896,
+                           num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+MEMORY_MODES = {  # name: (8-bit weights, transformers' activation checkpointing, offload)
+    "bf16": (False, False, False),
+    "8bit": (True, False, False),
+    "8bit+checkpoint": (True, True, False),
+    "8bit+offload": (True, False, True),
+    "bf16+offload": (False, False, True),
+}
+
+
+def quantize_8bit(model):
+    """Replace the decoder layers' nn.Linear with bitsandbytes 8-bit layers, quantizing the
+    weights in place (what from_pretrained(..., load_in_8bit) does while loading)."""
+    import bitsandbytes as bnb
+
+    for layer in offload.decoder_layers(model):
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                CB, SCB, _ = bnb.functional.int8_vectorwise_quant(module.weight.data.to(torch.float16))
+                q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False, device=module.weight.device)
+                q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, q)
+
+
+def vae_step_measurement(kw, mode, device, steps, batch_size, block_size):
+    """Build a random Mistral-shaped VAE in `mode`; seconds per training step and peak memory."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from vae import VAE, VAEConfig
+
+    is_8bit, should_checkpoint, should_offload = MEMORY_MODES[mode]
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    with torch.device(device):  # random weights straight on the device: no download, no CPU init
+        base = AutoModelForCausalLM.from_config(MistralConfig(**kw), dtype=torch.bfloat16 if cuda else torch.float32)
+    if is_8bit:
+        quantize_8bit(base)
+    vae = VAE(base, VAEConfig())  # BigVAE's adapters (r 32, alpha 8, all 7 projections) and head
+    vae.head.to(device)
+    lora.mark_only_lora_trainable(base)
+    tokens = batch_size * block_size * 2  # the encoder reads the span, the decoder writes it
+    estimate = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
+    if should_offload:
+        offload.offload_layers(base, device)
+    if should_checkpoint:
+        offload.checkpoint_layers(base)
+    vae.train()
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.99))
+    ids = torch.randint(0, kw["vocab_size"], (batch_size, block_size), device=device)
+    batch = {"input_ids": ids, "target_ids": ids}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss = vae.compute_loss(batch, step=10**6)["loss"]  # full noise and KL weight
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step()  # warm-up (allocates the optimizer state)
+    seconds = statistics.median(timed(step) for _ in range(steps))
+    gib = 2**30
+    return {"s_per_step": round(seconds, 3),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
+            "estimate_gib": round(estimate["total"] / gib, 2)}
+
+
+def bench_mistral_memory(args):
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    kw = MISTRAL_SCALED_DOWN if args.scaled_down else MISTRAL_7B
+    results = {}
+    for mode in MEMORY_MODES:
+        results[mode] = vae_step_measurement(kw, mode, device, args.steps, args.batch_size, args.block_size)
+        print(mode, results[mode], file=sys.stderr, flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"bench": "mistral-memory", "config": "scaled-down" if args.scaled_down else "Mistral-7B-v0.1",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "weights_dtype": "bfloat16" if device.type == "cuda" else "float32", "lora": "r 32 on q,k,v,o,gate,up,down",
+            "batch": [args.batch_size, args.block_size], **results,
+            "offload_slowdown_8bit": round(results["8bit+offload"]["s_per_step"] / results["8bit"]["s_per_step"], 2),
+            "offload_slowdown_bf16": round(results["bf16+offload"]["s_per_step"] / results["bf16"]["s_per_step"], 2)}
+
+
+BENCHMARKS = {"lora": bench_lora, "mistral-memory": bench_mistral_memory}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
     parser.add_argument("--steps", type=int, default=8, help="timed calls per contender (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (default: %(default)s; "
+                        "mistral-memory: use 128)")
+    parser.add_argument("--device", default=None, help="mistral-memory: cuda or cpu (default: cuda if available)")
+    parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
+                        "to run the same code on a CPU")
     args = parser.parse_args()
     print(json.dumps(BENCHMARKS[args.name](args)))
