@@ -27,15 +27,20 @@ MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
 GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
 
-# The `tiny` model: GPT-2's architecture at a size a laptop CPU trains in minutes.
+# The `tiny` model: GPT-2's architecture at the size that learns most in 20 CPU minutes. Measured
+# for the VAE (README): per step 2x128 costs 1/6 of 4x256, and at equal CPU time it reached
+# the highest held-out reconstruction accuracy of the sizes tried.
 TINY_CONFIG = dict(
-    n_layer=4,  # transformer blocks
+    n_layer=2,  # transformer blocks
     n_head=4,  # attention heads
-    n_embd=256,  # width
+    n_embd=128,  # width
     n_positions=512,  # longest sequence (prefix + soft token + span fits easily)
     vocab_size=257,  # 256 bytes + end of text
     bos_token_id=256,
     eos_token_id=256,
+    resid_pdrop=0.0,  # no dropout: a 20-minute run has nothing to regularise yet
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
 )
 
 # -----------------------------------------------------------------------------
