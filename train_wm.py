@@ -27,6 +27,7 @@ import copy
 import json
 import os
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -236,26 +237,29 @@ def evaluate(world_model, tokenizer, val, scale, args, run):
 
 
 def heldout_metrics(world_model, val, args, run):
-    """Token accuracy and cross-entropy of each head over the held-out episodes, cut
-    into consecutive segments from each episode's start."""
+    """Accuracy and cross-entropy of each head over the held-out episodes, cut into
+    consecutive segments from each episode's start; and the accuracy on the rare events
+    that plain accuracy hides: steps with a nonzero reward, steps where the episode ended."""
     steps = torch.arange(len(val["episode"]))
     starts = steps[(steps - val["episode_start"]) % args.segment_steps == 0]
-    sums = {}
+    sums = defaultdict(float)
     for chunk in starts.split(64):
         batch = {k: v.to(run.device) for k, v in segments(val, chunk, args.segment_steps).items()}
         for name, (logits, labels) in world_model.logits_and_labels(batch).items():
             keep = labels != -100
             logits, labels = logits[keep].float(), labels[keep]
-            ce = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            correct = (logits.argmax(-1) == labels)
-            for key, value in ((f"{name}_ce", ce), (f"{name}_acc", correct.sum()), (name, keep.sum())):
-                sums[key] = sums.get(key, 0) + value.item()
-            if name == "end":  # ends are rare: how many of them are caught
-                sums["end_recall"] = sums.get("end_recall", 0) + correct[labels == 1].sum().item()
-                sums["num_ends"] = sums.get("num_ends", 0) + (labels == 1).sum().item()
-    metrics = {f"val_{name}_{m}": sums[f"{name}_{m}"] / max(1, sums[name])
+            correct = logits.argmax(-1) == labels
+            sums[f"{name}_ce"] += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+            sums[f"{name}_acc"] += correct.sum().item()
+            sums[f"{name}_n"] += len(labels)
+            if name != "obs":
+                event = labels != 1 if name == "reward" else labels == 1  # reward class 1 is 0
+                sums[f"{name}_event_acc"] += correct[event].sum().item()
+                sums[f"{name}_event_n"] += event.sum().item()
+    metrics = {f"val_{name}_{m}": sums[f"{name}_{m}"] / sums[f"{name}_n"]
                for name in ("obs", "reward", "end") for m in ("acc", "ce")}
-    metrics["val_end_recall"] = sums["end_recall"] / max(1, sums["num_ends"])
+    for name in ("reward", "end"):  # 0 when there is no such event in the held-out episodes
+        metrics[f"val_{name}_event_acc"] = sums[f"{name}_event_acc"] / max(1, sums[f"{name}_event_n"])
     return metrics
 
 
@@ -358,7 +362,7 @@ def main(argv=None):
 
     if "tokenizer" in state:
         tokenizer.load_state_dict(state["tokenizer"])
-    elif isinstance(tokenizer, VectorTokenizer):
+    else:
         tokenizer.fit(train_data["obs"].to(run.device))
     if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
         train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state)

@@ -43,8 +43,9 @@ def test_cartpole_trains_evaluates_and_draws(tmp_path, capsys):
     out = str(tmp_path / "run")
     metrics, lines = run_main(CARTPOLE + ["--max-iters", "3", "--eval-interval", "3", "--out-dir", out], capsys)
     assert any(line.startswith("step 3/3 |") and "obs " in line and "eta" in line for line in lines)
-    for key in ("val_obs_acc", "val_obs_ce", "val_reward_acc", "val_end_acc", "tokenizer_err", "train_loss",
-                "imag_err_h1", "copy_err_h1", "imag_acc_h5", "copy_acc_h5", "imag_beats_copy_up_to_h"):
+    for key in ("val_obs_acc", "val_obs_ce", "val_reward_acc", "val_end_acc", "val_reward_event_acc",
+                "val_end_event_acc", "tokenizer_err", "train_loss", "imag_err_h1", "copy_err_h1", "imag_acc_h5",
+                "copy_acc_h5", "imag_beats_copy_up_to_h"):
         assert key in metrics, key
     assert 0 <= metrics["val_obs_acc"] <= 1 and metrics["copy_err_h5"] > metrics["copy_err_h1"] > 0
     assert os.path.isfile(os.path.join(out, "ckpt.pt"))

@@ -154,6 +154,10 @@ def test_frame_tokenizer_shapes_and_a_dim_ball_survives_resizing():
     digits = (all_tokens.unsqueeze(-1) // tok.radix) % tok.levels  # (512, 3)
     assert torch.equal((digits * tok.radix).sum(-1), all_tokens)
     assert len({tuple(d) for d in digits.tolist()}) == 512
+    # fit: the per-pixel median; a frame seen in 3 of 5 samples is the background
+    sample = torch.stack([frames[0]] * 3 + [frames[1]] * 2)
+    tok.fit(sample)
+    assert torch.allclose(tok.background, frames[0].permute(2, 0, 1).float() / 255)
 
 
 def test_frame_tokenizer_learns_to_reconstruct():
@@ -163,6 +167,9 @@ def test_frame_tokenizer_learns_to_reconstruct():
     frames = torch.zeros(8, 16, 16, 3, dtype=torch.uint8)
     for i in range(8):
         frames[i, 2 * (i % 4):2 * (i % 4) + 6, 8 * (i // 4):8 * (i // 4) + 8, i % 3] = 255
+
+    tok.fit(frames)  # most pixels are black in most frames: the background is black
+    assert tok.background.abs().max() == 0
 
     def round_trip_error():
         return ((tok.decode(tok.encode(frames)).float() - frames.float()) / 255).pow(2).mean()
