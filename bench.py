@@ -9,6 +9,8 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
                                         # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
     python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3 --scaled-down --device cpu
                                         # the same code on a small Mistral config, on a CPU
+    python bench.py mistral-estimate --batch-size 4 --block-size 128
+                                        # the memory estimate for that VAE (meta device, any machine)
 
 Times are medians over steps that alternate between the contenders, so a machine that
 slows down or speeds up mid-run affects both alike.
@@ -195,7 +197,29 @@ def bench_mistral_memory(args):
             "offload_slowdown_bf16": round(results["bf16+offload"]["s_per_step"] / results["bf16"]["s_per_step"], 2)}
 
 
-BENCHMARKS = {"lora": bench_lora, "mistral-memory": bench_mistral_memory}
+def bench_mistral_estimate(args):
+    """offload.estimate_memory for a Mistral-7B VAE in bf16, built on the meta device (no memory, no GPU)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from vae import VAE, VAEConfig
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(MistralConfig(**MISTRAL_7B), dtype=torch.bfloat16)
+        VAE(base, VAEConfig())
+    lora.mark_only_lora_trainable(base)
+    tokens = args.batch_size * args.block_size * 2
+    out = {"bench": "mistral-estimate", "batch": [args.batch_size, args.block_size]}
+    for mode, should_checkpoint, should_offload in (("bf16", False, False), ("bf16+checkpoint", True, False),
+                                                    ("bf16+offload", False, True)):
+        e = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
+        out[mode] = {"weights_gib": round(e["weights"] / 2**30, 2),
+                     "trainable_and_optimizer_gib": round(e["trainable_and_optimizer"] / 2**30, 2),
+                     "activations_mib_per_token": round(e["activations_per_token"] / 2**20, 3),
+                     "total_gib": round(e["total"] / 2**30, 2)}
+    return out
+
+
+BENCHMARKS = {"lora": bench_lora, "mistral-memory": bench_mistral_memory, "mistral-estimate": bench_mistral_estimate}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
