@@ -4,6 +4,8 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
 
     python bench.py lora                # our LoRA vs peft's: training step; merged vs base forward
     python bench.py lora --steps 3      # a quicker, noisier look
+    python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
+    python bench.py imagine             # world-model imagination: KV cache vs recomputing the context
     python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
                                         # GPU: a Mistral-7B-sized VAE training step in bf16, 8-bit,
                                         # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
@@ -98,6 +100,84 @@ def bench_lora(args):
         "forward_ratio_merged_over_base": round(infer["merged"] / infer["base"], 3),
         "forward_ratio_peft_unmerged_over_base": round(infer["peft_unmerged"] / infer["base"], 3),
     }
+
+
+def bench_vae(args):
+    """Sequences per second for encode (one bidirectional pass + pooling) and reconstruct (encode,
+    then greedy decoding of block_size tokens with the KV cache), on tiny and on GPT-2 small's shape
+    (random weights, fp32, no grad). A third contender decodes without the cache (the whole
+    sequence re-run for every token), to show what the cache buys."""
+    import lm
+    from vae import VAE, VAEConfig
+
+    results = {}
+    for name in ("tiny", "gpt2-small shape"):
+        base = lm.load_base("tiny")[0] if name == "tiny" else gpt2_small()
+        torch.manual_seed(0)
+        vae = VAE(base, VAEConfig()).eval()
+        vocab = base.config.vocab_size - 1
+        ids = torch.randint(0, vocab, (args.batch_size, args.block_size))
+
+        def encode():
+            with torch.no_grad():
+                vae.encode(ids)
+
+        def reconstruct():
+            with torch.no_grad():
+                vae.generate(vae.encode(ids)[0], args.block_size)
+
+        def reconstruct_uncached():
+            with torch.no_grad():
+                z, out = vae.encode(ids)[0], ids[:, :0]
+                for _ in range(args.block_size):  # teacher-forced pass over everything so far, every token
+                    logits = vae(z, torch.cat([out, out[:, :1] if out.shape[1] else ids[:, :1]], 1))
+                    out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], 1)
+
+        t = alternate({"encode": encode, "reconstruct": reconstruct, "uncached": reconstruct_uncached}, args.steps)
+        results[name] = {"encode_seq_per_s": round(args.batch_size / t["encode"], 1),
+                         "reconstruct_seq_per_s": round(args.batch_size / t["reconstruct"], 2),
+                         "reconstruct_uncached_seq_per_s": round(args.batch_size / t["uncached"], 2),
+                         "kv_cache_speedup": round(t["uncached"] / t["reconstruct"], 2)}
+        print(name, results[name], file=sys.stderr, flush=True)
+    return {"bench": "vae", "batch": [args.batch_size, args.block_size], "threads": torch.get_num_threads(),
+            "dtype": "float32", "z_memory": True, **results}
+
+
+def bench_imagine(args):
+    """Imagined env steps/s of WorldModelEnv with the KV cache vs recomputing the whole
+    context for every token. IRIS's Pong token shapes (16 obs tokens + 1 action per step,
+    vocabulary 512, 6 actions, a 20-step context) with train_wm.py's default transformer
+    (width 128, 3 layers, 4 heads), random weights: speed does not depend on training.
+    One observation then 19 imagined steps fill the 20-step context (339 of 340 tokens)
+    without a rebuild, so both ways compute the same logits."""
+    from types import SimpleNamespace
+
+    from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
+
+    torch.manual_seed(0)
+    config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
+    world_model = WorldModel(config, Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4))).eval()
+    # observations that are tokens already: the timing is the world model, not a pixel decoder
+    tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
+    num_steps = config.max_steps - 1
+    start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs))
+    actions = torch.randint(config.num_actions, (num_steps, args.batch_size))
+
+    def imagine(should_use_cache):
+        def fn():
+            env = WorldModelEnv(world_model, tokens_as_obs, should_use_cache=should_use_cache,
+                                generator=torch.Generator().manual_seed(0))
+            env.reset(start)
+            for action in actions:
+                env.step(action)
+        return fn
+
+    seconds = alternate({"kv_cache": imagine(True), "recompute": imagine(False)}, args.steps)
+    steps_per_s = {name: args.batch_size * num_steps / s for name, s in seconds.items()}
+    return {"bench": "imagine", "batch_size": args.batch_size, "context_steps": config.max_steps,
+            "kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
+            "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
+            "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
 
 
 # Mistral-7B-v0.1's config.json (the model the user's notes name), and a small stand-in for CPUs.
@@ -219,7 +299,8 @@ def bench_mistral_estimate(args):
     return out
 
 
-BENCHMARKS = {"lora": bench_lora, "mistral-memory": bench_mistral_memory, "mistral-estimate": bench_mistral_estimate}
+BENCHMARKS = {"lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine, "mistral-memory": bench_mistral_memory,
+              "mistral-estimate": bench_mistral_estimate}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
