@@ -285,7 +285,8 @@ def imagine(world_model, tokenizer, val, scale, args, run):
         curves["copy_acc"].append((real_tokens == next_tokens).float().mean().item())
         curves["imag_err"].append(((obs.cpu().float() - real_next.float()).abs() / scale).mean().item())
         curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
-    example = {"real": val["obs"][starts[0]:starts[0] + H + 1], "imagined": torch.stack(imagined)[:, 0]}
+    i = len(starts) // 2  # a start from the middle of the held-out data, not an episode's first frame
+    example = {"real": val["obs"][starts[i]:starts[i] + H + 1], "imagined": torch.stack(imagined)[:, i]}
     return curves, example
 
 
