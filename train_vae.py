@@ -19,7 +19,9 @@ default the docstrings of this Python's standard library, read from its installe
 files at run time (nothing downloaded, no text shipped). Every 10th document is held out.
 Windows of 2 x --context tokens: the first half is `prefix_ids`, the second the span that is
 encoded and reconstructed (`input_ids` = `target_ids`); as BigVAE, the prefix is dropped for
-half the samples (here per batch, so a batch without it is also shorter and cheaper).
+half the samples (here per batch, so a batch without it is also shorter and cheaper), and
+during the autoencoder phase (--ae-iters) for all: with the prefix in view a small decoder
+learns to predict from it and ignores z (README, "What it took").
 For `tiny` the base trains too (it has nothing pretrained to protect; --freeze-base stops
 it); any other base is frozen and only the adapters and the VAE head train and are saved.
 The last line printed is one JSON object of the run's metrics.
@@ -218,9 +220,6 @@ def check_memory_flags(args):
                         "or use a pretrained --model with --objective vae")
     if args.offload and args.grad_checkpoint:
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
-    if args.grad_checkpoint and args.z_memory and args.objective == "vae":
-        raise UserError("transformers' --grad-checkpoint drops the KV cache that carries z's memory; add "
-                        "--no-z-memory, or use --offload (it checkpoints the layers itself)")
     return should_train_base
 
 
@@ -233,12 +232,13 @@ def build(args, run):
     cfg = VAEConfig(latent_size=args.latent_size, posterior=args.posterior, z_memory=args.z_memory,
                     lora_r=args.lora_r, lora_alpha=args.lora_alpha, ae_iters=args.ae_iters,
                     noise_ramp_iters=args.noise_ramp_iters, kl_schedule=args.kl_schedule, kl_max=args.kl_max,
-                    kl_iters=args.kl_iters, free_bits=args.free_bits, edge_weights=args.edge_weights)
+                    kl_iters=args.kl_iters, free_bits=args.free_bits, edge_weights=args.edge_weights,
+                    prefix_slots=args.context)
     vae = VAE(base, cfg, tokenizer)
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    if args.grad_checkpoint:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.grad_checkpoint:  # offload.py's per-layer checkpointing keeps the cache that carries z's memory
+        offload.checkpoint_layers(base)
     if run.is_main and run.device.type == "cuda":  # GPU memory: what the run will need
         estimate = offload.estimate_memory(base, args.batch_size * 3 * args.context, args.grad_checkpoint,
                                            args.offload)
@@ -368,7 +368,9 @@ def main(argv=None):
     def get_batch(index):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
         starts = torch.randint(0, len(train_stream) - span + 1, (args.batch_size,), generator=g)
-        with_prefix = torch.rand((), generator=g).item() >= args.prefix_drop
+        step = index // (args.grad_accum * run.world_size)
+        # the autoencoder phase never sees a prefix
+        with_prefix = step >= args.ae_iters and torch.rand((), generator=g).item() >= args.prefix_drop
         return to_device(make_batch(train_stream, starts, args.context, with_prefix, args.objective), run.device)
 
     def save(step):

@@ -50,6 +50,8 @@ class VAEConfig:
     kl_iters: int = 5000  # cosine: warm-up steps; cyclical: steps per cycle (both counted after ae_iters)
     free_bits: float = 0.0  # KL floor per latent dimension, in nats (0: off)
     edge_weights: bool = False  # BigVAE's token weights: 0.05 on the first 8, 0.15 on the last 8 targets
+    prefix_slots: int = 0  # positions kept for the prefix: the target sits at the same positions with or
+    #                        without one (0: a prefix shifts the target's positions)
 
 
 POSTERIORS = ("bigvae", "diagonal")
@@ -209,6 +211,14 @@ class VAE(nn.Module):
                 DynamicCache.update(cache, kv[:, layer, 0], kv[:, layer, 1], layer)
         return cache
 
+    def first_position(self, prefix_ids):
+        """Position of the soft token: after z's memory (when there), and right-aligned with the prefix
+        so that the target starts at the same position with or without it (cfg.prefix_slots)."""
+        prefix_len = 0 if prefix_ids is None else prefix_ids.shape[1]
+        if self.cfg.prefix_slots and prefix_len > self.cfg.prefix_slots:
+            raise ValueError(f"a prefix of {prefix_len} tokens does not fit prefix_slots={self.cfg.prefix_slots}")
+        return (1 if self.head.w_memory is not None else 0) + max(0, self.cfg.prefix_slots - prefix_len)
+
     def decoder_inputs(self, z, prefix_ids=None, ids=None):
         """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C)."""
         embed = self.base.get_input_embeddings()
@@ -221,8 +231,11 @@ class VAE(nn.Module):
         embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1])
         memory = ({**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None
                   else {"use_cache": False})
+        start = self.first_position(prefix_ids)
+        positions = torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]  # (1, L)
         with lora.use_adapter(self.base, "decoder"):
-            out = self.base(inputs_embeds=embeds, logits_to_keep=target_ids.shape[1], **memory)
+            out = self.base(inputs_embeds=embeds, position_ids=positions, logits_to_keep=target_ids.shape[1],
+                            **memory)
         return out.logits
 
     def compute_loss(self, batch, step):
@@ -252,9 +265,13 @@ class VAE(nn.Module):
         cache, eos = self.memory(z, DynamicCache), self.eos_id
         done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         out_ids = []
+        embeds = self.decoder_inputs(z, prefix_ids)
+        position = self.first_position(prefix_ids)
         with lora.use_adapter(self.base, "decoder"):
-            out = self.base(inputs_embeds=self.decoder_inputs(z, prefix_ids), use_cache=True, logits_to_keep=1,
+            positions = torch.arange(position, position + embeds.shape[1], device=z.device)[None]
+            out = self.base(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
                             **cache_kwarg(self.base, cache))
+            position += embeds.shape[1]
             for i in range(num_tokens):
                 logits = out.logits[:, -1].float()
                 if temperature > 0:
@@ -265,7 +282,9 @@ class VAE(nn.Module):
                 out_ids.append(next_id)
                 if i + 1 == num_tokens or done.all():
                     break
-                out = self.base(input_ids=next_id[:, None], use_cache=True, **cache_kwarg(self.base, cache))
+                positions = torch.full((1, 1), position + i, device=z.device)
+                out = self.base(input_ids=next_id[:, None], position_ids=positions, use_cache=True,
+                                **cache_kwarg(self.base, cache))
         ids = torch.stack(out_ids, 1)
         return F.pad(ids, (0, num_tokens - ids.shape[1]), value=eos)
 

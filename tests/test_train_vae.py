@@ -152,6 +152,14 @@ def test_tiny_trains_its_base_by_default(tmp_path, capsys, text_file):
     assert not torch.equal(initial, state["model"]["base.transformer.wte.weight"])  # trained and saved
 
 
+def test_grad_checkpoint_keeps_z_memory_and_the_numbers(tmp_path, capsys, text_file, base_dir):
+    argv = SMALL + ["--model", base_dir, "--data", text_file, "--max-iters", "2", "--eval-interval", "2"]
+    plain, _ = run_main(argv + ["--out-dir", str(tmp_path / "plain")], capsys)
+    checkpointed, _ = run_main(argv + ["--out-dir", str(tmp_path / "ckpt"), "--grad-checkpoint"], capsys)
+    for key in ("train_loss", "val_ce", "val_ce_shuffled"):
+        assert checkpointed[key] == pytest.approx(plain[key], rel=1e-5), key
+
+
 def test_bad_input_gives_one_line_errors(tmp_path, capsys, text_file, base_dir):
     empty, latin1 = tmp_path / "empty.txt", tmp_path / "latin1.txt"
     empty.write_text("\n \n")
@@ -170,6 +178,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys, text_file, base_dir):
     assert "latent_size" in err and "--latent-size 16" in err
     assert "already exists" in run_error(SMALL + ["--model", base_dir, "--data", text_file, "--out-dir", out],
                                          capsys)
+    assert "--freeze-base" in run_error(SMALL + ["--data", text_file, "--offload"], capsys)
     assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before  # nothing overwritten
 
 

@@ -101,7 +101,7 @@ def test_frozen_base_gets_no_gradients():
 
 
 def test_generation_builds_no_graph_and_matches_teacher_forcing():
-    vae = make_vae()
+    vae = make_vae(prefix_slots=5)
     for p in lora.lora_parameters(vae.base):
         torch.nn.init.normal_(p, std=0.05)
     z, prefix = torch.randn(2, 16), torch.randint(0, 256, (2, 3))
@@ -110,6 +110,24 @@ def test_generation_builds_no_graph_and_matches_teacher_forcing():
     with torch.no_grad():
         logits = vae(z, out, prefix)  # the cached greedy path picks the teacher-forced argmax
     assert torch.equal(logits.argmax(-1), out)
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_target_positions_do_not_depend_on_the_prefix(base):
+    vae = make_vae(base, prefix_slots=4, z_memory=False)
+    z, span = torch.randn(1, 16), ids([9, 8, 7])
+    with torch.no_grad():
+        assert vae.first_position(None) == 4 and vae.first_position(ids([1, 2, 3, 4])) == 0
+        alone = vae(z, span)  # no prefix: the soft token sits at 4, where a 4-token prefix would end
+        embeds = vae.decoder_inputs(z, None, span[:, :-1])
+        with lora.use_adapter(vae.base, "decoder"):
+            manual = vae.base(inputs_embeds=embeds, position_ids=torch.arange(4, 7)[None], use_cache=False).logits
+        assert torch.allclose(alone, manual, atol=1e-5)
+    with pytest.raises(ValueError, match="prefix_slots"):
+        vae(z, span, ids([1, 2, 3, 4, 5]))
+    out = vae.generate(z, 5, ids([1, 2]))  # cached generation uses the same positions as teacher forcing
+    with torch.no_grad():
+        assert torch.equal(vae(z, out, ids([1, 2])).argmax(-1), out)
 
 
 def test_memory_cache_is_read_only():
