@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import train_wm
+from test_worldmodel import one_thread  # noqa: F401  (autouse fixture: torch on one thread here too)
 from trainer import run_cli
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
