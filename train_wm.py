@@ -3,15 +3,16 @@ Train an IRIS-style world model (worldmodel.py) on a Gymnasium environment, and 
 it on held-out episodes against the copy-last-observation baseline.
 
     python train_wm.py                                    # CartPole-v1 on the CPU, a few minutes
-    python train_wm.py --env ALE/Pong-v5 --max-iters 600  # Atari through ale-py (ROMs ship with it)
+    python train_wm.py --env ALE/Pong-v5 --max-iters 600  # Atari through ale-py (ROMs ship with it), ~20 min
     python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run
 
 Steps, as IRIS (Micheli et al. 2023) with the agent left out:
 1. collect --collect-steps transitions with a uniformly random policy (seeded), split by
    episode into train and held-out (the last --val-fraction of the episodes);
-2. fit (vectors) or train (frames, --tokenizer-iters) the observation tokenizer, then
-   turn every observation into K tokens once (the tokenizer is frozen from then on);
+2. fit the observation tokenizer to the training observations (vectors: bin edges;
+   frames: the background), train it (frames: --tokenizer-iters), then turn every
+   observation into K tokens once (the tokenizer is frozen from then on);
 3. train the world model on --segment-steps-step segments from random starts, padded
    past an episode's end (mask_padding), as IRIS samples them;
 4. evaluate on the held-out episodes: obs-token accuracy and cross-entropy, reward and
@@ -181,7 +182,7 @@ def segments(data, starts, num_steps):
 # tokenizer
 
 
-def train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state):
+def train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state):
     """The tokenizer's own training phase, with the shared loop; resumes from state."""
     targs = copy.copy(args)
     targs.max_iters, targs.lr, targs.eval_interval = args.tokenizer_iters, args.tokenizer_lr, args.tokenizer_iters
@@ -199,15 +200,14 @@ def train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state):
                                        "tokenizer_optimizer": optimizer.state_dict()})
 
     print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
-    train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_data["obs"], run), targs,
-          run, start_step=state.get("tokenizer_step", 0), save=save)
+    train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_data["obs"], scale, run),
+          targs, run, start_step=state.get("tokenizer_step", 0), save=save)
     tokenizer.eval()
 
 
 @torch.no_grad()
-def tokenizer_metrics(tokenizer, obs, run):
+def tokenizer_metrics(tokenizer, obs, scale, run):
     """Held-out reconstruction error, in the units of the imagination error."""
-    scale = obs_scale(obs)
     errors = [(tokenizer.decode(tokenizer.encode(o.to(run.device))).float().cpu() - o.float()).abs() / scale
               for o in obs.split(512)]
     return {"tokenizer_err": torch.cat(errors).mean().item()}
@@ -358,6 +358,7 @@ def main(argv=None):
     t_collect = time.time()
     data = collect(env, tokenizer, args.collect_steps, args.seed)
     train_data, val_data = split(data, args.val_fraction)
+    scale = obs_scale(train_data["obs"])
     print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
           f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
 
@@ -366,9 +367,9 @@ def main(argv=None):
     else:
         tokenizer.fit(train_data["obs"].to(run.device))
     if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
-        train_frame_tokenizer(tokenizer, train_data, val_data, args, run, state)
+        train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state)
     tokenizer.eval()
-    metrics = tokenizer_metrics(tokenizer, val_data["obs"], run)
+    metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
     for part in (train_data, val_data):
         part["obs_tokens"] = torch.cat([tokenizer.encode(o.to(run.device)).cpu() for o in part["obs"].split(512)])
         add_episode_bounds(part)
@@ -392,7 +393,6 @@ def main(argv=None):
     print(f"world model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
           f"{tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
 
-    scale = obs_scale(train_data["obs"])
     train_starts = len(train_data["actions"])
     num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
 
