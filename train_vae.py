@@ -52,7 +52,7 @@ from vae import KL_SCHEDULES, POSTERIORS, VAE, VAEConfig, kl_per_dim
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     # defaults: the tiny model's 20-minute CPU run (README, "Results")
-    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=3000, eval_interval=375, batch_size=32,
+    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=10000, eval_interval=1250, batch_size=16,
                     lr=1e-3, warmup_iters=100)
     g = parser.add_argument_group("data")
     g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
@@ -69,8 +69,8 @@ def parse_args(argv=None):
     g.add_argument("--latent-size", type=int, default=768, help="size of z (default: %(default)s)")
     g.add_argument("--posterior", default="bigvae", choices=POSTERIORS, help="bigvae: N(mu, I); diagonal: "
                    "N(mu, diag(exp(logvar))) (default: %(default)s)")
-    g.add_argument("--z-memory", action=argparse.BooleanOptionalAction, default=True, help="also give z to every layer as one "
-                   "key/value (Optimus); --no-z-memory is BigVAE's soft token alone (default: on)")
+    g.add_argument("--z-memory", action=argparse.BooleanOptionalAction, default=True, help="also give z to "
+                   "every layer as one key/value (Optimus); --no-z-memory is BigVAE's soft token alone (default: on)")
     g.add_argument("--lora-r", type=int, default=32, help="LoRA rank of both adapters (default: %(default)s)")
     g.add_argument("--lora-alpha", type=float, default=8.0, help="LoRA alpha; scale = alpha / r (default: "
                    "%(default)s)")
@@ -171,9 +171,9 @@ def split_streams(docs, tokenizer, window, name):
             if (i % 10 == 9) == held_out:
                 ids += tokenizer.encode(doc) + [tokenizer.eos_id]
         if len(ids) < window:
-            raise UserError(f"{name} is too small: its {'held-out' if held_out else 'training'} part (every "
-                            f"10th document {'' if held_out else 'left out'}) has {len(ids)} tokens, fewer than "
-                            f"one window of {window}; give at least 10 documents and more text")
+            raise UserError(f"{name} is too small: its {'held-out' if held_out else 'training'} part has "
+                            f"{len(ids)} tokens, fewer than one window of {window}; give more text in at least "
+                            "10 documents (every 10th is held out)")
         streams.append(torch.tensor(ids, dtype=torch.long))
     return streams
 
@@ -207,7 +207,7 @@ class LanguageModel(nn.Module):
 
     def compute_loss(self, batch, step):
         ids = batch["ids"]
-        logits = self.base(ids).logits[:, :-1]  # (B, L - 1, V)
+        logits = self.base(ids, use_cache=False).logits[:, :-1]  # (B, L - 1, V)
         return {"loss": F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())}
 
 
@@ -272,7 +272,7 @@ def evaluate(model, val_batches, args, should_print=True):
         sums = torch.zeros(2)
         for batch in val_batches:
             ids = batch["ids"]
-            logits = model.base(ids).logits[:, :-1].float()
+            logits = model.base(ids, use_cache=False).logits[:, :-1].float()
             sums += torch.tensor([F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).item(),
                                   (logits.argmax(-1) == ids[:, 1:]).float().mean().item()])
         return {"val_ce": sums[0].item() / len(val_batches), "val_acc": sums[1].item() / len(val_batches)}
@@ -314,7 +314,10 @@ def main(argv=None):
     run = setup(args)
     modes = [m for m in ("reconstruct", "interpolate", "sample") if getattr(args, m)]
     if (modes or args.eval_only) and not args.resume:
-        raise UserError(f"--{(modes or ['eval-only'])[0].replace('_', '-')} needs a trained model: pass --resume DIR")
+        raise UserError(f"--{(modes or ['eval-only'])[0].replace('_', '-')} needs a trained model: "
+                        "pass --resume DIR")
+    if modes and args.objective == "lm":
+        raise UserError(f"--{modes[0]} needs a VAE; an --objective lm run is used as --model DIR/base")
     if not (modes or args.eval_only):
         check_out_dir(args)
     docs = read_documents(args.data) if args.data else stdlib_docstrings()
@@ -355,7 +358,8 @@ def main(argv=None):
     t_start = time.time()
 
     def evaluate_now():
-        return {**evaluate(model, val_batches, args, run.is_main), "minutes": round((time.time() - t_start) / 60, 2)}
+        minutes = round((time.time() - t_start) / 60, 2)
+        return {**evaluate(model, val_batches, args, run.is_main), "minutes": minutes}
 
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
