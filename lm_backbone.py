@@ -24,7 +24,6 @@ question has two answers: IRIS's own tables, learned from scratch, or rows of th
 own token-embedding table (`lm_token_tables`), frozen or trained.
 """
 
-import torch
 import torch.nn as nn
 from transformers import DynamicCache
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: small models saved with save_pretrained, so every test loads
 them through the real `from_pretrained` path, offline."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: tests never reach the hub
@@ -10,6 +11,33 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 import lm
+from trainer import run_cli
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and on a busy machine two threads that wait
+    for each other at every small op run ten times slower. Restored afterwards."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def run_script(main, argv, capsys):
+    """Run a training script's main(argv): (its last stdout line as JSON, all its lines)."""
+    main(argv)
+    lines = capsys.readouterr().out.strip().splitlines()
+    return json.loads(lines[-1]), lines
+
+
+def run_script_error(main, argv, capsys):
+    """Run main(argv) as the command line does; it must exit 2 with one `error: ...` line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
 
 
 def tiny_gpt2():

@@ -12,7 +12,7 @@ from conftest import tiny_gpt2
 
 import lm
 import train_vae
-from trainer import run_cli
+from conftest import run_script, run_script_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
@@ -40,17 +40,11 @@ def base_dir(tmp_path_factory):
 
 
 def run_main(argv, capsys):
-    train_vae.main(argv)
-    lines = capsys.readouterr().out.strip().splitlines()
-    return json.loads(lines[-1]), lines
+    return run_script(train_vae.main, argv, capsys)
 
 
 def run_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_vae.main(argv))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
-    return err
+    return run_script_error(train_vae.main, argv, capsys)
 
 
 def test_documents_split_and_default_corpus(tmp_path):

@@ -1,14 +1,12 @@
 """Tests for train_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful of steps."""
 
-import json
 import os
 
 import pytest
 import torch
 
 import train_wm
-from test_worldmodel import one_thread  # noqa: F401  (autouse fixture: torch on one thread here too)
-from trainer import run_cli
+from conftest import run_script, run_script_error
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
@@ -16,17 +14,11 @@ CARTPOLE = TINY + ["--collect-steps", "600", "--segment-steps", "6"]
 
 
 def run_main(argv, capsys):
-    train_wm.main(argv)
-    lines = capsys.readouterr().out.strip().splitlines()
-    return json.loads(lines[-1]), lines
+    return run_script(train_wm.main, argv, capsys)
 
 
 def run_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: train_wm.main(argv))
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
-    return err
+    return run_script_error(train_wm.main, argv, capsys)
 
 
 def test_segments_pad_past_the_episode_end():

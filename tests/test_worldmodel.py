@@ -8,16 +8,6 @@ from worldmodel import (Embedder, Head, Slicer, Transformer, TransformerConfig, 
                         WorldModelConfig, WorldModelEnv, compute_labels, interleave)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and on a busy machine two threads that wait
-    for each other at every small op run ten times slower. Restored afterwards."""
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 def tiny_world_model(K=3, vocab=7, actions=2, max_steps=4, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     backbone = Transformer(TransformerConfig(width=32, num_layers=2, num_heads=2, dropout=dropout))
