@@ -61,3 +61,23 @@ def saved_model_dir(request, tmp_path_factory):
     model = (tiny_gpt2 if request.param == "gpt2" else tiny_mistral)()
     lm.save_base(model, lm.ByteTokenizer(), path)
     return str(path)
+
+
+def crash_at_step_2_then_resume(script, argv, out_dir, monkeypatch, capsys):
+    """Run script.main(argv) into out_dir, kill it right after its step-2 checkpoint, then
+    resume it from there to the end (the exact-resume tests compare it with a straight run)."""
+    class Crash(Exception):
+        pass
+
+    save = script.save_checkpoint
+
+    def save_then_crash_at_step_2(out_dir, state):
+        save(out_dir, state)
+        if state.get("step") == 2:
+            raise Crash
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_crash_at_step_2)
+    with pytest.raises(Crash):
+        script.main(argv + ["--out-dir", out_dir])
+    monkeypatch.undo()
+    run_script(script.main, argv + ["--resume", out_dir], capsys)

@@ -12,7 +12,7 @@ from conftest import tiny_gpt2
 
 import lm
 import train_vae
-from conftest import run_script, run_script_error
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
@@ -101,21 +101,7 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file, base_dir):
                     "--ae-iters", "1"]  # noise and KL on from step 1, so the random state matters
     run_main(argv + ["--out-dir", straight], capsys)
 
-    class Crash(Exception):
-        pass
-
-    save = train_vae.save_checkpoint
-
-    def save_then_crash_at_step_2(out_dir, state):
-        save(out_dir, state)
-        if state["step"] == 2:
-            raise Crash
-
-    monkeypatch.setattr(train_vae, "save_checkpoint", save_then_crash_at_step_2)
-    with pytest.raises(Crash):
-        train_vae.main(argv + ["--out-dir", crashed])
-    monkeypatch.undo()
-    run_main(argv + ["--resume", crashed], capsys)
+    crash_at_step_2_then_resume(train_vae, argv, crashed, monkeypatch, capsys)
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 4

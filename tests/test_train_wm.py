@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_wm
-from conftest import run_script, run_script_error
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
@@ -55,21 +55,7 @@ def test_cartpole_resume_is_exact(tmp_path, capsys, monkeypatch):
     argv = CARTPOLE + ["--max-iters", "4", "--eval-interval", "2"]
     run_main(argv + ["--out-dir", straight], capsys)
 
-    class Crash(Exception):
-        pass
-
-    save = train_wm.save_checkpoint
-
-    def save_then_crash_at_step_2(out_dir, state):
-        save(out_dir, state)
-        if state.get("step") == 2:
-            raise Crash
-
-    monkeypatch.setattr(train_wm, "save_checkpoint", save_then_crash_at_step_2)
-    with pytest.raises(Crash):
-        train_wm.main(argv + ["--out-dir", crashed])
-    monkeypatch.undo()
-    run_main(argv + ["--resume", crashed], capsys)
+    crash_at_step_2_then_resume(train_wm, argv, crashed, monkeypatch, capsys)
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 4
