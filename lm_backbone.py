@@ -25,10 +25,11 @@ own token-embedding table (`lm_token_tables`), frozen or trained.
 """
 
 import torch.nn as nn
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import lora
 from lm import cache_kwarg, hidden_size
+from trainer import UserError
 
 
 class LMCache:
@@ -43,14 +44,19 @@ class LMCache:
 
 
 class LMBackbone(nn.Module):
+    has_positions = True  # the LM adds its own (GPT-2's learned table, Mistral's rotary): no second one
+
     def __init__(self, lm, r=16, alpha=32, dropout=0.0, should_train_base=False):
         super().__init__()
         self.lm = lm
-        self.body = lm.base_model  # the transformer without its LM head (GPT2Model, MistralModel, ...)
         self.width = hidden_size(lm)
         lora.add_adapter(lm, "dynamics", r=r, alpha=alpha, dropout=dropout)
         for name, p in lm.named_parameters():  # only the dynamics adapter (and the base, if asked) trains
             p.requires_grad = lora.is_lora_key(name, "dynamics") or (should_train_base and not lora.is_lora_key(name))
+
+    @property
+    def body(self):  # the transformer without its LM head (GPT2Model, MistralModel, ...); not a second
+        return self.lm.base_model  # registered module, so state_dict names each weight once
 
     def new_cache(self, batch_size, max_tokens):
         return LMCache()  # grows as needed; the world model rebuilds it when its context is full
@@ -72,9 +78,18 @@ def lm_token_tables(lm, obs_vocab_size, num_actions, should_train=False):
     table = lm.get_input_embeddings().weight.detach().float()
     vocab_size, needed = table.shape[0], obs_vocab_size + num_actions
     if needed > vocab_size:
-        raise ValueError(f"the LM's vocabulary has {vocab_size} rows, fewer than the {obs_vocab_size} observation "
-                         f"+ {num_actions} action tokens; use IRIS's own tables, or fewer observation tokens")
+        raise UserError(f"the LM's vocabulary has {vocab_size} rows, fewer than the {obs_vocab_size} observation "
+                        f"+ {num_actions} action tokens: use --embeddings iris, or fewer observation tokens "
+                        "(--num-bins)")
     rows = table[vocab_size - needed:]
     obs = nn.Embedding.from_pretrained(rows[:obs_vocab_size].clone(), freeze=not should_train)
     act = nn.Embedding.from_pretrained(rows[obs_vocab_size:].clone(), freeze=not should_train)
     return obs, act
+
+
+def randomized(lm):
+    """The same architecture with fresh weights from the model's own initialisation: the
+    control that tells what pretraining adds (seed torch first for a repeatable draw)."""
+    dtype, device = lm.get_input_embeddings().weight.dtype, lm.get_input_embeddings().weight.device
+    return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
+

@@ -179,6 +179,12 @@ def is_lora_key(key, name=None):
     return re.search(rf"\.lora_[AB]\.{re.escape(name) if name else '[^.]+'}\.", key) is not None
 
 
+def without_frozen_base(state_dict, prefix):
+    """What a checkpoint keeps of a model built around a frozen pretrained base (its weights
+    under `prefix`): the adapters and everything else; the base reloads from its name."""
+    return {k: v for k, v in state_dict.items() if is_lora_key(k) or not k.startswith(prefix)}
+
+
 def lora_parameters(model, name=None):
     """The LoRA parameters of adapter `name`, or of all adapters."""
     return (p for n, p in model.named_parameters() if is_lora_key(n, name))

@@ -22,13 +22,18 @@ bitsandbytes 8-bit layers keep their int8 weight and scales in `layer.state` (th
 backward reads it there), so those two tensors are what moves for them; 4-bit layers are
 not supported. On a CPU-only machine the same code runs with the CPU as both storage and
 compute device (copies are clones), which is how the tests check it.
+
+Both training scripts take the same memory flags (add_memory_args), load the base through
+load_base and set it up through place_base, at the end of this file.
 """
 
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+import lm
 from lora import LoRALayer
+from trainer import UserError
 
 
 def decoder_layers(model):
@@ -199,3 +204,42 @@ def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offl
                  else per_layer_token * num_layers) + 12 * model.config.vocab_size  # + fp32 logits and grads
     return {"weights": weights, "trainable_and_optimizer": trainable, "activations_per_token": per_token,
             "total": weights + trainable + per_token * tokens_per_step}
+
+
+# ----------------------------------------------------------------------------- the flags, shared by both scripts
+
+def add_memory_args(parser):
+    g = parser.add_argument_group("memory, for big bases (offload.py)")
+    g.add_argument("--load-8bit", action="store_true", help="load the base's linear layers in 8 bits (bitsandbytes)")
+    g.add_argument("--load-4bit", action="store_true", help="load them in 4-bit NF4, as BigVAE did (bitsandbytes)")
+    g.add_argument("--offload", action="store_true", help="keep the frozen decoder layers in CPU memory and fetch "
+                   "each to the GPU as it runs")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute the decoder layers' activations in "
+                   "the backward pass instead of keeping them")
+
+
+def load_base(args, device, should_train_base):
+    """The base as the memory flags ask; on the CPU when offloading (place_base moves the rest)."""
+    if args.load_8bit and args.load_4bit:
+        raise UserError("--load-8bit and --load-4bit exclude each other; pick one")
+    if args.offload and should_train_base:
+        raise UserError("--offload keeps a frozen base on the CPU, but this base trains: freeze it "
+                        "(train_vae.py: add --freeze-base; train_wm.py: drop --train-base) or drop --offload")
+    if args.offload and args.grad_checkpoint:
+        raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
+    quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    return lm.load_base(args.model, "cpu" if args.offload else device, args.dtype, quantize)
+
+
+def place_base(base, args, device, tokens_per_step, should_print):
+    """After the adapters are added: checkpointing, the memory estimate (CUDA), offload.
+    Returns whether the base is on its device already (so the caller moves only the rest)."""
+    if args.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
+        checkpoint_layers(base)
+    if should_print and device.type == "cuda":
+        estimate = estimate_memory(base, tokens_per_step, args.grad_checkpoint, args.offload)
+        print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
+    if args.offload:
+        offload_layers(base, device)
+    return args.offload or args.load_8bit or args.load_4bit
+

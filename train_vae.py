@@ -76,13 +76,7 @@ def parse_args(argv=None):
                    "%(default)s)")
     g.add_argument("--freeze-base", action="store_true", help="keep tiny's base frozen too (pretrained bases "
                    "always are)")
-    g = parser.add_argument_group("memory, for big bases (offload.py)")
-    g.add_argument("--load-8bit", action="store_true", help="load the base's linear layers in 8 bits (bitsandbytes)")
-    g.add_argument("--load-4bit", action="store_true", help="load them in 4-bit NF4, as BigVAE did (bitsandbytes)")
-    g.add_argument("--offload", action="store_true", help="keep the frozen decoder layers in CPU memory and fetch "
-                   "each to the GPU as it runs")
-    g.add_argument("--grad-checkpoint", action="store_true", help="recompute the decoder layers' activations in "
-                   "the backward pass instead of keeping them")
+    offload.add_memory_args(parser)
     g = parser.add_argument_group("noise and KL schedule (vae.py)")
     g.add_argument("--ae-iters", type=int, default=None, help="first steps as a plain autoencoder: z = mu, no "
                    "KL (default: half of --max-iters)")
@@ -211,22 +205,9 @@ class LanguageModel(nn.Module):
         return {"loss": F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())}
 
 
-def check_memory_flags(args):
-    should_train_base = args.objective == "lm" or (args.model == "tiny" and not args.freeze_base)
-    if args.load_8bit and args.load_4bit:
-        raise UserError("--load-8bit and --load-4bit exclude each other; pick one")
-    if args.offload and should_train_base:
-        raise UserError("--offload keeps a frozen base on the CPU, but this base trains; add --freeze-base "
-                        "or use a pretrained --model with --objective vae")
-    if args.offload and args.grad_checkpoint:
-        raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
-    return should_train_base
-
-
 def build(args, run):
-    should_train_base = check_memory_flags(args)
-    quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    base, tokenizer = lm.load_base(args.model, "cpu" if args.offload else run.device, args.dtype, quantize)
+    should_train_base = args.objective == "lm" or (args.model == "tiny" and not args.freeze_base)
+    base, tokenizer = offload.load_base(args, run.device, should_train_base)
     if args.objective == "lm":
         return LanguageModel(base), tokenizer
     cfg = VAEConfig(latent_size=args.latent_size, posterior=args.posterior, z_memory=args.z_memory,
@@ -237,16 +218,8 @@ def build(args, run):
     vae = VAE(base, cfg, tokenizer)
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    if args.grad_checkpoint:  # offload.py's per-layer checkpointing keeps the cache that carries z's memory
-        offload.checkpoint_layers(base)
-    if run.is_main and run.device.type == "cuda":  # GPU memory: what the run will need
-        estimate = offload.estimate_memory(base, args.batch_size * 3 * args.context, args.grad_checkpoint,
-                                           args.offload)
-        print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
-    if args.offload:
-        offload.offload_layers(base, run.device)
-    if args.offload or quantize:  # the base is placed already; the head goes to the device
-        vae.head.to(run.device)
+    if offload.place_base(base, args, run.device, args.batch_size * 3 * args.context, run.is_main):
+        vae.head.to(run.device)  # the base is placed already
     else:
         vae.to(run.device)
     return vae, tokenizer
@@ -257,7 +230,7 @@ def saved_state(model, args):
     state = model.state_dict()
     if args.model == "tiny" or args.objective == "lm":
         return state
-    return {k: v for k, v in state.items() if lora.is_lora_key(k) or not k.startswith("base.")}
+    return lora.without_frozen_base(state, "base.")
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,13 @@ it on held-out episodes against the copy-last-observation baseline.
     python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run
 
+With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help?"):
+    python train_vae.py --objective lm --out-dir out-lm   # a tiny LM pretrained on text, offline
+    python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen
+    python train_wm.py --backbone lm --model gpt2          # GPT-2 small, frozen, + a LoRA adapter
+    python train_wm.py --backbone lm --model mistral --load-8bit --offload   # one small GPU
+    python compare_wm.py                                   # the README's comparison table
+
 Steps, as IRIS (Micheli et al. 2023) with the agent left out:
 1. collect --collect-steps transitions with a uniformly random policy (seeded), split by
    episode into train and held-out (the last --val-fraction of the episodes);
@@ -34,6 +41,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import lora
+import offload
+from lm_backbone import LMBackbone, lm_token_tables, randomized
 from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
 from trainer import (UserError, add_common_args, check_out_dir, load_checkpoint, make_parser, run_cli,
                      save_checkpoint, setup, train)
@@ -48,8 +58,9 @@ def parse_args(argv=None):
     g.add_argument("--env", default="CartPole-v1", help="Gymnasium id with a Discrete action space and a "
                    "vector or RGB-frame Box observation, e.g. CartPole-v1, Acrobot-v1, ALE/Pong-v5 "
                    "(default: %(default)s)")
-    g.add_argument("--backbone", default="iris", choices=["iris"], help="the transformer inside the world "
-                   "model: iris = IRIS's minGPT (default: %(default)s)")
+    g.add_argument("--backbone", default="iris", choices=["iris", "lm"], help="the transformer inside the world "
+                   "model: iris = IRIS's minGPT, sized by --width, --num-layers, --num-heads; lm = the --model "
+                   "LM, fed embeddings, with a LoRA adapter (default: %(default)s)")
     g.add_argument("--collect-steps", type=int, default=20000, help="random-policy transitions to collect "
                    "(default: %(default)s)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="share of the episodes held out for "
@@ -61,6 +72,20 @@ def parse_args(argv=None):
                    "%(default)s)")
     g.add_argument("--num-heads", type=int, default=4, help="attention heads (IRIS: 4; default: %(default)s)")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout (IRIS: 0.1; default: %(default)s)")
+    g = parser.add_argument_group("the LM backbone (--backbone lm; --model picks the LM, default tiny)")
+    g.add_argument("--embeddings", default="iris", choices=["iris", "lm-frozen", "lm-trained"], help="iris: "
+                   "IRIS's own tables, learned; lm-frozen / lm-trained: rows of the LM's own token-embedding "
+                   "table (its last vocabulary rows), kept frozen or trained (default: %(default)s)")
+    g.add_argument("--lm-init", default="pretrained", choices=["pretrained", "random"], help="random: the "
+                   "same architecture with fresh random weights, the control for pretraining (default: "
+                   "%(default)s)")
+    g.add_argument("--train-base", action="store_true", help="train every weight of the LM too (with "
+                   "--lm-init random: the LM's architecture trained from scratch); default: frozen + LoRA")
+    g.add_argument("--lora-r", type=int, default=16, help="rank of the dynamics adapter (default: %(default)s)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="its alpha; scale = alpha / r (default: "
+                   "%(default)s)")
+    offload.add_memory_args(parser)
+    g = parser.add_argument_group("observation tokenizer")
     g.add_argument("--num-bins", type=int, default=64, help="vector observations: bins per dimension "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-iters", type=int, default=2000, help="frame observations: tokenizer "
@@ -69,14 +94,26 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-batch-size", type=int, default=64, help="frames per tokenizer step "
                    "(default: %(default)s)")
+    g.add_argument("--tokenizer-from", metavar="DIR", default=None, help="take the trained tokenizer from "
+                   "another run's checkpoint with the same env, data and tokenizer flags (compare_wm.py "
+                   "trains Pong's once for all rows)")
+    g = parser.add_argument_group("evaluation")
     g.add_argument("--horizon", type=int, default=20, help="imagined steps in the open-loop test "
                    "(default: %(default)s)")
     g.add_argument("--num-imagine", type=int, default=256, help="held-out starts imagined from "
                    "(default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.model is not None:
-        raise UserError("--model picks a pretrained LM, which --backbone iris does not use; "
-                        "size IRIS's transformer with --width, --num-layers and --num-heads")
+    lm_only = {"--model": args.model is not None, "--embeddings": args.embeddings != "iris",
+               "--lm-init": args.lm_init != "pretrained", "--train-base": args.train_base,
+               "--load-8bit": args.load_8bit, "--load-4bit": args.load_4bit, "--offload": args.offload,
+               "--grad-checkpoint": args.grad_checkpoint}
+    if args.backbone == "iris" and any(lm_only.values()):
+        raise UserError(f"{', '.join(f for f, given in lm_only.items() if given)} configure(s) the LM backbone: "
+                        "add --backbone lm, or size IRIS's transformer with --width, --num-layers, --num-heads")
+    if args.backbone == "lm":
+        args.model = args.model or "tiny"
+    if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
+        raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
     if args.eval_only and not args.resume:
         raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
     return args
@@ -226,7 +263,7 @@ def obs_scale(obs):
 def evaluate(world_model, tokenizer, val, scale, args, run):
     world_model.eval()
     metrics = heldout_metrics(world_model, val, args, run)
-    curves, example = imagine(world_model, tokenizer, val, scale, args, run)
+    curves, example, metrics["imagined_steps_per_s"] = imagine(world_model, tokenizer, val, scale, args, run)
     for h in sorted({1, 5, args.horizon} & set(range(1, args.horizon + 1))):
         for name, curve in curves.items():
             metrics[f"{name}_h{h}"] = curve[h - 1]
@@ -265,7 +302,8 @@ def heldout_metrics(world_model, val, args, run):
 
 def imagine(world_model, tokenizer, val, scale, args, run):
     """Open-loop imagination from held-out starts with the real actions; per-horizon
-    token accuracy and error of the world model and of copying the start observation."""
+    token accuracy and error of the world model and of copying the start observation;
+    imagined steps per second (all starts imagine at once, as one batch)."""
     H = args.horizon
     valid = torch.nonzero(torch.arange(len(val["episode"])) + H < val["episode_end"]).squeeze(1)
     if len(valid) == 0:
@@ -276,8 +314,11 @@ def imagine(world_model, tokenizer, val, scale, args, run):
     real_tokens = val["obs_tokens"][starts]
     imagined = [obs.cpu()]
     curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
+    seconds = 0.0
     for h in range(1, H + 1):
+        t = time.time()
         obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(run.device))
+        seconds += time.time() - t
         imagined.append(obs.cpu())
         real, real_next = val["obs"][starts], val["obs"][starts + h]
         next_tokens = val["obs_tokens"][starts + h]
@@ -287,7 +328,7 @@ def imagine(world_model, tokenizer, val, scale, args, run):
         curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
     i = len(starts) // 2  # a start from the middle of the held-out data, not an episode's first frame
     example = {"real": val["obs"][starts[i]:starts[i] + H + 1], "imagined": torch.stack(imagined)[:, i]}
-    return curves, example
+    return curves, example, len(starts) * H / seconds
 
 
 # -----------------------------------------------------------------------------
@@ -333,6 +374,49 @@ def draw(example, curves, path):
 
 
 # -----------------------------------------------------------------------------
+# the world model
+
+
+def build_world_model(args, tokenizer, env, run):
+    """IRIS's transformer, or an LM (lm_backbone.py) with the tables --embeddings picks."""
+    config = WorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
+                              num_actions=int(env.action_space.n), max_steps=args.segment_steps)
+    if args.backbone == "iris":
+        backbone = Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers,
+                                                 num_heads=args.num_heads, dropout=args.dropout))
+        return WorldModel(config, backbone).to(run.device)
+    base, _ = offload.load_base(args, run.device, args.train_base)
+    if args.lm_init == "random":
+        base = randomized(base)  # drawn from --seed (setup seeded torch)
+    num_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
+    if config.max_tokens > num_positions:
+        raise UserError(f"--segment-steps {args.segment_steps} makes {config.max_tokens} tokens, more than the "
+                        f"LM's {num_positions} positions: lower --segment-steps")
+    tables = None
+    if args.embeddings != "iris":
+        tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
+                                 should_train=args.embeddings == "lm-trained")
+    backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
+    world_model = WorldModel(config, backbone, tables)
+    if offload.place_base(base, args, run.device, args.batch_size * config.max_tokens, run.is_main):
+        for name, child in world_model.named_children():  # the base is placed already: the rest follows
+            if name != "backbone":
+                child.to(run.device)
+    else:
+        world_model.to(run.device)
+    return world_model
+
+
+def saved_state(world_model, args):
+    """What a checkpoint keeps: everything, but of a frozen pretrained LM only the adapter
+    (its weights reload from --model; tiny's are random, so they are kept)."""
+    state = world_model.state_dict()
+    if args.backbone == "lm" and args.model != "tiny" and args.lm_init == "pretrained" and not args.train_base:
+        return lora.without_frozen_base(state, "backbone.lm.")
+    return state
+
+
+# -----------------------------------------------------------------------------
 # main
 
 
@@ -342,8 +426,10 @@ def main(argv=None):
     run = setup(args)
     env = make_env(args.env)
     tokenizer = make_tokenizer(env, args).to(run.device)
-    config = {k: getattr(args, k) for k in ("env", "backbone", "collect_steps", "val_fraction", "segment_steps",
-                                            "width", "num_layers", "num_heads", "num_bins", "tokenizer_iters", "seed")}
+    data_keys = ("env", "collect_steps", "val_fraction", "num_bins", "tokenizer_iters", "seed")
+    config = {k: getattr(args, k) for k in data_keys + (
+        "backbone", "segment_steps", "width", "num_layers", "num_heads", "model", "embeddings", "lm_init",
+        "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit")}
     must_match = list(config)
     state = {"config": config}
     if args.resume:
@@ -362,6 +448,9 @@ def main(argv=None):
     print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
           f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
 
+    if "tokenizer" not in state and args.tokenizer_from:  # the same data, so the same tokenizer fits
+        other = load_checkpoint(args.tokenizer_from, config, must_match=data_keys)
+        state.update({k: other[k] for k in ("tokenizer", "tokenizer_step") if k in other})
     if "tokenizer" in state:
         tokenizer.load_state_dict(state["tokenizer"])
     else:
@@ -374,23 +463,24 @@ def main(argv=None):
         part["obs_tokens"] = torch.cat([tokenizer.encode(o.to(run.device)).cpu() for o in part["obs"].split(512)])
         add_episode_bounds(part)
 
-    world_model = WorldModel(
-        WorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
-                         num_actions=int(env.action_space.n), max_steps=args.segment_steps),
-        Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers, num_heads=args.num_heads,
-                                      dropout=args.dropout))).to(run.device)
+    world_model = build_world_model(args, tokenizer, env, run)
     # IRIS: weight decay on Linear weights only (not embeddings, LayerNorms or biases)
     decayed = {id(m.weight) for m in world_model.modules() if isinstance(m, nn.Linear)}
-    params = list(world_model.parameters())
+    params = [p for p in world_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([
         {"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}], lr=args.lr)
     start_step = 0
     if "world_model" in state:
-        world_model.load_state_dict(state["world_model"])
+        if set(state["world_model"]) != set(saved_state(world_model, args)):
+            raise UserError(f"the checkpoint in {args.resume} does not fit this world model (other weights "
+                            "saved); resume it with the flags it was trained with")
+        world_model.load_state_dict(state["world_model"], strict=False)  # strict=False: a frozen LM is not saved
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-    print(f"world model: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+    print(f"world model ({args.backbone} backbone{f', {args.model}' if args.model else ''}): "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable of "
+          f"{sum(p.numel() for p in world_model.parameters()) / 1e6:.2f}M parameters, "
           f"{tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
 
     train_starts = len(train_data["actions"])
@@ -404,7 +494,7 @@ def main(argv=None):
     def save(step):
         save_checkpoint(args.out_dir, {
             "config": config, "tokenizer": tokenizer.state_dict(), "tokenizer_step": args.tokenizer_iters,
-            "world_model": world_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
+            "world_model": saved_state(world_model, args), "optimizer": optimizer.state_dict(), "step": step})
 
     def evaluate_now():
         return evaluate(world_model, tokenizer, val_data, scale, args, run)

@@ -188,6 +188,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     metrics, sums, num_logged, num_tokens = {}, {}, 0, 0
+    total_tokens, eval_seconds = 0, 0.0
     t_start = t_log = time.time()
     model.train()
     for step in range(start_step, args.max_iters):
@@ -202,6 +203,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
             num_tokens += batch.get("num_tokens", 0)
+            total_tokens += batch.get("num_tokens", 0)
         if run.world_size > 1:  # DDP by hand: every process applies the mean gradient
             for p in params:
                 if p.grad is not None:
@@ -227,6 +229,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
             sums, num_logged, num_tokens, t_log = {}, 0, 0, now
 
         if done % args.eval_interval == 0 or done == args.max_iters:
+            t_eval = time.time()
             if run.is_main:
                 model.eval()
                 with torch.no_grad():
@@ -239,8 +242,12 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
                     save(done)
             if run.world_size > 1:
                 dist.barrier()
-    metrics["train_seconds"] = round(time.time() - t_start, 1)
+            t_log += time.time() - t_eval  # the next speed figure leaves evaluation out
+            eval_seconds += time.time() - t_eval
+    metrics["train_seconds"] = round(time.time() - t_start, 1)  # evaluation included
     metrics["steps"] = args.max_iters
+    if total_tokens:  # optimisation alone, all steps of this run
+        metrics["train_tokens_per_s"] = round(total_tokens * run.world_size / (time.time() - t_start - eval_seconds), 1)
     return metrics
 
 

@@ -26,7 +26,10 @@ The transformer sits behind a small interface, so another (a pretrained LM, fed
     backbone.width                             C, the width it reads and writes
     backbone(embeds (B, T, C), cache) -> hidden (B, T, C), causal; cache may be None
     backbone.new_cache(batch_size, max_tokens) -> cache with .length (tokens held)
+    backbone.has_positions                     True if it adds its own position information
+                                               (a pretrained LM does; IRIS's learned one is then left out)
 Transformer below is IRIS's (minGPT, pre-LayerNorm, causal, preallocated KV cache).
+lm_backbone.py is the other one, and can also supply the embedding tables.
 
 WorldModelEnv imagines with a trained world model behind the real environment's
 interface: reset(obs) and step(action) -> (obs, reward, terminated, truncated, info).
@@ -111,6 +114,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     """IRIS's backbone: minGPT, pre-LN, causal; hidden states in, hidden states out."""
+
+    has_positions = False  # the world model adds IRIS's learned position embedding
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
@@ -215,16 +220,19 @@ def compute_labels(obs_tokens, rewards, ends, mask_padding):
 
 
 class WorldModel(nn.Module):
-    def __init__(self, config: WorldModelConfig, backbone: nn.Module):
+    """tables: (observation table, action table) of the backbone's width; by default IRIS's,
+    learned from scratch (lm_backbone.lm_token_tables gives rows of an LM's own table)."""
+
+    def __init__(self, config: WorldModelConfig, backbone: nn.Module, tables=None):
         super().__init__()
         self.config = config
         K, C = config.tokens_per_obs, backbone.width
         obs_mask = torch.tensor([1] * K + [0])
         act_mask = torch.tensor([0] * K + [1])
         all_but_last_obs_mask = torch.tensor([1] * (K - 1) + [0, 1])
-        self.embedder = Embedder([obs_mask, act_mask], [nn.Embedding(config.obs_vocab_size, C),
-                                                        nn.Embedding(config.num_actions, C)])
-        self.pos_emb = nn.Embedding(config.max_tokens, C)
+        tables = tables or (nn.Embedding(config.obs_vocab_size, C), nn.Embedding(config.num_actions, C))
+        self.embedder = Embedder([obs_mask, act_mask], list(tables))
+        self.pos_emb = None if backbone.has_positions else nn.Embedding(config.max_tokens, C)
         self.backbone = backbone
         self.heads = nn.ModuleDict({
             "obs": Head(all_but_last_obs_mask, C, config.obs_vocab_size),
@@ -240,8 +248,9 @@ class WorldModel(nn.Module):
         T = tokens.shape[1]
         if prev + T > self.config.max_tokens:
             raise ValueError(f"{prev + T} tokens > max_tokens {self.config.max_tokens}")
-        positions = torch.arange(prev, prev + T, device=tokens.device)
-        x = self.embedder(tokens, prev) + self.pos_emb(positions)  # (B, T, C)
+        x = self.embedder(tokens, prev)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(prev, prev + T, device=tokens.device))
         hidden = self.backbone(x, cache)  # (B, T, C)
         if keep_last is not None:
             hidden, prev = hidden[:, T - keep_last:], prev + T - keep_last

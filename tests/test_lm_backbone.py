@@ -7,6 +7,7 @@ import torch
 import lora
 from conftest import tiny_gpt2, tiny_mistral
 from lm_backbone import LMBackbone, lm_token_tables
+from trainer import UserError
 from worldmodel import WorldModel, WorldModelConfig, interleave
 
 CONFIG = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=16, num_actions=3, max_steps=5)
@@ -66,7 +67,7 @@ def test_only_dynamics_adapter_embedder_and_heads_train(make_lm):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lm_trainable = {n for n in trainable if n.startswith("backbone.")}
     assert lm_trainable and all(lora.is_lora_key(n, "dynamics") for n in lm_trainable)
-    assert {n.split(".")[0] for n in trainable} == {"backbone", "embedder", "pos_emb", "heads"}
+    assert {n.split(".")[0] for n in trainable} == {"backbone", "embedder", "heads"}  # the LM adds positions
     batch = dict(obs_tokens=torch.randint(0, 16, (2, 5, 4)), actions=torch.randint(0, 3, (2, 5)),
                  rewards=torch.zeros(2, 5), ends=torch.zeros(2, 5), mask_padding=torch.ones(2, 5, dtype=torch.bool))
     model.train()
@@ -83,5 +84,5 @@ def test_lm_token_tables_are_rows_of_the_lm_table():
     assert not obs.weight.requires_grad
     trained, _ = lm_token_tables(lm, 16, 3, should_train=True)
     assert trained.weight.requires_grad and trained.weight.data_ptr() != table.data_ptr()
-    with pytest.raises(ValueError, match="fewer than the 300 observation"):
+    with pytest.raises(UserError, match="fewer than the 300 observation"):
         lm_token_tables(lm, 300, 3)
