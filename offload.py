@@ -228,7 +228,8 @@ def load_base(args, device, should_train_base):
     if args.offload and args.grad_checkpoint:
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
     quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    return lm.load_base(args.model, "cpu" if args.offload else device, args.dtype, quantize)
+    dtype = str(lm.resolve_dtype(args.dtype, device)).removeprefix("torch.")  # for where it computes, not the CPU
+    return lm.load_base(args.model, "cpu" if args.offload else device, dtype, quantize)
 
 
 def place_base(base, args, device, tokens_per_step, should_print):

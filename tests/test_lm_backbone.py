@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import lora
+import offload
 from conftest import tiny_gpt2, tiny_mistral
 from lm_backbone import LMBackbone, lm_token_tables
 from trainer import UserError
@@ -59,6 +60,20 @@ def test_kv_cached_tokens_equal_full_context(make_lm):
     for name in full:
         cached = torch.cat([s[name] for s in steps], dim=1)
         assert torch.allclose(cached, full[name], atol=1e-4), name
+
+
+@LMS
+def test_offloaded_lm_keeps_the_kv_cache_exact(make_lm):
+    """--offload's per-layer fetching (CPU as both devices here) under imagination's cache."""
+    model = world_model(make_lm)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x)
+        offload.offload_layers(model.backbone.lm, "cpu")
+        cache = model.backbone.new_cache(len(x), CONFIG.max_tokens)
+        steps = [model(x[:, :7], cache)] + [model(x[:, t:t + 1], cache) for t in range(7, x.shape[1])]
+    for name in full:
+        assert torch.allclose(torch.cat([s[name] for s in steps], dim=1), full[name], atol=1e-4), name
 
 
 @LMS

@@ -1,6 +1,8 @@
 """offload.py and quantized loading, on CPU: the CPU serves as both storage and compute device,
 so the offload code path runs whole (hooks, fetch, release, prefetch direction) without CUDA."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -100,6 +102,17 @@ def test_load_8bit_trains_lora_on_cpu(saved_model_dir):
 def test_quantizing_tiny_is_a_clear_error():
     with pytest.raises(UserError, match="tiny has none"):
         lm.load_base("tiny", quantize="8bit")
+
+
+def test_offloaded_base_loads_on_the_cpu_in_the_dtype_of_its_compute_device(saved_model_dir, monkeypatch):
+    """--offload loads on the CPU, but 'auto' means bf16 for the CUDA device it will run on (fp32
+    would double what every step copies); no CUDA is touched, so this runs anywhere."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    args = SimpleNamespace(model=saved_model_dir, dtype="auto", load_8bit=False, load_4bit=False, offload=True,
+                           grad_checkpoint=False)
+    model, _ = offload.load_base(args, torch.device("cuda"), should_train_base=False)
+    weight = model.get_input_embeddings().weight
+    assert weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
 
 def test_decoder_layers_are_found(saved_model_dir):
