@@ -5,7 +5,8 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
     python bench.py lora                # our LoRA vs peft's: training step; merged vs base forward
     python bench.py lora --steps 3      # a quicker, noisier look
     python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
-    python bench.py imagine             # world-model imagination: KV cache vs recomputing the context
+    python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
+                                        # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
     python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
                                         # GPU: a Mistral-7B-sized VAE training step in bf16, 8-bit,
                                         # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
@@ -34,8 +35,11 @@ import offload
 
 
 def timed(fn):
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -145,39 +149,52 @@ def bench_vae(args):
 
 def bench_imagine(args):
     """Imagined env steps/s of WorldModelEnv with the KV cache vs recomputing the whole
-    context for every token. IRIS's Pong token shapes (16 obs tokens + 1 action per step,
-    vocabulary 512, 6 actions, a 20-step context) with train_wm.py's default transformer
-    (width 128, 3 layers, 4 heads), random weights: speed does not depend on training.
+    context for every token (the earlier LLM-in-IRIS attempt's way), for each backbone:
+    IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads) and the
+    LM backbone (lm_backbone.py, the LM's real KV cache) on tiny's shape, or GPT-2 small's
+    with --lm gpt2. IRIS's Pong token shapes (16 obs tokens + 1 action per step, vocabulary
+    512, 6 actions, a 20-step context); random weights: speed does not depend on training.
     One observation then 19 imagined steps fill the 20-step context (339 of 340 tokens)
     without a rebuild, so both ways compute the same logits."""
     from types import SimpleNamespace
 
+    import lm
+    from lm_backbone import LMBackbone
     from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
 
-    torch.manual_seed(0)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
-    world_model = WorldModel(config, Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4))).eval()
+    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
+    torch.manual_seed(0)
+    backbones = {"iris": Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4)),
+                 f"lm_{args.lm}": LMBackbone(GPT2LMHeadModel(lm_config))}
     # observations that are tokens already: the timing is the world model, not a pixel decoder
     tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
     num_steps = config.max_steps - 1
-    start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs))
-    actions = torch.randint(config.num_actions, (num_steps, args.batch_size))
+    start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
+    actions = torch.randint(config.num_actions, (num_steps, args.batch_size), device=device)
 
-    def imagine(should_use_cache):
+    def imagine(world_model, should_use_cache):
         def fn():
             env = WorldModelEnv(world_model, tokens_as_obs, should_use_cache=should_use_cache,
-                                generator=torch.Generator().manual_seed(0))
+                                generator=torch.Generator(device).manual_seed(0))
             env.reset(start)
             for action in actions:
                 env.step(action)
         return fn
 
-    seconds = alternate({"kv_cache": imagine(True), "recompute": imagine(False)}, args.steps)
-    steps_per_s = {name: args.batch_size * num_steps / s for name, s in seconds.items()}
-    return {"bench": "imagine", "batch_size": args.batch_size, "context_steps": config.max_steps,
-            "kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
-            "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
-            "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
+    out = {"bench": "imagine", "device": str(device), "batch_size": args.batch_size,
+           "context_steps": config.max_steps}
+    for name, backbone in backbones.items():
+        world_model = WorldModel(config, backbone).to(device).eval()
+        seconds = alternate({"kv_cache": imagine(world_model, True), "recompute": imagine(world_model, False)},
+                            args.steps)
+        steps_per_s = {way: args.batch_size * num_steps / s for way, s in seconds.items()}
+        out[name] = {"kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
+                     "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
+                     "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
+        print(name, out[name], file=sys.stderr, flush=True)
+    return out
 
 
 # Mistral-7B-v0.1's config.json (the model the user's notes name), and a small stand-in for CPUs.
@@ -309,7 +326,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (default: %(default)s; "
                         "mistral-memory: use 128)")
-    parser.add_argument("--device", default=None, help="mistral-memory: cuda or cpu (default: cuda if available)")
+    parser.add_argument("--device", default=None, help="imagine, mistral-memory: cuda or cpu (default: cuda if "
+                        "available)")
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine: the LM backbone's shape, "
+                        "tiny's or GPT-2 small's (random weights; default: %(default)s)")
     parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
                         "to run the same code on a CPU")
     args = parser.parse_args()
