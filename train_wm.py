@@ -90,6 +90,8 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-iters", type=int, default=2000, help="frame observations: tokenizer "
                    "training steps before the world model's (default: %(default)s)")
+    g.add_argument("--fsq-levels", type=int, nargs="+", default=[8, 8, 8], help="frame observations: FSQ "
+                   "levels per latent number; vocabulary = their product (IRIS: 512; default: %(default)s)")
     g.add_argument("--tokenizer-lr", type=float, default=1e-3, help="frame tokenizer learning rate "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-batch-size", type=int, default=64, help="frames per tokenizer step "
@@ -152,7 +154,7 @@ def make_tokenizer(env, args):
     shape = env.observation_space.shape
     if len(shape) == 1:
         return VectorTokenizer(VectorTokenizerConfig(obs_dim=shape[0], num_bins=args.num_bins))
-    return FrameTokenizer(FrameTokenizerConfig())
+    return FrameTokenizer(FrameTokenizerConfig(levels=tuple(args.fsq_levels)))
 
 
 def collect(env, tokenizer, num_steps, seed):
@@ -426,7 +428,7 @@ def main(argv=None):
     run = setup(args)
     env = make_env(args.env)
     tokenizer = make_tokenizer(env, args).to(run.device)
-    data_keys = ("env", "collect_steps", "val_fraction", "num_bins", "tokenizer_iters", "seed")
+    data_keys = ("env", "collect_steps", "val_fraction", "num_bins", "fsq_levels", "tokenizer_iters", "seed")
     config = {k: getattr(args, k) for k in data_keys + (
         "backbone", "segment_steps", "width", "num_layers", "num_heads", "model", "embeddings", "lm_init",
         "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit")}
