@@ -48,12 +48,11 @@ def test_lm_backbone_is_causal(make_lm):
     assert not torch.allclose(a[:, 12:], b[:, 12:], atol=1e-3)
 
 
-@LMS
-def test_kv_cached_tokens_equal_full_context(make_lm):
-    model = world_model(make_lm)
+def assert_cached_equals_full_context(model, before_caching=lambda: None):
     x = tokens()
     with torch.no_grad():
         full = model(x)
+        before_caching()
         cache = model.backbone.new_cache(len(x), CONFIG.max_tokens)
         steps = [model(x[:, :7], cache)] + [model(x[:, t:t + 1], cache) for t in range(7, x.shape[1])]
     assert cache.length == x.shape[1]
@@ -63,17 +62,15 @@ def test_kv_cached_tokens_equal_full_context(make_lm):
 
 
 @LMS
+def test_kv_cached_tokens_equal_full_context(make_lm):
+    assert_cached_equals_full_context(world_model(make_lm))
+
+
+@LMS
 def test_offloaded_lm_keeps_the_kv_cache_exact(make_lm):
     """--offload's per-layer fetching (CPU as both devices here) under imagination's cache."""
     model = world_model(make_lm)
-    x = tokens()
-    with torch.no_grad():
-        full = model(x)
-        offload.offload_layers(model.backbone.lm, "cpu")
-        cache = model.backbone.new_cache(len(x), CONFIG.max_tokens)
-        steps = [model(x[:, :7], cache)] + [model(x[:, t:t + 1], cache) for t in range(7, x.shape[1])]
-    for name in full:
-        assert torch.allclose(torch.cat([s[name] for s in steps], dim=1), full[name], atol=1e-4), name
+    assert_cached_equals_full_context(model, lambda: offload.offload_layers(model.backbone.lm, "cpu"))
 
 
 @LMS
