@@ -21,7 +21,9 @@ interface:
 
 The world model's embedding tables then have the LM's width. For them, the user's open
 question has two answers: IRIS's own tables, learned from scratch, or rows of the LM's
-own token-embedding table (`lm_token_tables`), frozen or trained.
+own token-embedding table (`lm_token_tables`), frozen or trained. `randomized` gives the
+control for "does pretraining help": the same architecture with random weights.
+train_wm.py --backbone lm builds all of this from flags; compare_wm.py runs the comparison.
 """
 
 import torch.nn as nn
