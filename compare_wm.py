@@ -3,9 +3,9 @@ Does a pretrained LM make a better world-model transformer than IRIS's own? The 
 comparison table, from one command: train_wm.py once per row, on the same data, then the
 LM rows again for IRIS's training time.
 
-    python compare_wm.py                          # CartPole and Pong on the CPU: about 90 minutes
-    python compare_wm.py --envs CartPole-v1       # one env
-    python compare_wm.py --max-iters 20 --collect-steps 3000 --envs CartPole-v1   # a quick look
+    python compare_wm.py                          # CartPole (3 seeds) and Pong (1 seed), CPU: ~70 min
+    python compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~15 min
+    python compare_wm.py --max-iters 20 --collect-steps 3000 --envs CartPole-v1 --seeds 1   # a quick look
 
 Rows (every train_wm.py flag not named here is the same in every row):
     IRIS                    IRIS's transformer (train_wm.py's default size), from scratch
@@ -22,21 +22,26 @@ once (by the IRIS row) and reused (--tokenizer-from). The vocabularies are sized
 the LM-table rows fit tiny's 257 rows: CartPole 4 x 32 bins, Pong FSQ 6 x 6 x 6 = 216.
 Same updates: --max-iters steps for every row. Same wall time: each LM row again, with
 its --max-iters set so that its optimisation time (evaluation excluded, from its measured
-tokens/s) equals IRIS's. Each run's log and JSON go to OUT_DIR/<env>/<row>.{log,json};
-the last line printed is one JSON object with every run's metrics.
+tokens/s) equals IRIS's. Seeds: each seed collects its own data and initialises every row
+anew; the table gives the mean over seeds and, after +-, their standard deviation. Each
+run's log (its last line: the run's JSON) goes to OUT_DIR/<env>/seed<S>/<row>.log; a run
+whose log ends in its JSON is not run again, so an interrupted comparison continues where
+it stopped. The last line printed is one JSON object with every run's metrics.
 """
 
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 
-ENVS = {  # env: flags that size its data and vocabulary the same for every row
-    "CartPole-v1": ["--num-bins", "32"],
-    "ALE/Pong-v5": ["--fsq-levels", "6", "6", "6", "--collect-steps", "10000", "--tokenizer-iters", "1000",
-                    "--segment-steps", "10", "--num-imagine", "64"],
+ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
+    "CartPole-v1": (["--num-bins", "32"], [1337, 1, 2]),
+    "ALE/Pong-v5": (["--fsq-levels", "6", "6", "6", "--collect-steps", "10000", "--tokenizer-iters", "1000",
+                     "--segment-steps", "10", "--num-imagine", "64"], [1337]),  # one seed: session time
 }
 
 
@@ -52,9 +57,25 @@ def rows(lm_dir):
     }
 
 
+def finished(log_path, command):
+    """The JSON that ends the log of a finished run of this very command, else None."""
+    if os.path.isfile(log_path):
+        with open(log_path) as log:
+            lines = log.read().strip().splitlines()
+        if len(lines) > 1 and lines[0] == command and lines[-1].startswith("{"):
+            return json.loads(lines[-1])
+    return None
+
+
 def train_wm(flags, out_dir, log_path):
-    """One train_wm.py run in its own process; its final JSON line."""
+    """One train_wm.py run in its own process (or the same one, finished before); its final JSON.
+    The log's first line is the command."""
+    command = "# train_wm.py " + " ".join(flags + ["--out-dir", out_dir])
+    if finished(log_path, command):
+        return finished(log_path, command)
+    shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted run starts over
     with open(log_path, "w") as log:
+        print(command, file=log, flush=True)
         done = subprocess.run([sys.executable, "train_wm.py", *flags, "--out-dir", out_dir], stdout=log,
                               stderr=subprocess.STDOUT)
     with open(log_path) as log:
@@ -64,27 +85,66 @@ def train_wm(flags, out_dir, log_path):
     return json.loads(last)
 
 
-def table(env, results):
-    """A markdown table of one env's runs."""
-    def row(name, m, updates):
-        cells = [f"{m['val_obs_acc']:.3f}", f"{m['val_reward_acc']:.3f}", f"{m['val_end_acc']:.3f}",
-                 *(f"{m[f'imag_err_h{h}']:.3f}" for h in (1, 5, 20)), f"{m['train_tokens_per_s']:.0f}",
-                 f"{m['imagined_steps_per_s']:.0f}"]
-        return f"| {name} | {updates} | " + " | ".join(cells) + " |"
+METRICS = ["val_obs_acc", "val_reward_acc", "val_end_acc", "imag_err_h1", "imag_err_h5", "imag_err_h20"]
 
-    lines = [f"{env}:", "", "| row | updates | obs acc | reward acc | end acc | imag err h1 | h5 | h20 "
-             "| train tok/s | imagined steps/s |", "|---" * 10 + "|"]
-    for name, m in results.items():
-        lines.append(row(name, m, m["steps"]))
-    copy = results["IRIS"]
-    lines.append("| copy | - | - | - | - | " + " | ".join(f"{copy[f'copy_err_h{h}']:.3f}" for h in (1, 5, 20))
+
+def table(env, runs):
+    """A markdown table of one env's runs, {seed: {row: metrics}}: mean +- std over seeds."""
+    def cell(values, digits=3):
+        mean = statistics.mean(values)
+        spread = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+        return f"{mean:.{digits}f}{spread}"
+
+    seeds = list(runs)
+    lines = [f"{env}, seeds {', '.join(map(str, seeds))}:", "",
+             "| row | updates | obs acc | reward acc | end acc | imag err h1 | h5 | h20 | train tok/s "
+             "| imagined steps/s |", "|---" * 10 + "|"]
+    for name in runs[seeds[0]]:
+        ms = [runs[seed][name] for seed in seeds]
+        cells = [cell([m["steps"] for m in ms], 0)] + [cell([m[k] for m in ms], 4 if "err" in k else 3)
+                                                       for k in METRICS]
+        cells += [f"{statistics.mean(m[k] for m in ms):.0f}" for k in ("train_tokens_per_s", "imagined_steps_per_s")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    copy = [runs[seed]["IRIS"] for seed in seeds]
+    lines.append("| copy | - | - | - | - | " + " | ".join(cell([m[f"copy_err_h{h}"] for m in copy], 4) for h in (1, 5, 20))
                  + " | - | - |")
     return "\n".join(lines)
+
+
+def compare(env, seed, args):
+    """Every row on one env and seed: {row: metrics}."""
+    env_dir = os.path.join(args.out_dir, env.replace("/", "_"), f"seed{seed}")
+    os.makedirs(env_dir, exist_ok=True)
+    common = ["--env", env, *ENVS[env][0], "--seed", str(seed), "--max-iters", str(args.max_iters),
+              "--eval-interval", str(args.max_iters), "--device", args.device]
+    if args.collect_steps:
+        common += ["--collect-steps", str(args.collect_steps)]
+    tokenizer = ["--tokenizer-from", os.path.join(env_dir, "IRIS")]
+    results = {}
+
+    def path(name):  # "LM random, frozen" -> OUT_DIR/<env>/seed<S>/LM-random_frozen
+        return os.path.join(env_dir, name.replace(", ", "_").replace(" ", "-"))
+
+    for name, flags in rows(args.lm_dir).items():
+        slug = path(name)
+        results[name] = train_wm(common + flags + (tokenizer if name != "IRIS" else []), slug, slug + ".log")
+        print(f"{env} | seed {seed} | {name} | {json.dumps(results[name])}", flush=True)
+    iris = results["IRIS"]
+    for name, flags in rows(args.lm_dir).items():  # the same optimisation time as IRIS
+        if name == "IRIS":
+            continue
+        iters = max(1, round(args.max_iters * results[name]["train_tokens_per_s"] / iris["train_tokens_per_s"]))
+        slug = path("time " + name)
+        timed = common + flags + tokenizer + ["--max-iters", str(iters), "--eval-interval", str(iters)]
+        results[f"{name} (IRIS's time)"] = train_wm(timed, slug, slug + ".log")
+    return results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="(default: both)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run every row with "
+                        "(default: CartPole 1337 1 2, Pong 1337)")
     parser.add_argument("--max-iters", type=int, default=600, help="updates per row (default: %(default)s)")
     parser.add_argument("--collect-steps", type=int, default=None, help="override each env's data size")
     parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: a directory (made by "
@@ -99,29 +159,9 @@ def main():
                         "out-lm", "--device", args.device], check=True, stdout=subprocess.DEVNULL)
     everything = {}
     for env in args.envs:
-        env_dir = os.path.join(args.out_dir, env.replace("/", "_"))
-        os.makedirs(env_dir, exist_ok=True)
-        common = ["--env", env, *ENVS[env], "--max-iters", str(args.max_iters), "--eval-interval",
-                  str(args.max_iters), "--device", args.device]
-        if args.collect_steps:
-            common += ["--collect-steps", str(args.collect_steps)]
-        results = {}
-        for name, flags in rows(args.lm_dir).items():
-            tokenizer = [] if name == "IRIS" else ["--tokenizer-from", os.path.join(env_dir, "IRIS")]
-            slug = os.path.join(env_dir, name.replace(", ", "_").replace(" ", "-"))
-            results[name] = train_wm(common + flags + tokenizer, slug, slug + ".log")
-            print(f"{env} | {name} | {json.dumps(results[name])}", flush=True)
-        iris = results["IRIS"]
-        for name, flags in rows(args.lm_dir).items():  # the same optimisation time as IRIS
-            if name == "IRIS":
-                continue
-            iters = max(1, round(args.max_iters * results[name]["train_tokens_per_s"] / iris["train_tokens_per_s"]))
-            slug = os.path.join(env_dir, "time_" + name.replace(", ", "_").replace(" ", "-"))
-            timed = common + flags + ["--tokenizer-from", os.path.join(env_dir, "IRIS"), "--max-iters", str(iters),
-                                      "--eval-interval", str(iters)]
-            results[f"{name} (IRIS's time)"] = train_wm(timed, slug, slug + ".log")
-        print(table(env, results), flush=True)
-        everything[env] = results
+        runs = {seed: compare(env, seed, args) for seed in args.seeds or ENVS[env][1]}
+        print(table(env, runs), flush=True)
+        everything[env] = runs
     print(json.dumps({"wall_seconds": round(time.time() - t_start), "results": everything}))
 
 
