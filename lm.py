@@ -21,7 +21,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from trainer import UserError
+from common import UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
 GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

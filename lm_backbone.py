@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import lora
 from lm import cache_kwarg, hidden_size
-from trainer import UserError
+from common import UserError
 
 
 class LMCache:

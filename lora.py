@@ -179,10 +179,14 @@ def is_lora_key(key, name=None):
     return re.search(rf"\.lora_[AB]\.{re.escape(name) if name else '[^.]+'}\.", key) is not None
 
 
-def without_frozen_base(state_dict, prefix):
-    """What a checkpoint keeps of a model built around a frozen pretrained base (its weights
-    under `prefix`): the adapters and everything else; the base reloads from its name."""
-    return {k: v for k, v in state_dict.items() if is_lora_key(k) or not k.startswith(prefix)}
+def saved_state(model, base_prefix, should_save_base):
+    """What a checkpoint keeps of a model built around a base LM (its weights under
+    `base_prefix`): everything when the base's own weights matter (it trains, or it is random),
+    else everything but the frozen pretrained base, which reloads from its name; adapters stay."""
+    state = model.state_dict()
+    if should_save_base:
+        return state
+    return {k: v for k, v in state.items() if is_lora_key(k) or not k.startswith(base_prefix)}
 
 
 def lora_parameters(model, name=None):

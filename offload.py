@@ -33,7 +33,7 @@ import torch.utils.checkpoint
 
 import lm
 from lora import LoRALayer
-from trainer import UserError
+from common import UserError
 
 
 def decoder_layers(model):

@@ -5,38 +5,29 @@ common flags, device and torchrun setup, atomic checkpoints, the progress line.
 Both scripts hand `train()` a model with `compute_loss(batch, step) -> {name: tensor}`
 ("loss" is the one to minimise; every term is logged), an optimizer, `get_batch(index)`
 and `evaluate()`. The loop follows nanoGPT's: warm-up then cosine learning rate, gradient
-accumulation, clipping, bf16 autocast on CUDA only. Distributed runs (torchrun) average
-gradients across processes with one all-reduce per parameter: DDP's arithmetic, written
-out so it can be read, and enough for the small trainable part of a frozen LM.
+accumulation, clipping, bf16 autocast on CUDA only. Distributed runs (torchrun) wrap the
+model in PyTorch's DistributedDataParallel, which all-reduces the gradients in buckets while
+the backward pass still runs (gloo on CPU, nccl on CUDA).
 
-Exact resume: a batch is a pure function of (seed, index) and the random state is reseeded
-from the step before each update, so a run resumed from a checkpoint at step k computes
-exactly the numbers an uninterrupted run computes from step k on.
+Exact resume: micro-batch i is a pure function of (seed, i), and the random state (noise,
+dropout) is reseeded from (seed, i) before it, so a run resumed from a checkpoint at step k
+computes exactly the numbers an uninterrupted run computes from step k on; and N processes
+with micro-batch B compute what one process computes with --grad-accum N (the same micro-batches).
 """
 
-import argparse
 import contextlib
+import errno
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
-
-class UserError(Exception):
-    """Bad input (a flag, a file, a checkpoint): reported as one line, exit code 2."""
-
-
-def run_cli(main):
-    """Run a script's main(); a UserError becomes `error: ...` on stderr and exit code 2."""
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+from common import UserError, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def add_common_args(parser, **defaults):
@@ -50,27 +41,27 @@ def add_common_args(parser, **defaults):
                    "(default: %(default)s)")
     g.add_argument("--out-dir", default=None, help="where checkpoints go (default: the --resume directory "
                    f"when resuming, else {d['out_dir']})")
-    g.add_argument("--max-iters", type=int, default=d["max_iters"], help="optimizer steps (default: %(default)s)")
-    g.add_argument("--eval-interval", type=int, default=d["eval_interval"],
+    g.add_argument("--max-iters", type=positive_int, default=d["max_iters"], help="optimizer steps (default: %(default)s)")
+    g.add_argument("--eval-interval", type=positive_int, default=d["eval_interval"],
                    help="evaluate and checkpoint every this many steps, and at the end (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per micro-batch per "
+    g.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="sequences per micro-batch per "
                    "process (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: %(default)s)")
-    g.add_argument("--warmup-iters", type=int, default=d["warmup_iters"],
+    g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: %(default)s)")
+    g.add_argument("--warmup-iters", type=nonneg_int, default=d["warmup_iters"],
                    help="linear lr warm-up steps; cosine decay to lr/10 after (default: %(default)s)")
-    g.add_argument("--grad-accum", type=int, default=d["grad_accum"],
+    g.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],
                    help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=d["grad_clip"], help="clip the gradient norm to this; "
+    g.add_argument("--grad-clip", type=nonneg_float, default=d["grad_clip"], help="clip the gradient norm to this; "
                    "0 turns clipping off (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="AdamW weight decay on "
-                   "matrices (default: %(default)s)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=d["weight_decay"], help="AdamW weight decay on "
+                   "the weights of linear layers (make_optimizer; default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ... "
                    "(default: %(default)s)")
     g.add_argument("--dtype", default="auto", help="base model weights: auto (bf16 on CUDA, fp32 on CPU), "
                    "float32, bfloat16, float16 (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=1337, help="seed for initialisation, data order and noise "
+    g.add_argument("--seed", type=nonneg_int, default=1337, help="seed for initialisation, data order and noise "
                    "(default: %(default)s)")
-    g.add_argument("--log-interval", type=int, default=d["log_interval"], help="print a progress line every "
+    g.add_argument("--log-interval", type=positive_int, default=d["log_interval"], help="print a progress line every "
                    "this many steps (default: %(default)s)")
     g.add_argument("--resume", metavar="DIR", default=None, help="continue (or, with --eval-only, evaluate) "
                    "the checkpoint in DIR")
@@ -120,27 +111,68 @@ def setup(args):
 
 
 def check_out_dir(args):
-    """Refuse to overwrite another run's checkpoint."""
+    """Refuse to overwrite another run's checkpoint, and find an unwritable --out-dir now,
+    not at the first checkpoint after minutes of training."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     if os.path.exists(path) and os.path.abspath(args.out_dir) != os.path.abspath(args.resume or ""):
         raise UserError(f"{path} already exists; pass --resume {args.out_dir} to continue it, "
                         "or choose another --out-dir")
+    probe = os.path.join(args.out_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {args.out_dir} ({e.strerror or e}); choose a writable "
+                        "directory") from e
 
 
 # -----------------------------------------------------------------------------
 # checkpoints
+#
+# A checkpoint is a dict of tensors and plain types: {"kind", "config", "step", ...}. `kind`
+# names the script that wrote it, so a checkpoint given to the wrong script is one clear line.
+
+KINDS = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
+         "wm": "train_wm.py (a world model)"}
 
 
 def save_checkpoint(out_dir, state):
-    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the old checkpoint intact."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write out_dir/ckpt.pt atomically: a crash or a full disk mid-write leaves the old
+    checkpoint intact and no temporary file behind."""
     path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise UserError(f"cannot save {path} ({write_failure(e, out_dir)}); the previous checkpoint is "
+                        "unchanged: free some space or choose another --out-dir") from e
 
 
-def load_checkpoint(ckpt_dir, config, must_match):
-    """Load ckpt_dir/ckpt.pt (tensors and plain types only) and check it fits this run's config."""
+def write_failure(e, out_dir):
+    """The cause of a failed write, in words (torch hides ENOSPC behind 'unexpected pos ...')."""
+    causes = [e, e.__cause__, e.__context__]
+    for c in causes:
+        if isinstance(c, OSError) and c.errno is not None:
+            return os.strerror(c.errno)
+    try:
+        import shutil
+
+        if shutil.disk_usage(out_dir).free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return str(e).splitlines()[0][:120]
+
+
+def load_checkpoint(ckpt_dir, kind):
+    """Load ckpt_dir/ckpt.pt (tensors and plain types only) and check it was written by `kind`'s script."""
     path = os.path.join(ckpt_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}; pass the --out-dir of an earlier run to --resume")
@@ -148,13 +180,38 @@ def load_checkpoint(ckpt_dir, config, must_match):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}); it is damaged or not a checkpoint") from e
-    for key in must_match:
-        theirs, ours = state["config"].get(key), config.get(key)
-        if theirs != ours:
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"checkpoint {path} has {key}={theirs!r} but this run has {key}={ours!r}; "
-                            f"pass {flag} {theirs} or resume another checkpoint")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or state.get("kind") not in KINDS:
+        raise UserError(f"{path} is a torch file but not a checkpoint of this project; pass the --out-dir of "
+                        f"a {KINDS[kind].split()[0]} run")
+    if state["kind"] != kind:
+        raise UserError(f"{path} was written by {KINDS[state['kind']]}, not by {KINDS[kind].split()[0]}; "
+                        f"give it to {KINDS[state['kind']].split()[0]}, or resume a {kind} checkpoint")
     return state
+
+
+def adopt_config(args, state, keys, path):
+    """A resumed run takes these settings from its checkpoint's config, unless a flag was given
+    (args.explicit, from common.parse) with another value: then every conflict is listed at once."""
+    saved = state["config"]
+    conflicts = [k for k in keys if k in args.explicit and saved.get(k) != getattr(args, k)]
+    if conflicts:
+        given = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {saved.get(k)!r})" for k in conflicts)
+        raise UserError(f"the checkpoint in {path} was trained with other settings: {given}; drop these flags "
+                        "to take the saved values")
+    for k in keys:
+        setattr(args, k, saved.get(k))
+
+
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
+    """AdamW over the trainable parameters, with one rule for weight decay (IRIS's and minGPT's):
+    the weights of linear layers decay (nn.Linear, GPT-2's Conv1D, LoRA's A and B); embedding
+    tables, norms and biases do not."""
+    decayed = {id(m.weight) for m in model.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
 
 
 # -----------------------------------------------------------------------------
@@ -177,6 +234,17 @@ def format_seconds(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+class LossOf(nn.Module):
+    """model.compute_loss as a forward pass, which is what DistributedDataParallel wraps."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, step):
+        return self.model.compute_loss(batch, step)
+
+
 def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=None):
     """Optimise from start_step to args.max_iters; returns the last evaluation's metrics.
 
@@ -185,31 +253,40 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     evaluate() -> {name: float}, run under no_grad on the main process;
     save(step) -> None, called on the main process after each evaluation.
     A param group may carry "lr_scale" to train at a multiple of the scheduled lr.
+    A loss or gradient that is not finite stops the run (UserError) before anything is saved.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_of = LossOf(model)
+    if run.world_size > 1:  # every process applies the mean gradient, all-reduced during backward
+        loss_of = DistributedDataParallel(loss_of, broadcast_buffers=False)
     metrics, sums, num_logged, num_tokens = {}, {}, 0, 0
     total_tokens, eval_seconds = 0, 0.0
     t_start = t_log = time.time()
     model.train()
     for step in range(start_step, args.max_iters):
-        torch.manual_seed(args.seed * 1_000_003 + step)  # noise and dropout: a function of the step
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args) * group.get("lr_scale", 1.0)
         for micro in range(args.grad_accum):
-            batch = get_batch((step * args.grad_accum + micro) * run.world_size + run.rank)
-            with run.autocast():
-                terms = model.compute_loss(batch, step)
-            (terms["loss"] / args.grad_accum).backward()
+            index = (step * args.grad_accum + micro) * run.world_size + run.rank
+            torch.manual_seed(batch_seed(args.seed, index))  # noise and dropout: a function of the micro-batch
+            batch = get_batch(index)
+            should_sync = run.world_size == 1 or micro == args.grad_accum - 1  # all-reduce once per step
+            with contextlib.nullcontext() if should_sync else loss_of.no_sync():
+                with run.autocast():
+                    terms = loss_of(batch, step)
+                (terms["loss"] / args.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+            if not math.isfinite(sums["loss"]):
+                raise UserError(f"the loss is {terms['loss'].item()} at step {step + 1}; stopped before saving "
+                                f"(the last checkpoint in {args.out_dir}, if any, is unchanged): lower --lr "
+                                f"(now {args.lr:g}) or keep --grad-clip on")
             num_tokens += batch.get("num_tokens", 0)
             total_tokens += batch.get("num_tokens", 0)
-        if run.world_size > 1:  # DDP by hand: every process applies the mean gradient
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+        if not torch.isfinite(norm):
+            raise UserError(f"the gradient norm is {norm.item()} at step {step + 1}; stopped before saving (the "
+                            f"last checkpoint in {args.out_dir}, if any, is unchanged): lower --lr (now {args.lr:g})")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         num_logged += 1
@@ -249,8 +326,3 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     if total_tokens:  # optimisation alone, all steps of this run
         metrics["train_tokens_per_s"] = round(total_tokens * run.world_size / (time.time() - t_start - eval_seconds), 1)
     return metrics
-
-
-def make_parser(description):
-    """An argparse parser whose --help shows the module docstring's commands verbatim."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

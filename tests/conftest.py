@@ -11,7 +11,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
 import lm
-from trainer import run_cli
+from common import run_cli
 
 
 @pytest.fixture(autouse=True)

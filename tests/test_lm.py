@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import lm
-from trainer import UserError
+from common import UserError
 
 
 def test_local_directory_loads_through_from_pretrained(saved_model_dir):

@@ -8,7 +8,7 @@ import lora
 import offload
 from conftest import tiny_gpt2, tiny_mistral
 from lm_backbone import LMBackbone, lm_token_tables
-from trainer import UserError
+from common import UserError
 from worldmodel import WorldModel, WorldModelConfig, interleave
 
 CONFIG = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=16, num_actions=3, max_steps=5)

@@ -9,7 +9,7 @@ import torch
 import lm
 import lora
 import offload
-from trainer import UserError
+from common import UserError
 
 IDS = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
 
