@@ -1,13 +1,18 @@
-"""trainer.py: the shared loop resumes exactly, checkpoints are atomic and checked, errors exit 2."""
+"""trainer.py and common.py: the shared loop resumes exactly, runs data-parallel through DDP,
+stops on a non-finite loss; checkpoints are atomic, checked and survive a full disk; errors exit 2."""
 
 import argparse
+import errno
+import math
 import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+import common
 import trainer
-from trainer import UserError
+from common import UserError
 
 
 class Regression(torch.nn.Module):
@@ -29,9 +34,10 @@ def get_batch(index):
     return {"x": x, "y": x.sum(-1), "num_tokens": 8}
 
 
-def make_args(tmp_path, **overrides):
-    args = trainer.add_common_args(argparse.ArgumentParser(), max_iters=6, eval_interval=3, log_interval=1,
-                                   warmup_iters=1, lr=0.05).parse_args([])
+def make_args(tmp_path, argv=(), **overrides):
+    parser = trainer.add_common_args(common.make_parser("test"), max_iters=6, eval_interval=3, log_interval=1,
+                                     warmup_iters=1, lr=0.05)
+    args = common.parse(parser, list(argv))
     args.out_dir = str(tmp_path)
     vars(args).update(overrides)
     return args
@@ -44,14 +50,14 @@ class Crash(Exception):
 def fit(args, start_step=0, state=None, crash_at=None):
     run = trainer.setup(args)
     model = Regression()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    optimizer = trainer.make_optimizer(model, args.lr, args.weight_decay)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
 
     def save(step):
-        trainer.save_checkpoint(args.out_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                               "step": step, "config": {"width": 4}})
+        trainer.save_checkpoint(args.out_dir, {"kind": "vae", "config": {"width": 4}, "step": step,
+                                               "model": model.state_dict(), "optimizer": optimizer.state_dict()})
         if step == crash_at:
             raise Crash
 
@@ -70,41 +76,127 @@ def test_resume_is_exact(tmp_path, capsys):
 
     with pytest.raises(Crash):
         fit(make_args(tmp_path / "half"), crash_at=3)  # killed right after the checkpoint at step 3
-    state = trainer.load_checkpoint(tmp_path / "half", {"width": 4}, ["width"])
+    state = trainer.load_checkpoint(tmp_path / "half", "vae")
     assert state["step"] == 3
     resumed, _ = fit(make_args(tmp_path / "half"), start_step=state["step"], state=state)
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
 
 
+def ddp_worker(rank, out_dir, port):
+    """One of two torchrun-like processes: fit with batch 8 each, then save the parameters."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model, _ = fit(make_args(out_dir, ["--device", "cpu"], eval_interval=100))
+    torch.save({k: v.detach() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_through_ddp_equal_one_with_gradient_accumulation(tmp_path):
+    """2 processes x micro-batch 8 (DDP averages their gradients) compute what 1 process computes
+    with --grad-accum 2: the same micro-batches, the same dropout masks, the same updates."""
+    mp.start_processes(ddp_worker, args=(str(tmp_path), 29400 + os.getpid() % 500), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single, _ = fit(make_args(tmp_path / "single", ["--device", "cpu", "--grad-accum", "2"], eval_interval=100))
+    for name, p in single.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # every process applied the same update
+        torch.testing.assert_close(ranks[0][name], p, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(single.linear.weight, Regression().linear.weight)  # it did train
+
+
+def test_a_non_finite_loss_stops_before_anything_is_saved(tmp_path, capsys):
+    fit(make_args(tmp_path))
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    state = trainer.load_checkpoint(tmp_path, "vae")
+    with pytest.raises(UserError, match=r"the (loss|gradient norm) is (nan|inf).* at step [78]; stopped before saving"):
+        fit(make_args(tmp_path, ["--max-iters", "12", "--lr", "1e30", "--grad-clip", "0"]), start_step=6, state=state)
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
 def test_checkpoint_is_atomic_and_checked(tmp_path, monkeypatch):
-    trainer.save_checkpoint(tmp_path, {"step": 1, "config": {"width": 4}})
+    trainer.save_checkpoint(tmp_path, {"kind": "wm", "step": 1, "config": {"width": 4}})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", crash)  # killed between writing and renaming
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint(tmp_path, {"step": 2, "config": {"width": 4}})
+        trainer.save_checkpoint(tmp_path, {"kind": "wm", "step": 2, "config": {"width": 4}})
     monkeypatch.undo()
-    assert trainer.load_checkpoint(tmp_path, {"width": 4}, ["width"])["step"] == 1
-    with pytest.raises(UserError, match="has width=4 but this run has width=8; pass --width 4"):
-        trainer.load_checkpoint(tmp_path, {"width": 8}, ["width"])
+    assert trainer.load_checkpoint(tmp_path, "wm")["step"] == 1
+    with pytest.raises(UserError, match=r"written by train_wm.py \(a world model\), not by train_vae.py"):
+        trainer.load_checkpoint(tmp_path, "vae")
     with pytest.raises(UserError, match="no checkpoint at"):
-        trainer.load_checkpoint(tmp_path / "nowhere", {}, [])
+        trainer.load_checkpoint(tmp_path / "nowhere", "wm")
+
+
+@pytest.mark.parametrize("content", [{"a": 1}, torch.zeros(3), {"config": {}, "step": 1}])
+def test_a_torch_file_that_is_not_our_checkpoint_is_named(tmp_path, content):
+    torch.save(content, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="is a torch file but not a checkpoint of this project"):
+        trainer.load_checkpoint(tmp_path, "vae")
 
 
 def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
-    torch.save({"config": {}, "evil": argparse.Namespace(x=1)}, tmp_path / "ckpt.pt")
+    torch.save({"kind": "vae", "config": {}, "evil": argparse.Namespace(x=1)}, tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match="damaged or not a checkpoint"):
-        trainer.load_checkpoint(tmp_path, {}, [])
+        trainer.load_checkpoint(tmp_path, "vae")
 
 
-def test_out_dir_of_another_run_is_not_overwritten(tmp_path):
-    trainer.save_checkpoint(tmp_path, {"config": {}})
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
+    trainer.save_checkpoint(tmp_path, {"kind": "vae", "step": 1, "config": {}})
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    real_save = torch.save
+
+    def save_until_the_disk_fills(obj, f, *args, **kwargs):
+        class Full:  # a file whose writes fail after 100 bytes, as on a full disk
+            def __init__(self):
+                self.written = 0
+
+            def write(self, data):
+                self.written += len(data)
+                if self.written > 100:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+
+        real_save(obj, Full(), *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is unchanged"):
+        trainer.save_checkpoint(tmp_path, {"kind": "vae", "step": 2, "config": {}, "w": torch.zeros(1000)})
+    assert (tmp_path / "ckpt.pt").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
+
+
+def test_out_dir_of_another_run_is_not_overwritten_and_must_be_writable(tmp_path):
+    trainer.save_checkpoint(tmp_path, {"kind": "vae", "config": {}})
     with pytest.raises(UserError, match="already exists; pass --resume"):
         trainer.check_out_dir(make_args(tmp_path, resume=None))
     trainer.check_out_dir(make_args(tmp_path, resume=str(tmp_path)))  # continuing it is fine
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write to --out-dir .*file/run"):
+        trainer.check_out_dir(make_args(tmp_path / "file" / "run", resume=None))
+
+
+def test_a_resumed_run_takes_its_config_and_lists_every_conflict(tmp_path):
+    state = {"config": {"batch_size": 4, "lr": 0.5, "seed": 7}}
+    args = make_args(tmp_path, ["--batch-size", "8", "--lr", "0.1"])
+    with pytest.raises(UserError, match=r"--batch-size 8 \(saved: 4\), --lr 0.1 \(saved: 0.5\)"):
+        trainer.adopt_config(args, state, ["batch_size", "lr", "seed"], str(tmp_path))
+    args = make_args(tmp_path, ["--batch-size", "4"])
+    trainer.adopt_config(args, state, ["batch_size", "lr", "seed"], str(tmp_path))
+    assert (args.batch_size, args.lr, args.seed) == (4, 0.5, 7)  # not given: taken from the checkpoint
+
+
+def test_one_weight_decay_rule():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 3))
+    groups = trainer.make_optimizer(model, 1e-3, 0.1).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert decayed == {id(model[2].weight)}  # a linear layer's weight; not embeddings, norms or biases
+    assert sum(len(g["params"]) for g in groups) == 5
 
 
 def test_lr_schedule():
@@ -120,6 +212,31 @@ def test_run_cli_turns_user_errors_into_exit_code_2(capsys):
         raise UserError("data file x.txt is empty; give a UTF-8 text file")
 
     with pytest.raises(SystemExit) as e:
-        trainer.run_cli(main)
+        common.run_cli(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: data file x.txt is empty; give a UTF-8 text file\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size: 0 is out of range: it must be an integer >= 1"),
+    (["--batch-size", "-3"], "--batch-size: -3 is out of range"),
+    (["--max-iters", "-5"], "--max-iters: -5 is out of range"),
+    (["--grad-accum", "0"], "--grad-accum: 0 is out of range"),
+    (["--eval-interval", "0"], "--eval-interval: 0 is out of range"),
+    (["--log-interval", "0"], "--log-interval: 0 is out of range"),
+    (["--lr", "nan"], "--lr: nan is out of range: it must be a number > 0"),
+    (["--lr", "x"], "--lr: 'x' is not a number"),
+    (["--weight-decay", "-1"], "--weight-decay: -1 is out of range"),
+])
+def test_numeric_flags_are_checked_at_parse_time(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        make_args(tmp_path, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_explicit_flags_are_the_ones_given():
+    parser = trainer.add_common_args(common.make_parser("test"))
+    assert common.parse(parser, ["--lr", "0.1", "--eval-only"]).explicit == {"lr", "eval_only"}
+    assert common.parse(parser, []).explicit == set()
+    assert not math.isnan(common.batch_seed(1, 2)) and common.batch_seed(1, 2) != common.batch_seed(2, 1)
