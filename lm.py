@@ -141,33 +141,53 @@ def quantization_config(quantize):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_base(name, device="cpu", dtype="auto", quantize=None):
+def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_tokenizer=True):
     """Load (model, tokenizer) by name; see the module docstring for the names.
-    quantize: None, "8bit" or "4bit" (bitsandbytes; linear layers of the loaded weights)."""
+    quantize: None, "8bit" or "4bit" (bitsandbytes; linear layers of the loaded weights).
+    should_load_tokenizer=False: (model, None), for users that tokenize no text (the world model),
+    so that a directory holding a model but no tokenizer files loads too."""
     torch_dtype = resolve_dtype(dtype, device)
     if name == "tiny":
         if quantize:
             raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
                             "or give a Hugging Face id or directory as --model")
         model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).to(torch_dtype)
-        tokenizer = ByteTokenizer()
+        tokenizer = ByteTokenizer() if should_load_tokenizer else None
     else:
         path = MODEL_ALIASES.get(name, name)
+        check_local(path)
         extra = {}
         if quantize:  # quantized weights are placed on their device while loading
             extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
         try:
             config = AutoConfig.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
-            tokenizer = tokenizer_for(config, path)
         except (OSError, ValueError) as e:
-            where = "directory" if os.path.isdir(path) else "model"
             raise UserError(
-                f"cannot load {where} '{path}' ({str(e).splitlines()[0][:120]}); without network only "
-                "models already in the Hugging Face cache load: use --model tiny, or a local "
-                "directory saved with save_pretrained"
+                f"cannot load model '{path}' ({str(e).splitlines()[0][:120]}); without network only models "
+                "already in the Hugging Face cache load: use --model tiny, or a local directory saved with "
+                "save_pretrained"
             ) from e
+        tokenizer = None
+        if should_load_tokenizer:
+            try:
+                tokenizer = tokenizer_for(config, path)
+            except (OSError, ValueError, TypeError) as e:
+                raise UserError(f"'{path}' holds a model but no tokenizer it can load "
+                                f"({str(e).splitlines()[0][:100]}); save the tokenizer beside it "
+                                "(lm.save_base does), or use a model that has one") from e
     return (model if quantize else model.to(device)).eval(), tokenizer
+
+
+def check_local(path):
+    """A --model that names a directory must be one that save_pretrained wrote."""
+    looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if looks_local and not os.path.isdir(path):
+        raise UserError(f"--model {path}: no such directory; give a directory saved with save_pretrained, "
+                        "a Hugging Face id, or tiny")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"--model {path} has no config.json, so it is not a model saved with save_pretrained; "
+                        "give such a directory, a Hugging Face id, or tiny")
 
 
 def save_base(model, tokenizer, path):

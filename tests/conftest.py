@@ -5,6 +5,11 @@ import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: tests never reach the hub
+# GPT-2's BPE files for tiktoken: the copy beside the repository when there is one (as in CI), else
+# tiktoken's own cache (it downloads them once, on a machine with network)
+_CACHE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tiktoken_cache")
+if os.path.isdir(_CACHE):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_CACHE))
 
 import pytest
 import torch

@@ -1,7 +1,5 @@
 """lm.py: loading bases by name, tokenizers, clear errors; all offline."""
 
-import os
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -42,8 +40,6 @@ def test_tiny_is_a_byte_level_gpt2_and_round_trips_through_save_base(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.skipif(not os.environ.get("TIKTOKEN_CACHE_DIR"),
-                    reason="needs TIKTOKEN_CACHE_DIR pointing at cached gpt2 files (.ci/run sets it)")
 def test_gpt2_family_uses_tiktoken_offline():
     tokenizer = lm.TiktokenTokenizer()
     assert tokenizer.encode("Hello world") == [15496, 995]
@@ -77,7 +73,19 @@ def test_unknown_model_offline_is_one_clear_error():
     assert "no-such-org/no-such-model" in message and "--model tiny" in message and "\n" not in message
 
 
-def test_missing_local_directory_is_one_clear_error(tmp_path):
+def test_missing_or_empty_local_directory_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="cannot load directory .*empty.*save_pretrained"):
+    with pytest.raises(UserError, match="empty has no config.json, so it is not a model saved with save_pretrained"):
         lm.load_base(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="nowhere: no such directory"):
+        lm.load_base(str(tmp_path / "nowhere"))
+
+
+def test_a_model_without_tokenizer_files_loads_where_no_text_is_tokenized(tmp_path):
+    from conftest import tiny_mistral
+
+    tiny_mistral().save_pretrained(tmp_path)  # weights and config, no tokenizer files
+    with pytest.raises(UserError, match="holds a model but no tokenizer it can load"):
+        lm.load_base(str(tmp_path))
+    model, tokenizer = lm.load_base(str(tmp_path), should_load_tokenizer=False)
+    assert tokenizer is None and model.config.model_type == "mistral"
