@@ -44,14 +44,17 @@ def timed(fn):
 
 
 def alternate(contenders, steps, warmup=1):
-    """Median seconds per call of each fn in {name: fn}, calling them in turn."""
+    """Median seconds per call of each fn in {name: fn}, calling them in turn, the order
+    reversed every other round (A B, B A, ...): whoever runs right after another contender
+    (warm or cold caches, a freshly freed allocator pool) is each of them equally often."""
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in contenders}
-    for _ in range(steps):
-        for name, fn in contenders.items():
-            times[name].append(timed(fn))
+    names = list(contenders)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(timed(contenders[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -76,13 +79,20 @@ def bench_lora(args):
 
     r, alpha, targets = 8, 16, lora.DEFAULT_TARGETS["gpt2"]
     ids = torch.randint(0, 50257, (args.batch_size, args.block_size))
-    ours = gpt2_small()
-    lora.add_adapter(ours, "default", r=r, alpha=alpha)
-    lora.mark_only_lora_trainable(ours)
-    lora.set_adapter(ours, "default")
+
+    def ours_model():
+        model = gpt2_small()
+        lora.add_adapter(model, "default", r=r, alpha=alpha)
+        lora.mark_only_lora_trainable(model)
+        lora.set_adapter(model, "default")
+        return model
+
+    ours, ours_twin = ours_model(), ours_model()
     theirs = peft.get_peft_model(gpt2_small(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
                                                                 fan_in_fan_out=True))
-    train = alternate({"ours": training_step(ours, ids), "peft": training_step(theirs, ids)}, args.steps)
+    # the twin is the same model again: ours / twin is the bench's own noise, the yardstick for ours / peft
+    train = alternate({"ours": training_step(ours, ids), "peft": training_step(theirs, ids),
+                       "twin": training_step(ours_twin, ids)}, args.steps)
 
     base = gpt2_small()
     lora.merge(ours)
@@ -100,6 +110,7 @@ def bench_lora(args):
         "rank": r, "targets": targets, "threads": torch.get_num_threads(),
         "train_step_s_ours": round(train["ours"], 4), "train_step_s_peft": round(train["peft"], 4),
         "train_step_ratio_ours_over_peft": round(train["ours"] / train["peft"], 3),
+        "train_step_ratio_ours_over_twin": round(train["ours"] / train["twin"], 3),
         "forward_s_merged": round(infer["merged"], 4), "forward_s_base": round(infer["base"], 4),
         "forward_ratio_merged_over_base": round(infer["merged"] / infer["base"], 3),
         "forward_ratio_peft_unmerged_over_base": round(infer["peft_unmerged"] / infer["base"], 3),
@@ -149,7 +160,7 @@ def bench_vae(args):
 
 def bench_imagine(args):
     """Imagined env steps/s of WorldModelEnv with the KV cache vs recomputing the whole
-    context for every token (the earlier LLM-in-IRIS attempt's way), for each backbone:
+    context for every token (what a world model without a real KV cache does), for each backbone:
     IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads) and the
     LM backbone (lm_backbone.py, the LM's real KV cache) on tiny's shape, or GPT-2 small's
     with --lm gpt2. IRIS's Pong token shapes (16 obs tokens + 1 action per step, vocabulary
@@ -197,13 +208,13 @@ def bench_imagine(args):
     return out
 
 
-# Mistral-7B-v0.1's config.json (the model the user's notes name), and a small stand-in for CPUs.
+# Mistral-7B-v0.1's config.json, and a small stand-in with its architecture for CPUs.
 MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                   rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096)
 MISTRAL_SCALED_DOWN = dict(MISTRAL_7B, vocab_size=1000, hidden_size=256, intermediate_size=896,
                            num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
-MEMORY_MODES = {  # name: (8-bit weights, transformers' activation checkpointing, offload)
+MEMORY_MODES = {  # name: (8-bit weights, per-layer activation checkpointing (offload.py), offload)
     "bf16": (False, False, False),
     "8bit": (True, False, False),
     "8bit+checkpoint": (True, True, False),
