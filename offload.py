@@ -24,7 +24,7 @@ not supported. On a CPU-only machine the same code runs with the CPU as both sto
 compute device (copies are clones), which is how the tests check it.
 
 Both training scripts take the same memory flags (add_memory_args), load the base through
-load_base and set it up through place_base, at the end of this file.
+load_with_memory_flags and put their model on the device through place, at the end of this file.
 """
 
 import torch
@@ -177,13 +177,17 @@ def offload_layers(model, device):
     layers = decoder_layers(model)
     offloader = LayerOffloader(layers, device)
     inside = {id(m) for m in layers.modules()}
-    for module in model.modules():  # everything outside the decoder layers goes to the device
-        if id(module) not in inside:
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(device)
-            for name, b in module.named_buffers(recurse=False):
-                setattr(module, name, b.to(device))
+    move_to((m for m in model.modules() if id(m) not in inside), device)  # all outside the decoder layers
     return offloader
+
+
+def move_to(modules, device):
+    """Move the parameters and buffers that each of `modules` holds itself (not its children's)."""
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in module.named_buffers(recurse=False):
+            setattr(module, name, b.to(device))
 
 
 def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False):
@@ -218,8 +222,9 @@ def add_memory_args(parser):
                    "the backward pass instead of keeping them")
 
 
-def load_base(args, device, should_train_base):
-    """The base as the memory flags ask; on the CPU when offloading (place_base moves the rest)."""
+def load_with_memory_flags(args, device, should_train_base, should_load_tokenizer=True):
+    """lm.load_base as the memory flags ask: quantized, or on the CPU when offloading (place moves
+    it). should_load_tokenizer=False for a user that reads no text (the world model)."""
     if args.load_8bit and args.load_4bit:
         raise UserError("--load-8bit and --load-4bit exclude each other; pick one")
     if args.offload and should_train_base:
@@ -229,12 +234,16 @@ def load_base(args, device, should_train_base):
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
     quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
     dtype = str(lm.resolve_dtype(args.dtype, device)).removeprefix("torch.")  # for where it computes, not the CPU
-    return lm.load_base(args.model, "cpu" if args.offload else device, dtype, quantize)
+    return lm.load_base(args.model, "cpu" if args.offload else device, dtype, quantize,
+                        should_load_tokenizer=should_load_tokenizer)
 
 
-def place_base(base, args, device, tokens_per_step, should_print):
-    """After the adapters are added: checkpointing, the memory estimate (CUDA), offload.
-    Returns whether the base is on its device already (so the caller moves only the rest)."""
+def place(model, base, args, device, tokens_per_step, should_print):
+    """Put `model`, which contains `base` (after the adapters are added), on `device` as the
+    memory flags ask: per-layer checkpointing, the memory estimate (CUDA), offload of the base's
+    frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
+    while loading; offload_layers just did), so only the parts of `model` outside it move;
+    otherwise all of `model` moves."""
     if args.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
     if should_print and device.type == "cuda":
@@ -242,5 +251,8 @@ def place_base(base, args, device, tokens_per_step, should_print):
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
     if args.offload:
         offload_layers(base, device)
-    return args.offload or args.load_8bit or args.load_4bit
-
+    if args.offload or args.load_8bit or args.load_4bit:
+        inside = {id(m) for m in base.modules()}
+        move_to((m for m in model.modules() if id(m) not in inside), device)
+    else:
+        model.to(device)

@@ -346,7 +346,7 @@ def build_world_model(args, tokenizer, env, run):
         backbone = Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers,
                                                  num_heads=args.num_heads, dropout=args.dropout))
         return WorldModel(config, backbone).to(run.device)
-    base, _ = offload.load_base(args, run.device, args.train_base)
+    base, _ = offload.load_with_memory_flags(args, run.device, args.train_base, should_load_tokenizer=False)
     if args.lm_init == "random":
         base = randomized(base)  # drawn from --seed (setup seeded torch)
     num_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
@@ -359,12 +359,7 @@ def build_world_model(args, tokenizer, env, run):
                                  should_train=args.embeddings == "lm-trained")
     backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
     world_model = WorldModel(config, backbone, tables)
-    if offload.place_base(base, args, run.device, args.batch_size * config.max_tokens, run.is_main):
-        for name, child in world_model.named_children():  # the base is placed already: the rest follows
-            if name != "backbone":
-                child.to(run.device)
-    else:
-        world_model.to(run.device)
+    offload.place(world_model, base, args, run.device, args.batch_size * config.max_tokens, run.is_main)
     return world_model
 
 

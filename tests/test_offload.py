@@ -110,7 +110,7 @@ def test_offloaded_base_loads_on_the_cpu_in_the_dtype_of_its_compute_device(save
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     args = SimpleNamespace(model=saved_model_dir, dtype="auto", load_8bit=False, load_4bit=False, offload=True,
                            grad_checkpoint=False)
-    model, _ = offload.load_base(args, torch.device("cuda"), should_train_base=False)
+    model, _ = offload.load_with_memory_flags(args, torch.device("cuda"), should_train_base=False)
     weight = model.get_input_embeddings().weight
     assert weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
@@ -146,3 +146,39 @@ def test_recomputation_uses_the_adapter_of_the_first_run(saved_model_dir, should
     transform = (lambda m: offload.offload_layers(m, "cpu")) if should_offload else offload.checkpoint_layers
     for a, b in zip(plain, two_adapter_grads(transform)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def memory_flags(**given):
+    flags = dict(load_8bit=False, load_4bit=False, offload=False, grad_checkpoint=False)
+    return SimpleNamespace(**{**flags, **given})
+
+
+@pytest.mark.parametrize("flag", ["offload", "grad_checkpoint"])
+def test_place_sets_up_the_base_and_keeps_the_model_computing_the_same(saved_model_dir, flag):
+    """place() on a model holding the base and a part of its own (as the VAE and the world model
+    are): --offload leaves the frozen decoder weights as placeholders, --grad-checkpoint wraps
+    each layer, and the whole model's loss and gradients match a plainly placed copy's."""
+    def built(args):
+        torch.manual_seed(5)
+        base = adapted(saved_model_dir)
+        model = torch.nn.ModuleDict({"base": base, "head": torch.nn.Linear(lm.hidden_size(base), 3)})
+        offload.place(model, base, args, torch.device("cpu"), tokens_per_step=24, should_print=True)
+        model.eval()  # no dropout: the two models must compute the same thing
+        return model
+
+    def loss_and_grads_with_head(model):
+        hidden = model["base"](IDS, output_hidden_states=True).hidden_states[-1]  # (B, T, C)
+        loss = model["head"](hidden).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain, placed = built(memory_flags()), built(memory_flags(**{flag: True}))
+    layers = offload.decoder_layers(placed["base"])
+    frozen = [p for p in layers.parameters() if not p.requires_grad]
+    assert all(p.numel() == 0 for p in frozen) == (flag == "offload")
+    assert all("forward" in vars(layer) for layer in layers)  # checkpointed forward, both flags
+    assert not any("forward" in vars(layer) for layer in offload.decoder_layers(plain["base"]))
+    loss, grads = loss_and_grads_with_head(plain)
+    loss_placed, grads_placed = loss_and_grads_with_head(placed)
+    assert torch.allclose(loss, loss_placed, atol=1e-6)
+    assert len(grads) == len(grads_placed) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_placed))
