@@ -67,6 +67,7 @@ def training_step(model, ids):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
+        model.train()  # every contender in the same mode (peft's get_peft_model leaves its model in train mode)
         model(ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,6 +100,7 @@ def bench_lora(args):
 
     def forward(model):
         def fn():
+            model.eval()
             with torch.no_grad():
                 model(ids)
         return fn
