@@ -1,9 +1,9 @@
 """
-A pretrained causal LM as the world model's transformer: the user's "put the LM inside
-IRIS", done so that it can work.
+A pretrained causal LM as the world model's transformer: IRIS with an LM inside, built so
+that the LM keeps what it learned and the world model stays causal.
 
-worldmodel.py's WorldModel talks to its transformer through three things (see its
-docstring): `width`, `new_cache(batch_size, max_tokens)` and
+worldmodel.py's WorldModel talks to its transformer through four things (see its
+docstring): `width`, `has_positions`, `new_cache(batch_size, max_tokens)` and
 `backbone(embeds (B, T, C), cache) -> hidden (B, T, C)`. LMBackbone gives a Hugging Face
 causal LM (tiny, GPT-2, Mistral, a local directory: anything lm.load_base returns) that
 interface:
@@ -11,27 +11,33 @@ interface:
   LM's token lookup is bypassed;
 - it stays **causal** (no attention mask is passed, so the LM applies its own causal
   mask): a world model that sees the future while training copies it and then fails
-  when imagining, the bug of an earlier public attempt;
-- imagination uses the LM's **real KV cache** (`past_key_values`, or `cache` in newer transformers), so each imagined token
-  costs one token's forward pass, not a pass over the whole context;
+  when imagining;
+- imagination uses the LM's **real KV cache** (`past_key_values`, or `cache` in newer
+  transformers), so each imagined token costs one token's forward pass, not a pass over
+  the whole context;
 - the heads read the LM's **last hidden state** (the transformer body's output, the LM
   head is never run): no vocabulary-wide logits to map back;
+- the LM adds its own position information (GPT-2's learned table, Mistral's rotary), so
+  the world model adds none;
 - the LM is frozen and learns through a LoRA adapter named "dynamics" (lora.py); other
   adapters, e.g. the VAE's "encoder" and "decoder", may live in the same layers.
 
-The world model's embedding tables then have the LM's width. For them, the user's open
-question has two answers: IRIS's own tables, learned from scratch, or rows of the LM's
-own token-embedding table (`lm_token_tables`), frozen or trained. `randomized` gives the
-control for "does pretraining help": the same architecture with random weights.
-train_wm.py --backbone lm builds all of this from flags; compare_wm.py runs the comparison.
+The world model's embedding tables then have the LM's width. They can be IRIS's own
+tables, learned from scratch, or rows of the LM's own token-embedding table
+(`lm_token_tables`), frozen or trained. `randomized` gives the control for "does
+pretraining help": the same architecture with random weights.
+`lm_world_model` builds all of this from train_wm.py's flags (the LM backbone group of its
+--help); experiments/compare_wm.py runs the comparison.
 """
 
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import lora
-from lm import cache_kwarg, hidden_size
+import offload
 from common import UserError
+from lm import cache_kwarg, hidden_size
+from worldmodel import WorldModel
 
 
 class LMCache:
@@ -95,3 +101,31 @@ def randomized(lm):
     dtype, device = lm.get_input_embeddings().weight.dtype, lm.get_input_embeddings().weight.device
     return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
 
+
+
+def lm_world_model(args, config, device, should_print):
+    """The world model (WorldModelConfig `config`) around the --model LM, as train_wm.py's flags
+    ask: pretrained or --lm-init random, frozen + the dynamics adapter or --train-base, with the
+    tables --embeddings picks, placed on `device` as the memory flags ask (offload.py)."""
+    base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
+    if args.lm_init == "random":
+        base = randomized(base)  # drawn from --seed (trainer.setup seeded torch)
+    num_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
+    if config.max_tokens > num_positions:
+        raise UserError(f"--segment-steps {config.max_steps} makes {config.max_tokens} tokens, more than the "
+                        f"LM's {num_positions} positions: lower --segment-steps")
+    tables = None
+    if args.embeddings != "iris":
+        tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
+                                 should_train=args.embeddings == "lm-trained")
+    backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
+    world_model = WorldModel(config, backbone, tables)
+    offload.place(world_model, base, args, device, args.batch_size * config.max_tokens, should_print)
+    return world_model
+
+
+def should_save_base(args):
+    """Whether a checkpoint must keep the LM's own weights: when they train, or are random
+    (--lm-init random, or tiny, which has no pretrained weights); a frozen pretrained LM
+    reloads from --model."""
+    return args.train_base or args.lm_init == "random" or args.model == "tiny"

@@ -31,6 +31,12 @@ The transformer sits behind a small interface, so another (a pretrained LM, fed
 Transformer below is IRIS's (minGPT, pre-LayerNorm, causal, preallocated KV cache).
 lm_backbone.py is the other one, and can also supply the embedding tables.
 
+Initialisation is IRIS's (`init_weights`, src/utils.py there): normal(0, 0.02) Linear and
+Embedding weights, zero biases, LayerNorms at weight 1 and bias 0, without minGPT's smaller
+init of the residual projections. IRIS applies it to its whole world model; here it is
+applied to what this file creates (its transformer, its own tables, the position table, the
+heads), so a pretrained LM and tables made of its rows keep their weights.
+
 WorldModelEnv imagines with a trained world model behind the real environment's
 interface: reset(obs) and step(action) -> (obs, reward, terminated, truncated, info).
 """
@@ -43,6 +49,17 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- transformer
+
+def init_weights(module):
+    """IRIS's initialisation of one module (use with module.apply)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
 
 @dataclass
 class TransformerConfig:
@@ -124,6 +141,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.width)
+        self.apply(init_weights)
 
     def new_cache(self, batch_size: int, max_tokens: int) -> KVCache:
         p = self.ln_f.weight
@@ -221,7 +239,8 @@ def compute_labels(obs_tokens, rewards, ends, mask_padding):
 
 class WorldModel(nn.Module):
     """tables: (observation table, action table) of the backbone's width; by default IRIS's,
-    learned from scratch (lm_backbone.lm_token_tables gives rows of an LM's own table)."""
+    learned from scratch (lm_backbone.lm_token_tables gives rows of an LM's own table, which
+    keep their values). The backbone comes initialised (Transformer) or pretrained."""
 
     def __init__(self, config: WorldModelConfig, backbone: nn.Module, tables=None):
         super().__init__()
@@ -230,7 +249,10 @@ class WorldModel(nn.Module):
         obs_mask = torch.tensor([1] * K + [0])
         act_mask = torch.tensor([0] * K + [1])
         all_but_last_obs_mask = torch.tensor([1] * (K - 1) + [0, 1])
-        tables = tables or (nn.Embedding(config.obs_vocab_size, C), nn.Embedding(config.num_actions, C))
+        new = []  # the modules made here, which get IRIS's initialisation
+        if tables is None:
+            tables = (nn.Embedding(config.obs_vocab_size, C), nn.Embedding(config.num_actions, C))
+            new += tables
         self.embedder = Embedder([obs_mask, act_mask], list(tables))
         self.pos_emb = None if backbone.has_positions else nn.Embedding(config.max_tokens, C)
         self.backbone = backbone
@@ -239,6 +261,9 @@ class WorldModel(nn.Module):
             "reward": Head(act_mask, C, 3),
             "end": Head(act_mask, C, 2),
         })
+        new += [self.heads] + ([self.pos_emb] if self.pos_emb is not None else [])
+        for module in new:
+            module.apply(init_weights)
 
     def forward(self, tokens: torch.Tensor, cache=None, keep_last: int | None = None) -> dict:
         """tokens (B, T) that follow the cache's content -> logits of each head at its

@@ -88,6 +88,22 @@ def test_only_dynamics_adapter_embedder_and_heads_train(make_lm):
         assert (p.grad is not None) == (n in trainable and not lora.is_lora_key(n, "decoder")), n
 
 
+@LMS
+def test_world_model_initialises_its_own_parts_only(make_lm):
+    """IRIS's init (normal 0.02) reaches the heads, never the pretrained LM or its table rows."""
+    torch.manual_seed(0)
+    lm = make_lm()
+    pretrained = {k: v.clone() for k, v in lm.state_dict().items()}
+    tables = lm_token_tables(lm, CONFIG.obs_vocab_size, CONFIG.num_actions, should_train=True)
+    model = WorldModel(CONFIG, LMBackbone(lm, r=4, alpha=8), tables)
+    after = {k.replace(".base.", "."): v for k, v in model.backbone.lm.state_dict().items() if not lora.is_lora_key(k)}
+    assert after.keys() == pretrained.keys() and all(torch.equal(after[k], v) for k, v in pretrained.items())
+    rows = pretrained[next(k for k in pretrained if "embed" in k or "wte" in k)][-19:]
+    assert torch.equal(torch.cat([t.weight for t in model.embedder.tables]), rows)
+    head = model.heads["obs"].mlp[0]
+    assert torch.equal(head.bias, torch.zeros_like(head.bias)) and abs(head.weight.std().item() - 0.02) < 0.003
+
+
 def test_lm_token_tables_are_rows_of_the_lm_table():
     lm = tiny_gpt2()
     obs, act = lm_token_tables(lm, 16, 3)

@@ -33,6 +33,24 @@ def test_world_model_block_masks_partition_the_block():
                  [torch.nn.Embedding(5, 4), torch.nn.Embedding(5, 4)])
 
 
+def test_world_model_starts_from_iris_initialisation():
+    """normal(0, 0.02) weights, zero biases, LayerNorms at 1 and 0, in every module it makes."""
+    wm = tiny_world_model(vocab=4096)
+    assert abs(wm.embedder.tables[0].weight.std().item() - 0.02) < 0.001  # 4096 x 32 draws
+    linears = [m for m in wm.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 2 * 4 + 3 * 2  # 4 per block, 2 per head
+    for m in linears:
+        assert torch.equal(m.bias, torch.zeros_like(m.bias)) and m.weight.std() < 0.03
+    for m in [m for m in wm.modules() if isinstance(m, torch.nn.LayerNorm)]:
+        assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+    # given tables (an LM's rows) keep their values; the heads are still initialised
+    rows = torch.nn.Embedding(7, 32), torch.nn.Embedding(2, 32)
+    before = [t.weight.clone() for t in rows]
+    given = WorldModel(wm.config, Transformer(TransformerConfig(width=32, num_layers=1, num_heads=2)), rows)
+    assert all(torch.equal(t.weight, b) for t, b in zip(given.embedder.tables, before))
+    assert before[0].std() > 0.5 and given.heads["obs"].mlp[0].weight.std() < 0.03  # torch's N(0, 1), kept
+
+
 def test_slicer_positions_with_and_without_cache_offset():
     slicer = Slicer(torch.tensor([1, 1, 0, 1]))  # block of 4, position 2 excluded
     assert slicer.positions(8).tolist() == [0, 1, 3, 4, 5, 7]
@@ -92,13 +110,13 @@ def test_transformer_is_causal():
     tokens = interleave(obs, actions)  # (1, 16)
     out = wm(tokens)
     changed = tokens.clone()
-    changed[0, 9] = (changed[0, 9] + 1) % 2  # an action token (position 9 of 16)
+    changed[0, 9] = (changed[0, 9] + 1) % 7  # step 3's second obs token (blocks of 4: obs, obs, obs, action)
     out2 = wm(changed)
     # the obs head reads positions 0,1,3 of each block; positions < 9 come first
     n_obs_before = len(wm.heads["obs"].slicer.positions(9))
     assert torch.allclose(out["obs"][:, :n_obs_before], out2["obs"][:, :n_obs_before], atol=1e-6)
     assert not torch.allclose(out["obs"][:, n_obs_before:], out2["obs"][:, n_obs_before:])
-    assert torch.equal(out["reward"][:, :2], out2["reward"][:, :2])  # actions at 3, 7 unchanged
+    assert torch.equal(out["reward"][:, :2], out2["reward"][:, :2])  # read at 3 and 7, before 9
     assert not torch.allclose(out["reward"][:, 2], out2["reward"][:, 2])
 
 
