@@ -31,9 +31,10 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-import lm
-from lora import LoRALayer
 from common import UserError
+
+# lm and lora import transformers (~2 s), so they are imported inside the two functions that use
+# them: a script's --help needs add_memory_args and answers before transformers is loaded
 
 
 def decoder_layers(model):
@@ -51,6 +52,8 @@ def checkpointed(layer, before=None):
     runs first on every run, the re-run included (offload fetches the layer's weights there).
     The re-run happens after the caller has switched LoRA adapters (the VAE runs the encoder,
     then the decoder, then one backward pass), so it puts back the adapters of the first run."""
+    from lora import LoRALayer
+
     forward = layer.forward
     adapters = [m for m in layer.modules() if isinstance(m, LoRALayer)]
 
@@ -225,6 +228,8 @@ def add_memory_args(parser):
 def load_with_memory_flags(args, device, should_train_base, should_load_tokenizer=True):
     """lm.load_base as the memory flags ask: quantized, or on the CPU when offloading (place moves
     it). should_load_tokenizer=False for a user that reads no text (the world model)."""
+    import lm
+
     if args.load_8bit and args.load_4bit:
         raise UserError("--load-8bit and --load-4bit exclude each other; pick one")
     if args.offload and should_train_base:

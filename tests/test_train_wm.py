@@ -1,18 +1,28 @@
-"""Tests for train_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful of steps."""
+"""Tests for train_wm.py and data_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful
+of steps. Every test runs in its own tmp directory, so the default --out-dir out-wm lands there."""
 
 import os
+import sys
 
 import pytest
 import torch
 
+import data_wm
 import lm
 import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
+from trainer import save_checkpoint
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
 CARTPOLE = TINY + ["--collect-steps", "600", "--segment-steps", "6"]
+EVAL = ["--horizon", "5", "--num-imagine", "8", "--device", "cpu"]  # not settings a checkpoint keeps
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
 
 
 def run_main(argv, capsys):
@@ -23,13 +33,24 @@ def run_error(argv, capsys):
     return run_script_error(train_wm.main, argv, capsys)
 
 
+def ckpt_bytes(out):
+    with open(os.path.join(out, "ckpt.pt"), "rb") as f:
+        return f.read()
+
+
+def finished_run(out, capsys, extra=()):
+    """A one-step CartPole run into out; its checkpoint's bytes."""
+    run_main(CARTPOLE + ["--max-iters", "1", "--eval-interval", "1", "--out-dir", out, *extra], capsys)
+    return ckpt_bytes(out)
+
+
 def test_segments_pad_past_the_episode_end():
     data = {"episode": torch.tensor([0, 0, 0, 1, 1]), "obs_tokens": torch.arange(10).view(5, 2),
             "actions": torch.arange(5), "rewards": torch.arange(5.0), "ends": torch.tensor([0, 0, 1, 0, 0])}
-    train_wm.add_episode_bounds(data)
+    data_wm.add_episode_bounds(data)
     assert data["episode_start"].tolist() == [0, 0, 0, 3, 3]
     assert data["episode_end"].tolist() == [3, 3, 3, 5, 5]
-    batch = train_wm.segments(data, torch.tensor([1, 3]), num_steps=3)
+    batch = data_wm.segments(data, torch.tensor([1, 3]), num_steps=3)
     assert batch["mask_padding"].tolist() == [[True, True, False], [True, True, False]]
     assert batch["actions"][:, :2].tolist() == [[1, 2], [3, 4]]  # never crosses into the next episode
 
@@ -43,13 +64,15 @@ def test_cartpole_trains_evaluates_and_draws(tmp_path, capsys):
                 "copy_acc_h5", "imag_beats_copy_up_to_h"):
         assert key in metrics, key
     assert 0 <= metrics["val_obs_acc"] <= 1 and metrics["copy_err_h5"] > metrics["copy_err_h1"] > 0
-    assert os.path.isfile(os.path.join(out, "ckpt.pt"))
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["kind"] == "wm" and state["step"] == 3 and state["config"]["tokenizer_iters"] == 0  # vectors
     with open(os.path.join(out, "imagination.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    # --eval-only on the checkpoint gives the same held-out numbers
-    again, _ = run_main(CARTPOLE + ["--eval-only", "--resume", out], capsys)
+    # --eval-only on the checkpoint gives the same held-out numbers, its settings taken from the checkpoint
+    again, _ = run_main(["--eval-only", "--resume", out, *EVAL], capsys)
     for key in ("val_obs_ce", "val_end_acc", "imag_err_h5", "copy_err_h5"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert not os.path.exists("out-wm")
 
 
 LM_BACKBONE = ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4"]  # 4 x 16 + 2 tokens fit a 257-row vocabulary
@@ -69,23 +92,44 @@ def test_cartpole_resume_is_exact(tmp_path, capsys, monkeypatch, backbone):
         assert torch.equal(tensor, b["world_model"][name]), name
 
 
-def test_lm_backbone_trains_saves_only_its_adapter_and_reloads(tmp_path, capsys, saved_model_dir):
-    """A saved tiny GPT-2 / Mistral as the transformer, LM-table embeddings kept frozen: the base
-    and the tables do not move, the checkpoint holds the adapter but not the base, and
-    --eval-only rebuilds the same model from --model + checkpoint."""
+def test_a_resumed_run_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    argv = CARTPOLE + LM_BACKBONE + ["--model", saved_model_dir, "--embeddings", "lm-frozen"]
+    finished_run(out, capsys, ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4"])
+    metrics, lines = run_main(["--resume", out, "--max-iters", "2", "--batch-size", "4", *EVAL], capsys)
+    assert metrics["steps"] == 2 and any("lm backbone, tiny" in line for line in lines)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["num_bins"] == 16
+
+
+@pytest.fixture
+def model_only_dir(saved_model_dir, tmp_path):
+    """saved_model_dir's weights and config, without anything that names a tokenizer: a directory
+    that save_pretrained alone wrote (the world model reads no text, so needs no tokenizer)."""
+    model, _ = lm.load_base(saved_model_dir)
+    delattr(model.config, lm.TOKENIZER_KEY)
+    path = tmp_path / "model-only"
+    model.save_pretrained(path)
+    assert sorted(os.listdir(path)) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert lm.TOKENIZER_KEY not in (path / "config.json").read_text()
+    return str(path)
+
+
+def test_lm_backbone_trains_saves_only_its_adapter_and_reloads(tmp_path, capsys, model_only_dir):
+    """A saved tiny GPT-2 / Mistral (no tokenizer files) as the transformer, LM-table embeddings kept
+    frozen: the base and the tables do not move, the checkpoint holds the adapter but not the base,
+    and --eval-only rebuilds the same model from --model + checkpoint."""
+    out = str(tmp_path / "run")
+    argv = CARTPOLE + LM_BACKBONE + ["--model", model_only_dir, "--embeddings", "lm-frozen"]
     metrics, lines = run_main(argv + ["--max-iters", "3", "--eval-interval", "3", "--out-dir", out], capsys)
     assert any("lm backbone" in line and "M trainable of" in line for line in lines)
     assert metrics["train_tokens_per_s"] > 0 and metrics["imagined_steps_per_s"] > 0
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["world_model"]
     lm_keys = [k for k in state if k.startswith("backbone.lm.")]
     assert lm_keys and all(lora.is_lora_key(k, "dynamics") for k in lm_keys)
-    lm_table = lm.load_base(saved_model_dir)[0].get_input_embeddings().weight
+    lm_table = lm.load_base(model_only_dir, should_load_tokenizer=False)[0].get_input_embeddings().weight
     obs_table, act_table = state["embedder.tables.0.weight"], state["embedder.tables.1.weight"]
     assert torch.equal(torch.cat([obs_table, act_table]), lm_table[-(4 * 16 + 2):])  # the last rows, untouched
     assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B." in k)  # the adapter trained
-    again, _ = run_main(argv + ["--eval-only", "--resume", out], capsys)
+    again, _ = run_main(["--eval-only", "--resume", out, *EVAL], capsys)
     for key in ("val_obs_ce", "val_end_acc", "imag_err_h5"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
 
@@ -107,45 +151,100 @@ def test_lm_backbone_random_or_trained_base_is_saved(tmp_path, capsys, saved_mod
 
 
 def test_collection_is_a_function_of_the_seed():
-    env = train_wm.make_env("CartPole-v1")
+    env = data_wm.make_env("CartPole-v1")
     tokenizer = train_wm.make_tokenizer(env, train_wm.parse_args([]))
-    a, b = (train_wm.collect(env, tokenizer, 300, seed=3) for _ in range(2))
-    c = train_wm.collect(env, tokenizer, 300, seed=4)
+    a, b = (data_wm.collect(env, tokenizer, 300, seed=3) for _ in range(2))
+    c = data_wm.collect(env, tokenizer, 300, seed=4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["obs"], c["obs"])
     assert a["ends"].sum() == a["episode"][-1]  # every episode but the cut last one ends terminated
 
 
 def test_pong_smoke(tmp_path, capsys):
+    """Frames: the tokenizer trains first, for --max-iters steps when --tokenizer-iters is not given."""
     out = str(tmp_path / "pong")
-    argv = TINY + ["--env", "ALE/Pong-v5", "--collect-steps", "2500", "--segment-steps", "3", "--horizon", "2",
-                   "--tokenizer-iters", "2", "--tokenizer-batch-size", "8", "--max-iters", "2",
-                   "--eval-interval", "2", "--num-imagine", "4", "--out-dir", out]
-    metrics, lines = run_main(argv, capsys)
-    assert any(line.startswith("training the frame tokenizer") for line in lines)
+    argv = TINY + ["--env", "ALE/Pong-v5", "--collect-steps", "1800", "--segment-steps", "3", "--horizon", "2",
+                   "--tokenizer-batch-size", "8", "--max-iters", "2", "--eval-interval", "2", "--num-imagine", "4"]
+    metrics, lines = run_main(argv + ["--out-dir", out], capsys)
+    assert "training the frame tokenizer for 2 steps" in lines
     assert 0 < metrics["tokenizer_err"] < 1 and "imag_err_h2" in metrics
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert state["tokenizer_step"] == 2 and state["step"] == 2
-    # another row of a comparison reuses that tokenizer instead of training its own
+    assert state["tokenizer_step"] == state["config"]["tokenizer_iters"] == 2 and state["step"] == 2
+    # another row of a comparison reuses that tokenizer instead of training its own; it must be made from
+    # the same data (here --tokenizer-iters, which would follow this run's --max-iters 1), found at start
     other = str(tmp_path / "other")
-    _, lines = run_main(argv[:-1] + [other, "--tokenizer-from", out, "--backbone", "lm", "--max-iters", "1"], capsys)
+    reuse = argv + ["--out-dir", other, "--tokenizer-from", out, "--backbone", "lm", "--max-iters", "1"]
+    assert "--tokenizer-iters 2" in run_error(reuse, capsys) and not os.path.exists(other)
+    _, lines = run_main(reuse + ["--tokenizer-iters", "2"], capsys)
     assert not any(line.startswith("training the frame tokenizer") for line in lines)
     theirs = torch.load(os.path.join(other, "ckpt.pt"), weights_only=True)["tokenizer"]
     assert all(torch.equal(theirs[k], v) for k, v in state["tokenizer"].items())
 
 
-def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--segment-steps", "0"], "--segment-steps: 0 is out of range"),
+    (["--collect-steps", "0"], "--collect-steps: 0 is out of range"),
+    (["--horizon", "0"], "--horizon: 0 is out of range"),
+    (["--num-bins", "1"], "--num-bins: 1 is out of range: it must be an integer >= 2"),
+    (["--width", "0"], "--width: 0 is out of range"),
+    (["--num-layers", "0"], "--num-layers: 0 is out of range"),
+    (["--num-heads", "0"], "--num-heads: 0 is out of range"),
+    (["--width", "30"], "--width 30 is not a multiple of --num-heads 4"),
+    (["--num-imagine", "0"], "--num-imagine: 0 is out of range"),
+    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
+    (["--val-fraction", "0"], "--val-fraction: 0 is out of range"),
+    (["--val-fraction", "1"], "--val-fraction: 1 is out of range"),
+    (["--dropout", "1"], "--dropout: 1 is out of range"),
+    (["--dropout", "-0.1"], "--dropout: -0.1 is out of range"),
+    (["--tokenizer-iters", "-1"], "--tokenizer-iters: -1 is out of range"),
+    (["--fsq-levels", "8", "1"], "--fsq-levels: 1 is out of range"),
+    (["--lora-r", "0"], "--lora-r: 0 is out of range"),
+    (["--eval-only"], "pass --resume DIR"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_numbers_are_checked_at_parse_time(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(train_wm, "setup", lambda args: pytest.fail("the flags were not checked at parse time"))
+    assert message in run_error(argv, capsys)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "unknown Gymnasium env" in run_error(["--env", "NoSuchEnv-v0"], capsys)
     assert "Discrete action space" in run_error(["--env", "Pendulum-v1"], capsys)
     assert "observations" in run_error(["--env", "FrozenLake-v1"], capsys)
-    assert "--backbone lm" in run_error(["--model", "gpt2"], capsys)
+    assert not os.path.exists("out-wm")  # nothing was made for a run that could not start
+    monkeypatch.setitem(sys.modules, "Box2D", None)  # as on a machine without it (import Box2D fails)
+    for name in [m for m in sys.modules if m.startswith("gymnasium.envs.box2d")]:
+        monkeypatch.delitem(sys.modules, name)
+    err = run_error(["--env", "LunarLander-v3"], capsys)
+    assert "not installed" in err and 'pip install "gymnasium[box2d]"' in err and "unknown" not in err
+    assert "--model, --offload configure(s) the LM backbone" in run_error(["--model", "gpt2", "--offload"], capsys)
     assert "--backbone lm" in run_error(["--embeddings", "lm-frozen"], capsys)
     assert "--num-bins" in run_error(CARTPOLE + ["--backbone", "lm", "--embeddings", "lm-frozen"], capsys)
     assert "--segment-steps" in run_error(CARTPOLE + ["--backbone", "lm", "--segment-steps", "200"], capsys)
     assert "cannot quantize" in run_error(["--backbone", "lm", "--lm-init", "random", "--load-8bit"], capsys)
     assert "drop --train-base" in run_error(["--backbone", "lm", "--train-base", "--offload"], capsys)
-    assert "--resume" in run_error(["--eval-only"], capsys)
+    assert "--horizon 50" in run_error(CARTPOLE + ["--horizon", "50", "--max-iters", "1"], capsys)
+    # an unwritable --out-dir is found before any data is collected
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(train_wm, "collect", lambda *a: pytest.fail("collected before checking --out-dir"))
+    assert "cannot write to --out-dir" in run_error(CARTPOLE + ["--out-dir", str(tmp_path / "a-file" / "run")], capsys)
+
+
+def test_checkpoint_errors_leave_the_checkpoint_unchanged(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run_main(CARTPOLE + ["--max-iters", "1", "--eval-interval", "1", "--out-dir", out], capsys)
+    saved = finished_run(out, capsys)
     assert "already exists" in run_error(CARTPOLE + ["--max-iters", "1", "--out-dir", out], capsys)
-    assert "width" in run_error(CARTPOLE + ["--width", "64", "--max-iters", "2", "--resume", out], capsys)
+    err = run_error(["--width", "64", "--num-layers", "2", "--max-iters", "2", "--resume", out], capsys)
+    assert "--width 64 (saved: 32)" in err and "--num-layers 2 (saved: 1)" in err  # every conflict, one line
+    # a run that diverges stops before it saves: the last good checkpoint stays
+    err = run_error(["--resume", out, "--max-iters", "6", "--eval-interval", "6", "--lr", "1e6", *EVAL], capsys)
+    assert "stopped before saving" in err
+    assert ckpt_bytes(out) == saved
+    # checkpoints of another script, or torch files of another program
+    vae = str(tmp_path / "vae")
+    save_checkpoint(vae, {"kind": "vae", "config": {}, "step": 1})
+    assert "train_vae.py" in run_error(["--resume", vae], capsys)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    torch.save({"weights": torch.zeros(2)}, foreign / "ckpt.pt")
+    assert "not a checkpoint of this project" in run_error(["--resume", str(foreign)], capsys)
+    assert "train_vae.py" in run_error(CARTPOLE + ["--tokenizer-from", vae, "--out-dir", "other"], capsys)

@@ -1,0 +1,97 @@
+"""
+The world model's data: transitions of a Gymnasium environment under a uniformly random
+policy (seeded), split by episode into training and held-out parts, and cut into IRIS's
+training segments (src/dataset.py there: segments from random starts, padded past an
+episode's end with mask_padding). Everything is a flat tensor of steps:
+
+    obs (N, *obs_shape)   as the tokenizer's preprocess gives it (frames: 64x64 uint8)
+    actions, rewards, ends (terminated), episode (N,)
+    obs_tokens (N, K)     added by train_wm.py once the tokenizer is trained
+    episode_start, episode_end (N,)   added by add_episode_bounds
+"""
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from common import UserError
+
+
+def make_env(env_id):
+    """gym.make(env_id), checked to be an env the world model can learn."""
+    if env_id.startswith("ALE/"):  # Atari: ale-py registers its envs (and ships the ROMs)
+        import ale_py
+
+        gym.register_envs(ale_py)
+    try:
+        env = gym.make(env_id)
+    except gym.error.DependencyNotInstalled as e:  # a known env whose package is missing, e.g. Box2D
+        raise UserError(f"{env_id} needs a package that is not installed: {str(e).splitlines()[0]}") from e
+    except gym.error.Error as e:
+        raise UserError(f"unknown Gymnasium env {env_id!r} ({e}); try CartPole-v1, Acrobot-v1 or "
+                        "ALE/Pong-v5") from e
+    space = env.observation_space
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        raise UserError(f"{env_id} has actions {env.action_space}; the world model needs a Discrete "
+                        "action space (e.g. CartPole-v1, ALE/Pong-v5)")
+    is_vector = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
+    is_frame = (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
+                and space.dtype == np.uint8)
+    if not (is_vector or is_frame):
+        raise UserError(f"{env_id} has observations {space}; supported are vectors (a 1-D Box) and RGB "
+                        "frames (an (H, W, 3) uint8 Box)")
+    return env
+
+
+def collect(env, tokenizer, num_steps, seed):
+    """num_steps transitions of a seeded uniformly random policy, as flat tensors:
+    obs (N, *obs_shape) preprocessed, actions, rewards, ends (terminated) and episode (N,).
+    The last episode is cut at num_steps (like a time limit: no end label)."""
+    env.action_space.seed(seed)
+    obs, _ = env.reset(seed=seed)
+    chunks, raw = [], []
+    actions, rewards, ends, episode = [], [], [], []
+    num_episodes = 0
+    for _ in range(num_steps):
+        action = env.action_space.sample()
+        raw.append(obs)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        actions.append(action), rewards.append(reward), ends.append(terminated), episode.append(num_episodes)
+        if terminated or truncated:
+            obs, _ = env.reset()
+            num_episodes += 1
+        if len(raw) == 100:  # preprocess as we go: raw Atari frames are 100 kB each (small pieces convert faster)
+            chunks.append(tokenizer.preprocess(np.stack(raw)))
+            raw = []
+    if raw:
+        chunks.append(tokenizer.preprocess(np.stack(raw)))
+    return {"obs": torch.cat(chunks), "actions": torch.tensor(actions), "ends": torch.tensor(ends),
+            "rewards": torch.tensor(rewards, dtype=torch.float32), "episode": torch.tensor(episode)}
+
+
+def split(data, val_fraction):
+    """Split by episode: the last val_fraction of the episodes (at least one) are held out."""
+    num_episodes = int(data["episode"][-1]) + 1
+    if num_episodes < 2:
+        raise UserError(f"only {num_episodes} episode collected: raise --collect-steps")
+    num_val = min(num_episodes - 1, max(1, round(num_episodes * val_fraction)))
+    first_val = int((data["episode"] < num_episodes - num_val).sum())
+    return ({k: v[:first_val] for k, v in data.items()}, {k: v[first_val:] for k, v in data.items()})
+
+
+def add_episode_bounds(data):
+    """For each step, the index of its episode's first step and one past its last."""
+    n = len(data["episode"])
+    first = torch.nonzero(data["episode"][1:] != data["episode"][:-1]).squeeze(1) + 1
+    bounds = torch.cat([torch.tensor([0]), first, torch.tensor([n])])
+    which = torch.bucketize(torch.arange(n), bounds, right=True) - 1  # episode number within data
+    data["episode_start"], data["episode_end"] = bounds[which], bounds[which + 1]
+
+
+def segments(data, starts, num_steps):
+    """IRIS's training segments: num_steps steps from each start, padded past the episode's end."""
+    idx = starts.unsqueeze(1) + torch.arange(num_steps)  # (B, L)
+    mask_padding = idx < data["episode_end"][starts].unsqueeze(1)
+    idx = torch.where(mask_padding, idx, starts.unsqueeze(1))  # padded steps repeat the start; never labels
+    return {"obs_tokens": data["obs_tokens"][idx], "actions": data["actions"][idx],
+            "rewards": data["rewards"][idx], "ends": data["ends"][idx], "mask_padding": mask_padding}
