@@ -24,16 +24,16 @@ Both tokenizers share one interface:
   Simple"). Frames are resized to 64x64 RGB; four stride-2 convolutions bring them to a
   4x4 grid of 3 numbers each; each number is squashed into (-0.5, L - 0.5) and rounded
   to one of L = 8 levels (straight-through gradient), so a grid cell is one of
-  8^3 = 512 tokens; transposed convolutions decode back to pixels. `fit` stores the per-pixel median of
-  the training frames (the static background) and the autoencoder codes only the
-  difference from it.
-  Choices against IRIS's VQGAN-style VQ-VAE, each because a short CPU run failed
-  without it: FSQ instead of a learned codebook (a VQ codebook with cosine codes and
-  dead-code restarts still collapsed to 2-6 used codes on Pong); squared error instead
-  of L1 (with mostly empty frames L1's best guess for each pixel is the background, the
-  median, and the small objects never appear); the background removed (the paddles
-  come out sharp in 2000 steps, 100 codes used instead of 16); no residual/attention
-  blocks and no perceptual loss. The 1-pixel Pong ball is still mostly lost.
+  8^3 = 512 tokens; transposed convolutions decode back to pixels. `fit` stores the
+  per-pixel median of the training frames (the static background) and the autoencoder
+  codes only the difference from it.
+  Choices against IRIS's VQGAN-style VQ-VAE, each one a short CPU run needs to work: FSQ
+  instead of a learned codebook (a VQ codebook with cosine codes and dead-code restarts
+  still collapsed to 2-6 used codes on Pong); squared error instead of L1 (with mostly
+  empty frames L1's best guess for each pixel is the background, the median, and the
+  small objects never appear); the background removed (the paddles come out sharp in
+  2000 steps, 100 codes used instead of 16); no residual/attention blocks and no
+  perceptual loss. The 1-pixel Pong ball is still mostly lost.
 """
 
 from dataclasses import dataclass

@@ -124,8 +124,8 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer-batch-size", type=positive_int, default=64, help="frames per tokenizer step "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-from", metavar="DIR", default=None, help="take the trained tokenizer from "
-                   "another run's checkpoint with the same env, data and tokenizer flags (compare_wm.py "
-                   "trains Pong's once for all rows)")
+                   "another run's checkpoint with the same env, data and tokenizer flags "
+                   "(experiments/compare_wm.py trains Pong's once for all rows)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--horizon", type=positive_int, default=20, help="imagined steps in the open-loop test "
                    "(default: %(default)s)")

@@ -1,16 +1,37 @@
-"""compare_wm.py: every row runs on the same data, the time-matched rows get IRIS's time, and a
-finished run is reused only when its log records the very same command."""
+"""experiments/compare_wm.py: every row runs on the same data, the time-matched rows get IRIS's time,
+and a finished run is reused only when its log records the very same command. The runs are real
+train_wm.py runs, tiny ones (flags after `--`), made in this process: the one thing replaced is
+the process start (subprocess.run), which is checked to get the script and the environment."""
 
 import argparse
+import contextlib
+import os
 import subprocess
+import sys
 
 import pytest
 
-import compare_wm
+import train_wm
+from experiments import compare_wm
+
+TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--segment-steps", "6",
+        "--horizon", "5", "--num-imagine", "8"]  # IRIS sizes, ignored by the LM rows
+
+
+def run_here(command, stdout, env, **kwargs):
+    """subprocess.run of `python REPO/train_wm.py flags`, as train_wm.main(flags) in this process."""
+    assert command[:2] == [sys.executable, os.path.join(compare_wm.REPO, "train_wm.py")]
+    assert env["OMP_NUM_THREADS"] == "1" and env["PATH"] == os.environ["PATH"]  # one thread, the parent's env
+    with contextlib.redirect_stdout(stdout):
+        train_wm.main(command[2:])
+    return subprocess.CompletedProcess(command, 0)
 
 
 def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
-    args = argparse.Namespace(max_iters=2, collect_steps=1500, lm_dir="tiny", out_dir=str(tmp_path), device="cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(subprocess, "run", run_here)
+    args = argparse.Namespace(max_iters=1, collect_steps=600, lm_dir="tiny", out_dir=str(tmp_path), device="cpu",
+                              train_wm_flags=TINY)
     results = compare_wm.compare("CartPole-v1", 1, args)
     assert len(results) == 2 * len(compare_wm.rows("tiny")) - 1  # each LM row twice: same updates, same time
     iris = results["IRIS"]
@@ -18,7 +39,7 @@ def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
         assert m["tokenizer_err"] == iris["tokenizer_err"], name  # one tokenizer, one data set
         if name.endswith("(IRIS's time)"):
             twin = results[name.removesuffix(" (IRIS's time)")]
-            assert m["steps"] == max(1, round(2 * twin["train_tokens_per_s"] / iris["train_tokens_per_s"]))
+            assert m["steps"] == max(1, round(twin["train_tokens_per_s"] / iris["train_tokens_per_s"]))
     table = compare_wm.table("CartPole-v1", {1: results, 2: results}).splitlines()
     assert len(table) == 4 + len(results) + 1 and "+- 0.000" in table[4]  # a row per run, then copy
 
@@ -27,6 +48,14 @@ def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_runs)
     assert compare_wm.compare("CartPole-v1", 1, args) == results
-    args.max_iters = 3  # another command: not reused
+    args.max_iters = 2  # another command: not reused
     with pytest.raises(AssertionError, match="run again"):
         compare_wm.compare("CartPole-v1", 1, args)
+
+
+def test_flags_after_a_double_dash_go_to_every_run(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(compare_wm, "compare", lambda env, seed, args: seen.append(args.train_wm_flags) or {})
+    monkeypatch.setattr(compare_wm, "table", lambda env, runs: "")
+    compare_wm.main(["--envs", "CartPole-v1", "--seeds", "1", "--lm-dir", "tiny", "--", "--batch-size", "4"])
+    assert seen == [["--batch-size", "4"]]

@@ -1,11 +1,17 @@
 """
 Does a pretrained LM make a better world-model transformer than IRIS's own? The README's
 comparison table, from one command: train_wm.py once per row, on the same data, then the
-LM rows again for IRIS's training time.
+LM rows again for IRIS's training time. It runs the train_wm.py and train_vae.py of its own
+repository from any directory; output paths are relative to the current directory.
 
-    python compare_wm.py                          # CartPole (3 seeds) and Pong (1 seed), CPU: ~70 min
-    python compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~15 min
-    python compare_wm.py --max-iters 20 --collect-steps 3000 --envs CartPole-v1 --seeds 1   # a quick look
+    python experiments/compare_wm.py              # CartPole (3 seeds) and Pong (1 seed): ~70 min on 2 CPU cores
+    python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~15 min
+    python experiments/compare_wm.py --envs CartPole-v1 --seeds 1 --lm-dir tiny --max-iters 20 \
+        --collect-steps 3000          # a check of the pipeline (an untrained tiny LM): ~2 min
+    python experiments/compare_wm.py ... -- --batch-size 16   # flags after -- go to every train_wm.py run
+
+The first two times are the README's run on a 2-core CPU: 1.3 min pretraining the tiny LM,
+about 13 min per CartPole seed and 26 min for Pong (11 runs each); the check took 101 s.
 
 Rows (every train_wm.py flag not named here is the same in every row):
     IRIS                    IRIS's transformer (train_wm.py's default size), from scratch
@@ -25,8 +31,10 @@ its --max-iters set so that its optimisation time (evaluation excluded, from its
 tokens/s) equals IRIS's. Seeds: each seed collects its own data and initialises every row
 anew; the table gives the mean over seeds and, after +-, their standard deviation. Each
 run's log (its last line: the run's JSON) goes to OUT_DIR/<env>/seed<S>/<row>.log; a run
-whose log ends in its JSON is not run again, so an interrupted comparison continues where
-it stopped. The last line printed is one JSON object with every run's metrics.
+whose log ends in its JSON and starts with the very same command is not run again, so an
+interrupted comparison continues where it stopped. Every run is its own process with this
+one's environment, on one CPU thread unless OMP_NUM_THREADS says otherwise. The last line
+printed is one JSON object with every run's metrics.
 """
 
 import argparse
@@ -38,10 +46,12 @@ import subprocess
 import sys
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
     "CartPole-v1": (["--num-bins", "32"], [1337, 1, 2]),
     "ALE/Pong-v5": (["--fsq-levels", "6", "6", "6", "--collect-steps", "10000", "--tokenizer-iters", "1000",
-                     "--segment-steps", "10", "--num-imagine", "64"], [1337]),  # one seed: session time
+                     "--segment-steps", "10", "--num-imagine", "64"], [1337]),
 }
 
 
@@ -67,8 +77,15 @@ def finished(log_path, command):
     return None
 
 
+def run_script(name, flags, **kwargs):
+    """python REPO/<name> flags..., in its own process with this one's environment and, unless
+    OMP_NUM_THREADS is set, one CPU thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.run([sys.executable, os.path.join(REPO, name), *flags], env=env, **kwargs)
+
+
 def train_wm(flags, out_dir, log_path):
-    """One train_wm.py run in its own process (or the same one, finished before); its final JSON.
+    """One train_wm.py run (or the same one, finished before); its final JSON.
     The log's first line is the command."""
     command = "# train_wm.py " + " ".join(flags + ["--out-dir", out_dir])
     if finished(log_path, command):
@@ -76,38 +93,38 @@ def train_wm(flags, out_dir, log_path):
     shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted run starts over
     with open(log_path, "w") as log:
         print(command, file=log, flush=True)
-        done = subprocess.run([sys.executable, "train_wm.py", *flags, "--out-dir", out_dir], stdout=log,
-                              stderr=subprocess.STDOUT)
+        done = run_script("train_wm.py", flags + ["--out-dir", out_dir], stdout=log, stderr=subprocess.STDOUT)
     with open(log_path) as log:
         last = log.read().strip().splitlines()[-1]
     if done.returncode != 0:
-        sys.exit(f"error: train_wm.py {' '.join(flags)} failed ({last}); see {log_path}")
+        print(f"error: train_wm.py {' '.join(flags)} failed ({last}); see {log_path}", file=sys.stderr)
+        sys.exit(2)
     return json.loads(last)
 
 
-METRICS = ["val_obs_acc", "val_reward_acc", "val_end_acc", "imag_err_h1", "imag_err_h5", "imag_err_h20"]
-
-
 def table(env, runs):
-    """A markdown table of one env's runs, {seed: {row: metrics}}: mean +- std over seeds."""
+    """A markdown table of one env's runs, {seed: {row: metrics}}: mean +- std over seeds. The
+    imagination error at the horizons train_wm.py reports: 1, 5 and its --horizon (20)."""
     def cell(values, digits=3):
         mean = statistics.mean(values)
         spread = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
         return f"{mean:.{digits}f}{spread}"
 
     seeds = list(runs)
+    copy = [runs[seed]["IRIS"] for seed in seeds]
+    horizons = sorted(int(k.removeprefix("imag_err_h")) for k in copy[0] if k.startswith("imag_err_h"))
+    metrics = ["val_obs_acc", "val_reward_acc", "val_end_acc"] + [f"imag_err_h{h}" for h in horizons]
     lines = [f"{env}, seeds {', '.join(map(str, seeds))}:", "",
-             "| row | updates | obs acc | reward acc | end acc | imag err h1 | h5 | h20 | train tok/s "
-             "| imagined steps/s |", "|---" * 10 + "|"]
+             "| row | updates | obs acc | reward acc | end acc | imag err " + " | ".join(f"h{h}" for h in horizons)
+             + " | train tok/s | imagined steps/s |", "|---" * (7 + len(horizons)) + "|"]
     for name in runs[seeds[0]]:
         ms = [runs[seed][name] for seed in seeds]
         cells = [cell([m["steps"] for m in ms], 0)] + [cell([m[k] for m in ms], 4 if "err" in k else 3)
-                                                       for k in METRICS]
+                                                       for k in metrics]
         cells += [f"{statistics.mean(m[k] for m in ms):.0f}" for k in ("train_tokens_per_s", "imagined_steps_per_s")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    copy = [runs[seed]["IRIS"] for seed in seeds]
-    lines.append("| copy | - | - | - | - | " + " | ".join(cell([m[f"copy_err_h{h}"] for m in copy], 4) for h in (1, 5, 20))
-                 + " | - | - |")
+    lines.append("| copy | - | - | - | - | " + " | ".join(cell([m[f"copy_err_h{h}"] for m in copy], 4)
+                                                      for h in horizons) + " | - | - |")
     return "\n".join(lines)
 
 
@@ -117,8 +134,9 @@ def compare(env, seed, args):
     os.makedirs(env_dir, exist_ok=True)
     common = ["--env", env, *ENVS[env][0], "--seed", str(seed), "--max-iters", str(args.max_iters),
               "--eval-interval", str(args.max_iters), "--device", args.device]
-    if args.collect_steps:
+    if args.collect_steps is not None:
         common += ["--collect-steps", str(args.collect_steps)]
+    common += args.train_wm_flags
     tokenizer = ["--tokenizer-from", os.path.join(env_dir, "IRIS")]
     results = {}
 
@@ -140,7 +158,9 @@ def compare(env, seed, args):
     return results
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    own, train_wm_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="(default: both)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run every row with "
@@ -151,15 +171,16 @@ def main():
                         "train_vae.py --objective lm when missing) or a Hugging Face id (default: %(default)s)")
     parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="passed to every run (default: %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(own)
+    args.train_wm_flags = train_wm_flags
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):
         print("pretraining the tiny LM on text: train_vae.py --objective lm --max-iters 1500", flush=True)
-        subprocess.run([sys.executable, "train_vae.py", "--objective", "lm", "--max-iters", "1500", "--out-dir",
-                        "out-lm", "--device", args.device], check=True, stdout=subprocess.DEVNULL)
+        run_script("train_vae.py", ["--objective", "lm", "--max-iters", "1500", "--out-dir", "out-lm",
+                                    "--device", args.device], check=True, stdout=subprocess.DEVNULL)
     everything = {}
     for env in args.envs:
-        runs = {seed: compare(env, seed, args) for seed in args.seeds or ENVS[env][1]}
+        runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}
         print(table(env, runs), flush=True)
         everything[env] = runs
     print(json.dumps({"wall_seconds": round(time.time() - t_start), "results": everything}))
