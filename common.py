@@ -61,13 +61,15 @@ def _suppressed(action):
 
 # ----------------------------------------------------------------------------- flag checks (argparse `type=`)
 
-def _number(kind, low, low_inclusive, high=None, what=""):
+def number(kind, is_valid, what):
+    """An argparse `type=` for numbers of `kind` (int or float) that pass is_valid; `what` says
+    the range in the error. NaN fails every comparison, so it is refused too."""
     def check(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if value != value or (value < low if low_inclusive else value <= low) or (high is not None and value > high):
+        if not is_valid(value):
             raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {what}")
         return value
 
@@ -75,11 +77,11 @@ def _number(kind, low, low_inclusive, high=None, what=""):
     return check
 
 
-positive_int = _number(int, 0, False, what="an integer >= 1")
-nonneg_int = _number(int, 0, True, what="an integer >= 0")
-positive_float = _number(float, 0.0, False, what="a number > 0")
-nonneg_float = _number(float, 0.0, True, what="a number >= 0")
-fraction = _number(float, 0.0, True, 1.0, what="a number from 0 to 1")
+positive_int = number(int, lambda v: v >= 1, "an integer >= 1")
+nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number(float, lambda v: v > 0, "a number > 0")
+nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
+fraction = number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -33,12 +33,11 @@ A resumed run takes its data and architecture settings from the checkpoint. The 
 printed is one JSON object of the run's metrics.
 """
 
-import argparse
 import copy
 import json
 import time
 
-from common import UserError, batch_seed, make_parser, nonneg_int, parse, positive_float, positive_int, run_cli
+from common import UserError, batch_seed, make_parser, nonneg_int, number, parse, positive_float, positive_int, run_cli
 from offload import add_memory_args
 from trainer import add_common_args
 
@@ -50,21 +49,6 @@ MODEL_KEYS = ("backbone", "segment_steps", "width", "num_layers", "num_heads", "
               "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit")
 LM_FLAGS = ("model", "embeddings", "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit",
             "offload", "grad_checkpoint")  # they configure the LM backbone, so need --backbone lm
-
-
-def number(kind, is_valid, what):
-    """An argparse type for this script's own ranges (common.py has the usual ones)."""
-    def check(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}")
-        if not is_valid(value):
-            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {what}")
-        return value
-
-    check.__name__ = what
-    return check
 
 
 at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
