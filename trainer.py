@@ -38,7 +38,7 @@ def add_common_args(parser, **defaults):
     g = parser.add_argument_group("shared by train_vae.py and train_wm.py")
     g.add_argument("--model", default=d["model"], help="base LM: tiny | gpt2 | gpt2-medium | gpt2-large | "
                    "gpt2-xl | mistral | a Hugging Face causal-LM id | a directory saved with save_pretrained "
-                   "(default: %(default)s)")
+                   f"(default: {d['model'] or 'tiny, with --backbone lm'})")
     g.add_argument("--out-dir", default=None, help="where checkpoints go (default: the --resume directory "
                    f"when resuming, else {d['out_dir']})")
     g.add_argument("--max-iters", type=positive_int, default=d["max_iters"], help="optimizer steps (default: %(default)s)")
