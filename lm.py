@@ -208,3 +208,8 @@ def cache_kwarg(model, cache):
 def hidden_size(model):
     """The LM's width: the size of its hidden states and token embeddings."""
     return model.get_input_embeddings().embedding_dim
+
+
+def num_positions(model):
+    """The longest sequence the LM takes (GPT-2: n_positions; Llama, Mistral: max_position_embeddings)."""
+    return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import lora
 import offload
 from common import UserError
-from lm import cache_kwarg, hidden_size
+from lm import cache_kwarg, hidden_size, num_positions
 from worldmodel import WorldModel
 
 
@@ -102,7 +102,6 @@ def randomized(lm):
     return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
 
 
-
 def lm_world_model(args, config, device, should_print):
     """The world model (WorldModelConfig `config`) around the --model LM, as train_wm.py's flags
     ask: pretrained or --lm-init random, frozen + the dynamics adapter or --train-base, with the
@@ -110,10 +109,9 @@ def lm_world_model(args, config, device, should_print):
     base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
     if args.lm_init == "random":
         base = randomized(base)  # drawn from --seed (trainer.setup seeded torch)
-    num_positions = getattr(base.config, "n_positions", None) or base.config.max_position_embeddings
-    if config.max_tokens > num_positions:
+    if config.max_tokens > num_positions(base):
         raise UserError(f"--segment-steps {config.max_steps} makes {config.max_tokens} tokens, more than the "
-                        f"LM's {num_positions} positions: lower --segment-steps")
+                        f"LM's {num_positions(base)} positions: lower --segment-steps")
     tables = None
     if args.embeddings != "iris":
         tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
