@@ -34,10 +34,8 @@ def test_encoder_is_bidirectional_and_decoder_causal(base):
         ha, hb = vae.encoder_hidden(a)[0], vae.encoder_hidden(b)[0]
         assert not torch.allclose(ha[:, 0], hb[:, 0])  # the first position sees the last one
         assert not torch.allclose(vae.encode(a)[0], vae.encode(b)[0])
-        z = torch.randn(1, 16)
-        la, lb = vae(z, a), vae(z, b)  # target position t is predicted from targets before t only
-        assert torch.allclose(la, lb, atol=1e-6)  # the last target is never an input
-        la, lb = vae(z, ids([5, 6, 1, 8, 9])), vae(z, a)
+        z = torch.randn(1, 16)  # target position t is predicted from z and the targets before t only:
+        la, lb = vae(z, ids([5, 6, 1, 8, 9])), vae(z, a)  # changing target 2 changes the predictions of 3 on
         assert torch.allclose(la[:, :3], lb[:, :3], atol=1e-6) and not torch.allclose(la[:, 3:], lb[:, 3:])
 
 
@@ -164,7 +162,11 @@ def test_slerp_and_interpolate():
     vae = make_vae()
     path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
     assert len(path) == 4 and path[0] == vae.reconstruct(["hello there", "bye now"])[0]
-    assert len(vae.sample_prior(3, 5)) == 3
+    vae.head.latent_rms.fill_(1.28)  # prior samples are z ~ N(0, rms^2 I), decoded
+    torch.manual_seed(3)
+    texts = vae.sample_prior(3, 5)
+    torch.manual_seed(3)
+    assert texts == vae.detokenize(vae.generate(torch.randn(3, vae.cfg.latent_size) * 1.28, 5))
 
 
 @pytest.mark.parametrize("z_memory", [True, False])

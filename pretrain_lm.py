@@ -1,0 +1,147 @@
+"""
+Pretrain a base LM as a plain next-token model on text, and save it where --model loads it:
+BigVAE's recipe starts from a *pretrained* base, and offline there are no weights to download,
+so this makes a small one (tiny, pretrained on the standard library's docstrings).
+
+    python pretrain_lm.py                              # tiny on the default corpus, CPU: ~2.5 min on 2 cores
+    python pretrain_lm.py --data my.txt --out-dir out-lm-mine
+    python train_vae.py --model out-lm/base --out-dir out-vae-frozen   # the VAE on it, frozen
+    python train_wm.py --backbone lm --model out-lm/base --num-bins 32  # the world model on it
+
+Data as train_vae.py's (textdata.py): windows of --block-size tokens from the training
+documents; held-out next-token cross-entropy and accuracy on every 10th document.
+OUT_DIR/base is a directory saved with save_pretrained (lm.save_base, with its tokenizer's
+name), replaced whole at each checkpoint, never half-written. The last line printed is one
+JSON object of the run's metrics.
+"""
+
+from common import make_parser, parse, positive_int, run_cli
+from trainer import add_common_args
+
+MODEL_KEYS = ("model", "block_size")  # what a checkpoint records and a resumed run takes from it
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    add_common_args(parser, model="tiny", out_dir="out-lm", max_iters=1500, eval_interval=500, batch_size=16,
+                    lr=1e-3, warmup_iters=100)
+    g = parser.add_argument_group("data (textdata.py)")
+    g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
+                   "(default: the standard library's docstrings)")
+    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
+                   "(default: %(default)s, train_vae.py's prefix + span)")
+    g.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches per evaluation "
+                   "(default: %(default)s)")
+    return parse(parser, argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before the heavy imports below
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lm
+import textdata
+from common import UserError, batch_seed
+from trainer import adopt_config, check_out_dir, load_checkpoint, make_optimizer, save_checkpoint, setup, train
+
+
+class LanguageModel(nn.Module):
+    """The base alone as a next-token model, with the loss contract of the training loop."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def logits_and_labels(self, ids):
+        return self.base(ids, use_cache=False).logits[:, :-1].float(), ids[:, 1:]  # (B, L - 1, V), (B, L - 1)
+
+    def compute_loss(self, batch, step):
+        logits, labels = self.logits_and_labels(batch["ids"])
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), labels.flatten())}
+
+
+@torch.no_grad()
+def evaluate(model, val_batches):
+    """Held-out next-token cross-entropy and accuracy."""
+    ce = acc = 0.0
+    for batch in val_batches:
+        logits, labels = model.logits_and_labels(batch["ids"])
+        ce += F.cross_entropy(logits.flatten(0, 1), labels.flatten()).item()
+        acc += (logits.argmax(-1) == labels).float().mean().item()
+    return {"val_ce": ce / len(val_batches), "val_acc": acc / len(val_batches)}
+
+
+def save_base_dir(base, tokenizer, out_dir):
+    """OUT_DIR/base, replaced whole: written next to it, then renamed into place."""
+    final, tmp = os.path.join(out_dir, "base"), os.path.join(out_dir, "base.tmp")
+    try:
+        lm.save_base(base, tokenizer, tmp)
+        if os.path.isdir(final):
+            os.rename(final, final + ".old")
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot save {final} ({e.strerror or e}); free some space or choose another --out-dir") from e
+    shutil.rmtree(final + ".old", ignore_errors=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    if args.eval_only and args.resume is None:
+        raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
+    if not args.eval_only:
+        check_out_dir(args)
+    state = load_checkpoint(args.resume, "lm") if args.resume is not None else None
+    if state is not None:
+        adopt_config(args, state, MODEL_KEYS, args.resume)
+    base, tokenizer = lm.load_base(args.model, run.device, args.dtype)
+    if args.block_size > lm.num_positions(base):
+        raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
+                        f"{args.model}: use --block-size {lm.num_positions(base)} or less")
+    model = LanguageModel(base)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer,
+                                                      args.block_size, args.data or "the default corpus")
+    starts = textdata.spread_starts(val_stream, args.block_size, args.eval_batches, args.batch_size)
+    val_batches = [{"ids": textdata.windows(val_stream, s, args.block_size).to(run.device)} for s in starts]
+    if args.eval_only:
+        print(json.dumps({**evaluate(model.eval(), val_batches), "step": state["step"]}))
+        return
+    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    def get_batch(index):
+        g = torch.Generator().manual_seed(batch_seed(args.seed, index))
+        ids = textdata.windows(train_stream, textdata.random_starts(train_stream, args.block_size, args.batch_size, g),
+                               args.block_size)
+        return {"ids": ids.to(run.device), "num_tokens": ids.numel()}
+
+    def save(step):
+        save_checkpoint(args.out_dir, {"kind": "lm", "config": {k: getattr(args, k) for k in MODEL_KEYS},
+                                       "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        save_base_dir(model.base, tokenizer, args.out_dir)
+
+    if run.is_main:
+        print(f"{args.model}: {sum(p.numel() for p in base.parameters()):,} parameters, {len(train_stream):,} "
+              f"training / {len(val_stream):,} held-out tokens")
+    metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), args, run,
+                    state["step"] if state else 0, save)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if run.is_main:
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,100 @@
+"""
+Use a trained text VAE (train_vae.py's checkpoint): reconstruct texts, interpolate between
+two texts' latents, or decode samples of the prior. As nanoGPT's sample.py is to its train.py.
+
+    python sample.py --resume out-vae --reconstruct "Return the sum of a and b." "Close the file."
+    python sample.py --resume out-vae --interpolate "Return a list." "Close the file." --interp-steps 5
+    python sample.py --resume out-vae --sample 4 --temperature 0.7
+    python sample.py --resume out-vae --sample 4 --device cpu          # the CPU, whatever the machine has
+
+The model's settings come from the checkpoint; a pretrained base reloads from the --model
+it names. Decoding is greedy at --temperature 0, else Gumbel-max sampling (BigVAE's
+sampler: argmax(logits + T * gumbel), the same as sampling softmax(logits / T)). Prior
+samples are z ~ N(0, r^2 I) with r the latent RMS measured on held-out text (BigVAE: 1.28).
+Interpolation decodes points on the slerp (or lerp) path between the two posterior means.
+Texts longer than the checkpoint's --context are cut to it (the encoder saw spans of that
+length), with a warning. Prints the texts, then one JSON object holding them.
+"""
+
+import sys
+
+from common import UserError, make_parser, nonneg_float, nonneg_int, number, parse, positive_int, run_cli
+from offload import add_memory_args
+
+at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--resume", metavar="DIR", required=True, help="the --out-dir of a train_vae.py run")
+    g = parser.add_argument_group("what to decode (one of)").add_mutually_exclusive_group(required=True)
+    g.add_argument("--reconstruct", metavar="TEXT", nargs="+", help="encode these texts (z = mu) and decode them")
+    g.add_argument("--interpolate", metavar="TEXT", nargs=2, help="decode points between two texts' latents")
+    g.add_argument("--sample", metavar="N", type=positive_int, help="decode N texts from prior samples of z")
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
+                   "at this temperature (default: %(default)s)")
+    g.add_argument("--interp-steps", type=at_least_2, default=5, help="points on the --interpolate path, both "
+                   "ends included (default: %(default)s)")
+    g.add_argument("--interp-mode", default="slerp", choices=["slerp", "lerp"], help="the --interpolate path "
+                   "(default: %(default)s)")
+    g.add_argument("--num-tokens", type=positive_int, default=None, help="tokens per --sample text (default: "
+                   "the checkpoint's --context)")
+    g = parser.add_argument_group("machine")
+    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: "
+                   "%(default)s)")
+    g.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on CUDA, fp32 on CPU), float32, "
+                   "bfloat16, float16 (default: %(default)s)")
+    g.add_argument("--seed", type=nonneg_int, default=1337, help="seed of the noise (default: %(default)s)")
+    add_memory_args(parser)
+    return parse(parser, argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before the heavy imports below
+
+import json
+
+import torch
+
+from trainer import Run, load_checkpoint, pick_device
+from train_vae import load_vae
+
+
+def checked_texts(texts, vae, context):
+    """Texts to encode: none may be empty (attention pooling over no position has no mean), and
+    each is cut to the context the encoder was trained on."""
+    for i, text in enumerate(texts):
+        if not text.strip():
+            raise UserError(f"text {i + 1} is empty; give each text at least one character")
+        ids = vae.tokenizer.encode(text)
+        if len(ids) > context:
+            texts[i] = vae.tokenizer.decode(ids[:context])
+            print(f"warning: text {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",
+                  file=sys.stderr)
+    return texts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = Run(torch.device(pick_device(args.device)))
+    torch.manual_seed(args.seed)
+    args.batch_size = 1  # what build() sizes its memory estimate by
+    vae = load_vae(args, run, load_checkpoint(args.resume, "vae")).eval()
+    if args.reconstruct is not None:
+        result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, args.context),
+                                                     args.temperature)}
+    elif args.interpolate is not None:
+        a, b = checked_texts(args.interpolate, vae, args.context)
+        result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode)}
+    else:
+        num_tokens = args.context if args.num_tokens is None else args.num_tokens
+        result = {"samples": vae.sample_prior(args.sample, num_tokens, args.temperature)}
+    for texts in result.values():
+        for t in texts:
+            print(t)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    run_cli(main)
