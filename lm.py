@@ -20,12 +20,14 @@ import os
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as transformers_logging
 
 from common import UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
 GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
+transformers_logging.disable_progress_bar()  # no "Loading weights" bars: a script's output stays its own lines
 
 # The `tiny` model: GPT-2's architecture at the size that learns most in 20 CPU minutes. Measured
 # for the VAE (README): per step 2x128 costs 1/6 of 4x256, and at equal CPU time it reached

@@ -9,7 +9,7 @@ it on held-out episodes against the copy-last-observation baseline.
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run, with the settings it was started with
 
 With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help?"):
-    python train_vae.py --objective lm --out-dir out-lm   # a tiny LM pretrained on text, offline
+    python pretrain_lm.py                                 # a tiny LM pretrained on text, offline (out-lm)
     python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen
     python train_wm.py --backbone lm --model gpt2          # GPT-2 small, frozen, + a LoRA adapter
     python train_wm.py --backbone lm --model mistral --load-8bit --offload   # one small GPU

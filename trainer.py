@@ -92,12 +92,18 @@ class Run:
         return contextlib.nullcontext()
 
 
+def pick_device(name):
+    """--device: auto is cuda when there is a GPU, else cpu."""
+    device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
 def setup(args):
     """Seed, pick the device, join the torchrun process group; resolve --out-dir."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    device = pick_device(args.device)
     if world_size > 1:
         if device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -312,6 +318,10 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
                 with torch.no_grad():
                     metrics.update(evaluate())
                 model.train()
+                bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    raise UserError(f"{', '.join(bad)} not finite at step {done}; stopped before saving (the last "
+                                    f"checkpoint in {args.out_dir}, if any, is unchanged): lower --lr (now {args.lr:g})")
                 print(f"eval at step {done} | " + format_terms(
                     {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
                     flush=True)

@@ -1,7 +1,7 @@
 """
 Does a pretrained LM make a better world-model transformer than IRIS's own? The README's
 comparison table, from one command: train_wm.py once per row, on the same data, then the
-LM rows again for IRIS's training time. It runs the train_wm.py and train_vae.py of its own
+LM rows again for IRIS's training time. It runs the train_wm.py and pretrain_lm.py of its own
 repository from any directory; output paths are relative to the current directory.
 
     python experiments/compare_wm.py              # CartPole (3 seeds) and Pong (1 seed): ~70 min on 2 CPU cores
@@ -15,7 +15,7 @@ about 13 min per CartPole seed and 26 min for Pong (11 runs each); the check too
 
 Rows (every train_wm.py flag not named here is the same in every row):
     IRIS                    IRIS's transformer (train_wm.py's default size), from scratch
-    LM pretrained ...       the tiny LM pretrained on text (`train_vae.py --objective lm`, run
+    LM pretrained ...       the tiny LM pretrained on text (`pretrain_lm.py`, run
                             first if --lm-dir has none), frozen, + a LoRA adapter; with each
                             embedding choice: IRIS's tables, the LM's own rows frozen or trained
     LM random, frozen       the same architecture with random weights, frozen, + LoRA
@@ -168,21 +168,27 @@ def main(argv=None):
     parser.add_argument("--max-iters", type=int, default=600, help="updates per row (default: %(default)s)")
     parser.add_argument("--collect-steps", type=int, default=None, help="override each env's data size")
     parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: a directory (made by "
-                        "train_vae.py --objective lm when missing) or a Hugging Face id (default: %(default)s)")
+                        "pretrain_lm.py when missing) or a Hugging Face id (default: %(default)s)")
     parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="passed to every run (default: %(default)s)")
+    parser.add_argument("--table", default=None, help="also write the tables (markdown) to this file, e.g. "
+                        "results/compare_wm.md (default: OUT_DIR/tables.md)")
     args = parser.parse_args(own)
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):
-        print("pretraining the tiny LM on text: train_vae.py --objective lm --max-iters 1500", flush=True)
-        run_script("train_vae.py", ["--objective", "lm", "--max-iters", "1500", "--out-dir", "out-lm",
-                                    "--device", args.device], check=True, stdout=subprocess.DEVNULL)
-    everything = {}
+        print("pretraining the tiny LM on text: pretrain_lm.py --max-iters 1500", flush=True)
+        run_script("pretrain_lm.py", ["--max-iters", "1500", "--out-dir", "out-lm", "--device", args.device],
+                   check=True, stdout=subprocess.DEVNULL)
+    everything, tables = {}, []
     for env in args.envs:
         runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}
-        print(table(env, runs), flush=True)
+        tables.append(table(env, runs))
+        print(tables[-1], flush=True)
         everything[env] = runs
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(args.table or os.path.join(args.out_dir, "tables.md"), "w") as f:
+        f.write("\n\n".join(tables) + "\n")
     print(json.dumps({"wall_seconds": round(time.time() - t_start), "results": everything}))
 
 

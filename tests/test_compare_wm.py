@@ -57,5 +57,7 @@ def test_flags_after_a_double_dash_go_to_every_run(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(compare_wm, "compare", lambda env, seed, args: seen.append(args.train_wm_flags) or {})
     monkeypatch.setattr(compare_wm, "table", lambda env, runs: "")
-    compare_wm.main(["--envs", "CartPole-v1", "--seeds", "1", "--lm-dir", "tiny", "--", "--batch-size", "4"])
+    compare_wm.main(["--envs", "CartPole-v1", "--seeds", "1", "--lm-dir", "tiny", "--out-dir", str(tmp_path),
+                     "--", "--batch-size", "4"])
     assert seen == [["--batch-size", "4"]]
+    assert (tmp_path / "tables.md").read_text() == "\n"  # the (here empty) tables, written
