@@ -16,6 +16,7 @@ JSON object of the run's metrics.
 """
 
 from common import make_parser, parse, positive_int, run_cli
+from textdata import add_data_args
 from trainer import add_common_args
 
 MODEL_KEYS = ("model", "block_size")  # what a checkpoint records and a resumed run takes from it
@@ -25,13 +26,9 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     add_common_args(parser, model="tiny", out_dir="out-lm", max_iters=1500, eval_interval=500, batch_size=16,
                     lr=1e-3, warmup_iters=100)
-    g = parser.add_argument_group("data (textdata.py)")
-    g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
-                   "(default: the standard library's docstrings)")
+    g = add_data_args(parser)
     g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
                    "(default: %(default)s, train_vae.py's prefix + span)")
-    g.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches per evaluation "
-                   "(default: %(default)s)")
     return parse(parser, argv)
 
 
@@ -50,7 +47,7 @@ import torch.nn.functional as F
 import lm
 import textdata
 from common import UserError, batch_seed
-from trainer import adopt_config, check_out_dir, load_checkpoint, make_optimizer, save_checkpoint, setup, train
+from trainer import adopt_config, make_optimizer, open_run, save_checkpoint, setup, train
 
 
 class LanguageModel(nn.Module):
@@ -96,11 +93,7 @@ def save_base_dir(base, tokenizer, out_dir):
 def main(argv=None):
     args = parse_args(argv)
     run = setup(args)
-    if args.eval_only and args.resume is None:
-        raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
-    if not args.eval_only:
-        check_out_dir(args)
-    state = load_checkpoint(args.resume, "lm") if args.resume is not None else None
+    state = open_run(args, "lm")
     if state is not None:
         adopt_config(args, state, MODEL_KEYS, args.resume)
     base, tokenizer = lm.load_base(args.model, run.device, args.dtype)

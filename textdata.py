@@ -22,9 +22,19 @@ import sysconfig
 
 import torch
 
-from common import UserError
+from common import UserError, positive_int
 
 HELD_OUT_EVERY = 10  # every 10th document is held out
+
+
+def add_data_args(parser):
+    """The data flags of train_vae.py and pretrain_lm.py; returns their group for the script's own."""
+    g = parser.add_argument_group("data (textdata.py)")
+    g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
+                   "(default: the standard library's docstrings)")
+    g.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches per evaluation "
+                   "(default: %(default)s)")
+    return g
 
 
 def stdlib_docstrings():

@@ -28,6 +28,7 @@ import time
 
 from common import fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int, run_cli
 from offload import add_memory_args
+from textdata import add_data_args
 from trainer import add_common_args
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
@@ -41,15 +42,11 @@ def parse_args(argv=None):
     # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base takes BigVAE's lr 1e-4 by --lr
     add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=10000, eval_interval=1250, batch_size=16,
                     lr=1e-3, warmup_iters=100)
-    g = parser.add_argument_group("data (textdata.py)")
-    g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
-                   "(default: the standard library's docstrings)")
+    g = add_data_args(parser)
     g.add_argument("--context", type=positive_int, default=64, help="tokens in the encoded span, and in the "
                    "prefix before it (BigVAE: 64; default: %(default)s)")
     g.add_argument("--prefix-drop", type=fraction, default=0.5, help="share of batches without the prefix "
                    "(BigVAE: half; default: %(default)s)")
-    g.add_argument("--eval-batches", type=positive_int, default=8, help="held-out batches per evaluation "
-                   "(default: %(default)s)")
     g = parser.add_argument_group("model (vae.py)")
     g.add_argument("--latent-size", type=positive_int, default=768, help="size of z (BigVAE: 768; default: "
                    "%(default)s)")
@@ -100,7 +97,7 @@ import offload
 import textdata
 from common import UserError, batch_seed
 from lm import num_positions
-from trainer import adopt_config, check_out_dir, load_checkpoint, make_optimizer, save_checkpoint, setup, train
+from trainer import adopt_config, make_optimizer, open_run, save_checkpoint, setup, train
 from vae import VAE, VAEConfig, kl_per_dim
 
 
@@ -175,11 +172,7 @@ def evaluate(model, val_batches, should_print=True):
 def main(argv=None):
     args = parse_args(argv)
     run = setup(args)
-    if args.eval_only and args.resume is None:
-        raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
-    if not args.eval_only:
-        check_out_dir(args)  # before any slow work: another run's checkpoint, an unwritable directory
-    state = load_checkpoint(args.resume, "vae") if args.resume is not None else None
+    state = open_run(args, "vae")
     model = build(args, run) if state is None else load_vae(args, run, state)
     docs = textdata.load_documents(args.data)
     span = 2 * args.context

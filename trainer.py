@@ -133,6 +133,16 @@ def check_out_dir(args):
                         "directory") from e
 
 
+def open_run(args, kind):
+    """Before any slow work: refuse --eval-only without --resume, another run's checkpoint in
+    --out-dir and an unwritable --out-dir; then the checkpoint to continue (None: a fresh run)."""
+    if args.eval_only and args.resume is None:
+        raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
+    if not args.eval_only:
+        check_out_dir(args)
+    return load_checkpoint(args.resume, kind) if args.resume is not None else None
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 #
