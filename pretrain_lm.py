@@ -40,14 +40,13 @@ import os
 import shutil
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lm
 import textdata
 from common import UserError, batch_seed
-from trainer import adopt_config, make_optimizer, open_run, save_checkpoint, setup, train
+from trainer import adopt_config, finish, make_optimizer, open_run, save_checkpoint, setup, train
 
 
 class LanguageModel(nn.Module):
@@ -130,10 +129,7 @@ def main(argv=None):
               f"training / {len(val_stream):,} held-out tokens")
     metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), args, run,
                     state["step"] if state else 0, save)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if run.is_main:
-        print(json.dumps(metrics))
+    finish(run, metrics)
 
 
 if __name__ == "__main__":

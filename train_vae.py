@@ -89,7 +89,6 @@ if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before the heavy imports below
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import lora
@@ -97,7 +96,7 @@ import offload
 import textdata
 from common import UserError, batch_seed
 from lm import num_positions
-from trainer import adopt_config, make_optimizer, open_run, save_checkpoint, setup, train
+from trainer import adopt_config, finish, make_optimizer, open_run, save_checkpoint, setup, train
 from vae import VAE, VAEConfig, kl_per_dim
 
 
@@ -207,14 +206,12 @@ def main(argv=None):
         num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model}: {num_params:,} trainable parameters, {len(train_stream):,} training / "
               f"{len(val_stream):,} held-out tokens, {run.world_size} process(es)")
+
     def evaluate_now():
         return {**evaluate(model, val_batches, run.is_main), "minutes": round((time.time() - t_start) / 60, 2)}
 
     metrics = train(model, optimizer, get_batch, evaluate_now, args, run, state["step"] if state else 0, save)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if run.is_main:
-        print(json.dumps(metrics))
+    finish(run, metrics)
 
 
 if __name__ == "__main__":

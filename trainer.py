@@ -17,6 +17,7 @@ with micro-batch B compute what one process computes with --grad-accum N (the sa
 
 import contextlib
 import errno
+import json
 import math
 import os
 import time
@@ -346,3 +347,12 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     if total_tokens:  # optimisation alone, all steps of this run
         metrics["train_tokens_per_s"] = round(total_tokens * run.world_size / (time.time() - t_start - eval_seconds), 1)
     return metrics
+
+
+def finish(run, metrics):
+    """The end of a training script: leave the process group; the main process prints the metrics
+    as the run's last line, one JSON object."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if run.is_main:
+        print(json.dumps(metrics))
