@@ -1,6 +1,8 @@
 """
 LoRA, written out: low-rank adapters on a frozen model (Hu et al. 2021, "LoRA: Low-Rank
-Adaptation of Large Language Models"; the layout follows microsoft/loralib).
+Adaptation of Large Language Models"; microsoft/loralib). The layout of the weights, a
+`lora_A` and a `lora_B` dict keyed by adapter name inside each wrapped layer, is peft's
+(huggingface/peft), so the two compute the same thing and tests/test_lora.py compares them.
 
 A wrapped layer computes  y = base(x) + B(A(dropout(x))) * alpha / r,  with A (r x in)
 Kaiming-initialised and B (out x r) zero-initialised, so a freshly injected model equals
