@@ -15,7 +15,7 @@ One base LM, two LoRA adapters (lora.py) switched per call:
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
   BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also one extra
   key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
-  decoder learned to read z far sooner this way (LOG in the README).
+  decoder learned to read z far sooner this way (README, "The text VAE").
 Posteriors: "bigvae" is N(mu, I), KL = |mu|^2 / 2 (BigVAE has no variance head);
 "diagonal" is N(mu, diag(exp(logvar))) (Optimus, AdaVAE).
 The sampling noise and the KL weight follow schedules of the step: an optional noise-free,
@@ -289,9 +289,12 @@ class VAE(nn.Module):
         return F.pad(ids, (0, num_tokens - ids.shape[1]), value=eos)
 
     def tokenize(self, texts):
-        """Texts -> right-padded ids (B, T) and their mask."""
+        """Texts -> right-padded ids (B, T) and their mask. An empty text is refused: pooling over
+        no position would give a NaN mu."""
         rows = [self.tokenizer.encode(t) for t in texts]
-        length = max(1, max(len(r) for r in rows))
+        if not all(rows):
+            raise ValueError(f"text {[len(r) for r in rows].index(0) + 1} has no tokens; every text needs one")
+        length = max(len(r) for r in rows)
         device = self.head.w_e.weight.device
         ids = torch.full((len(rows), length), self.tokenizer.eos_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids, dtype=torch.bool)

@@ -161,7 +161,9 @@ def test_slerp_and_interpolate():
     assert torch.allclose(mid.norm(dim=-1), a.norm(dim=-1), atol=1e-4)  # stays on the sphere
     vae = make_vae()
     path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
-    assert len(path) == 4 and path[0] == vae.reconstruct(["hello there", "bye now"])[0]
+    assert len(path) == 4 and [path[0], path[-1]] == vae.reconstruct(["hello there", "bye now"])  # the ends: mu
+    with pytest.raises(ValueError, match="text 2 has no tokens"):  # no position to pool: mu would be NaN
+        vae.reconstruct(["hello", ""])
     vae.head.latent_rms.fill_(1.28)  # prior samples are z ~ N(0, rms^2 I), decoded
     torch.manual_seed(3)
     texts = vae.sample_prior(3, 5)
