@@ -3,6 +3,7 @@ them through the real `from_pretrained` path, offline."""
 
 import json
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: tests never reach the hub
 # GPT-2's BPE files for tiktoken: the copy beside the repository when there is one (as in CI), else
@@ -86,3 +87,19 @@ def crash_at_step_2_then_resume(script, argv, out_dir, monkeypatch, capsys):
         script.main(argv + ["--out-dir", out_dir])
     monkeypatch.undo()
     run_script(script.main, argv + ["--resume", out_dir], capsys)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A --data file for the text scripts: 40 made-up sentences, one per line."""
+    rng = random.Random(0)
+    words = "the a model reads writes each file line token span returns value list when if".split()
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(40)))
+    return str(path)
+
+
+def read_bytes(path):
+    """A file's bytes, to show that a refused command left it as it was."""
+    with open(path, "rb") as f:
+        return f.read()

@@ -1,0 +1,72 @@
+"""pretrain_lm.py: a plain next-token LM pretrained, saved where --model loads it, resumed
+exactly, and bad input (offline, CPU)."""
+
+import os
+
+import pytest
+import torch
+
+import lm
+import pretrain_lm
+import train_vae
+from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error
+
+SMALL = ["--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--block-size", "16", "--eval-batches", "2",
+         "--log-interval", "1", "--device", "cpu"]
+
+
+def test_saves_a_base_the_vae_loads_frozen(tmp_path, capsys, text_file):
+    lm_dir, vae_dir = str(tmp_path / "lm"), str(tmp_path / "vae")
+    metrics, lines = run_script(pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", lm_dir], capsys)
+    assert any(line.startswith("step 2/2 | loss ") and "tok/s" in line and "eta" in line for line in lines)
+    assert {"val_ce", "val_acc", "train_loss", "steps"} <= set(metrics)
+    base, tokenizer = lm.load_base(os.path.join(lm_dir, "base"))
+    assert isinstance(tokenizer, lm.ByteTokenizer) and base.config.n_layer == lm.TINY_CONFIG["n_layer"]
+    state = torch.load(os.path.join(lm_dir, "ckpt.pt"), weights_only=True)
+    assert state["kind"] == "lm" and state["step"] == 2
+    torch.testing.assert_close(base.transformer.wte.weight, state["model"]["base.transformer.wte.weight"])
+    assert sorted(os.listdir(lm_dir)) == ["base", "ckpt.pt"]  # no base.tmp / base.old left behind
+    # --eval-only takes --block-size from the checkpoint and reproduces the held-out numbers
+    again, _ = run_script(pretrain_lm.main, ["--eval-only", "--resume", lm_dir, "--data", text_file, "--batch-size",
+                                             "4", "--eval-batches", "2", "--device", "cpu"], capsys)
+    assert again["step"] == 2 and again["val_ce"] == pytest.approx(metrics["val_ce"], abs=1e-5)
+    # the VAE on it: a pretrained base, so frozen, and not saved in the VAE's checkpoint
+    run_script(train_vae.main, ["--model", os.path.join(lm_dir, "base"), "--data", text_file, "--out-dir", vae_dir,
+                                "--context", "8", "--batch-size", "4", "--eval-batches", "1", "--latent-size", "16",
+                                "--lora-r", "4", "--max-iters", "1", "--eval-interval", "1", "--device", "cpu"], capsys)
+    state = torch.load(os.path.join(vae_dir, "ckpt.pt"), weights_only=True)
+    assert not [k for k in state["model"] if k.startswith("base.") and ".lora_" not in k]
+
+
+def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file):
+    argv = SMALL[2:] + ["--max-iters", "4", "--data", text_file]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    run_script(pretrain_lm.main, argv + ["--out-dir", straight], capsys)
+    crash_at_step_2_then_resume(pretrain_lm, argv, crashed, monkeypatch, capsys)
+    a, b = (lm.load_base(os.path.join(d, "base"))[0].state_dict() for d in (straight, crashed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "0"], "--block-size: 0 is out of range"), (["--batch-size", "-3"], "--batch-size: -3 is out"),
+    (["--eval-batches", "0"], "--eval-batches: 0 is out"), (["--max-iters", "-5"], "--max-iters: -5 is out"),
+    (["--block-size", "600"], "--block-size 600 is more than the 512 positions of tiny: use --block-size 512"),
+    (["--lr", "1e6", "--grad-clip", "0", "--max-iters", "40"], "stopped before saving"),  # diverges, saves nothing
+    (["--eval-only"], "pass --resume DIR too")])
+def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, capsys, text_file, flags, message):
+    out = tmp_path / "lm"
+    assert message in run_script_error(pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", str(out)] + flags,
+                                       capsys)
+    assert not os.path.exists(out / "ckpt.pt") and not os.path.exists(out / "base")
+
+
+def test_refuses_another_kind_of_checkpoint_and_an_unwritable_out_dir(tmp_path, capsys, text_file):
+    torch.save({"kind": "vae", "config": {}, "step": 1, "model": {}}, tmp_path / "ckpt.pt")
+    before = read_bytes(tmp_path / "ckpt.pt")
+    assert "written by train_vae.py (a text VAE)" in run_script_error(pretrain_lm.main, ["--resume", str(tmp_path)],
+                                                                      capsys)
+    assert read_bytes(tmp_path / "ckpt.pt") == before
+    (tmp_path / "file").write_text("x")
+    assert "cannot write to --out-dir" in run_script_error(
+        pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", str(tmp_path / "file" / "lm")], capsys)

@@ -1,0 +1,115 @@
+"""sample.py: reconstruct, interpolate and prior samples from a train_vae.py checkpoint, and
+bad input (offline, CPU)."""
+
+import json
+
+import pytest
+import torch
+
+import lm
+import sample
+import textdata
+import train_vae
+from conftest import read_bytes, run_script, run_script_error
+
+CONTEXT = 8
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, text_file):
+    """A tiny VAE trained on the same 4 spans of text_file until it reconstructs them:
+    (its out-dir, the 4 texts). Training draws its windows with textdata.random_starts;
+    here that returns the same 4 windows every time."""
+    spans = []
+
+    def the_same_four_windows(stream, length, batch_size, generator):
+        if not spans:  # the first 4 windows of the stream without an end-of-text token
+            spans.extend(s for s in range(0, len(stream) - length, length) if lm.ByteTokenizer.eos_id not in
+                         stream[s:s + length])
+            del spans[4:]
+            texts.extend(lm.ByteTokenizer().decode(stream[s + CONTEXT:s + length].tolist()) for s in spans)
+        return torch.tensor(spans)
+
+    texts, out = [], str(tmp_path_factory.mktemp("runs") / "overfit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(textdata, "random_starts", the_same_four_windows)
+        train_vae.main(["--data", text_file, "--out-dir", out, "--context", str(CONTEXT), "--batch-size", "4",
+                        "--latent-size", "16", "--lora-r", "4", "--max-iters", "80", "--ae-iters", "80",
+                        "--eval-interval", "80", "--eval-batches", "1", "--lr", "3e-3", "--warmup-iters", "1",
+                        "--log-interval", "80", "--device", "cpu"])
+    torch.set_num_threads(threads)
+    return out, texts
+
+
+def decode(argv, capsys):
+    """Run sample.py; (its JSON, the lines printed before it)."""
+    sample.main(argv + ["--device", "cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    return json.loads(lines[-1]), lines[:-1]
+
+
+def test_reconstruct_returns_the_trained_texts(capsys, overfit):
+    out, texts = overfit
+    assert len(texts) == 4 and len(set(texts)) == 4
+    result, printed = decode(["--resume", out, "--reconstruct", *texts], capsys)
+    assert result == {"reconstructions": texts} and printed == texts
+
+
+def test_interpolation_ends_at_the_two_texts(capsys, overfit):
+    out, (a, b, *_) = overfit
+    for mode in ("slerp", "lerp"):
+        result, printed = decode(["--resume", out, "--interpolate", a, b, "--interp-steps", "4", "--interp-mode",
+                                  mode], capsys)
+        path = result["interpolation"]
+        assert len(path) == 4 and path[0] == a and path[-1] == b and printed == path
+
+
+def test_prior_samples_are_random_and_seeded(capsys, overfit):
+    out, _ = overfit
+    argv = ["--resume", out, "--sample", "3", "--temperature", "1", "--num-tokens", "6"]
+    first, _ = decode(argv, capsys)
+    again, _ = decode(argv, capsys)
+    other, _ = decode(argv + ["--seed", "1"], capsys)
+    assert first == again and first != other  # the same seed draws the same, another seed others
+    assert len(set(first["samples"])) == 3 and all(len(t) <= 6 for t in first["samples"])
+
+
+def test_a_text_longer_than_the_context_is_cut_with_a_warning(capsys, overfit):
+    out, texts = overfit
+    sample.main(["--resume", out, "--reconstruct", texts[0] + "x" * 613, "--device", "cpu"])
+    out_text, err = capsys.readouterr()
+    assert err == f"warning: text 1 has 621 tokens; cut to the checkpoint's --context {CONTEXT}\n"
+    assert json.loads(out_text.splitlines()[-1]) == {"reconstructions": [texts[0]]}  # the first 8 tokens: texts[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sample", "0"], "--sample: 0 is out of range"), (["--sample", "-1"], "--sample: -1 is out of range"),
+    (["--interpolate", "a", "b", "--interp-steps", "1"], "--interp-steps: 1 is out of range"),
+    (["--interpolate", "a", "b", "--interp-steps", "0"], "--interp-steps: 0 is out of range"),
+    (["--sample", "2", "--temperature", "-1"], "--temperature: -1 is out of range"),
+    (["--sample", "2", "--num-tokens", "0"], "--num-tokens: 0 is out of range"),
+    (["--sample", "1", "--reconstruct", "a"], "not allowed with argument"),
+    ([], "one of the arguments --reconstruct --interpolate --sample is required"),
+    (["--reconstruct", ""], "text 1 is empty"), (["--reconstruct", "a", " "], "text 2 is empty"),
+    (["--interpolate", "", "a"], "text 1 is empty")])
+def test_bad_input_is_one_line_and_never_trains(capsys, overfit, flags, message):
+    out, _ = overfit
+    before = read_bytes(f"{out}/ckpt.pt")
+    assert message in run_script_error(sample.main, ["--resume", out, "--device", "cpu"] + flags, capsys)
+    assert read_bytes(f"{out}/ckpt.pt") == before
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"a": 1}, "is a torch file but not a checkpoint of this project"),
+    (torch.zeros(3), "is a torch file but not a checkpoint of this project"),
+    ({"kind": "wm", "config": {}, "step": 1}, "written by train_wm.py (a world model), not by train_vae.py"),
+    ({"kind": "lm", "config": {}, "step": 1}, "written by pretrain_lm.py (a plain LM), not by train_vae.py")])
+def test_a_checkpoint_of_something_else_is_named(tmp_path, capsys, content, message):
+    torch.save(content, tmp_path / "ckpt.pt")
+    before = read_bytes(tmp_path / "ckpt.pt")
+    assert message in run_script_error(sample.main, ["--resume", str(tmp_path), "--sample", "1"], capsys)
+    assert read_bytes(tmp_path / "ckpt.pt") == before
+    assert "no checkpoint at" in run_script_error(sample.main, ["--resume", str(tmp_path / "none"), "--sample", "1"],
+                                                  capsys)
