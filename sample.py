@@ -18,11 +18,9 @@ length), with a warning. Prints the texts, then one JSON object holding them.
 
 import sys
 
-from common import UserError, make_parser, nonneg_float, nonneg_int, number, parse, positive_int, run_cli
+from common import (UserError, add_machine_args, at_least_2, make_parser, nonneg_float, nonneg_int, parse,
+                    positive_int, run_cli)
 from offload import add_memory_args
-
-at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
-
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
@@ -41,10 +39,7 @@ def parse_args(argv=None):
     g.add_argument("--num-tokens", type=positive_int, default=None, help="tokens per --sample text (default: "
                    "the checkpoint's --context)")
     g = parser.add_argument_group("machine")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ... (default: "
-                   "%(default)s)")
-    g.add_argument("--dtype", default="auto", help="base weights: auto (bf16 on CUDA, fp32 on CPU), float32, "
-                   "bfloat16, float16 (default: %(default)s)")
+    add_machine_args(g)
     g.add_argument("--seed", type=nonneg_int, default=1337, help="seed of the noise (default: %(default)s)")
     add_memory_args(parser)
     return parse(parser, argv)
@@ -63,11 +58,12 @@ from train_vae import load_vae
 
 def checked_texts(texts, vae, context):
     """Texts to encode: none may be empty (attention pooling over no position has no mean), and
-    each is cut to the context the encoder was trained on."""
+    each is cut to the context the encoder was trained on (cut, not refused: its first --context
+    tokens are what this VAE can encode, and the warning says what was dropped)."""
     for i, text in enumerate(texts):
-        if not text.strip():
-            raise UserError(f"text {i + 1} is empty; give each text at least one character")
         ids = vae.tokenizer.encode(text)
+        if not text.strip() or not ids:
+            raise UserError(f"text {i + 1} is empty; give each text at least one character")
         if len(ids) > context:
             texts[i] = vae.tokenizer.decode(ids[:context])
             print(f"warning: text {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",

@@ -1,6 +1,8 @@
 """
 Train the text VAE (vae.py) on a base LM and evaluate it on held-out text. BigVAE's recipe
-(JD-P/minihf, branch adavae-moe) with the changes that make it learn on a small CPU model.
+(JD-P/minihf, branch adavae-moe) with the changes that make it learn on a small CPU model,
+and options from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022): z as a key/value in
+every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 
     python train_vae.py                               # tiny model, default corpus, CPU: ~15 min on 2 cores
     python train_vae.py --max-iters 200              # a quick look: ~20 s
