@@ -193,7 +193,7 @@ def test_flags_out_of_range_are_refused_at_parse_time(tmp_path, capsys, flags):
     (["--data", "{missing}"], "cannot read --data"),
     (["--data", "{one_line}"], "has 1 document(s); it needs at least 10 (every 10th is held out)"),
     (["--eval-only"], "pass --resume DIR too"),
-    (["--context", "256"], "needs 514 positions, more than the 512 of tiny: use --context 255 or less"),
+    (["--context", "256"], "positions, more than the 512 of tiny: use --context 255 or less"),
     (["--out-dir", "{file}/run"], "cannot write to --out-dir"),
     (["--offload"], "this base trains: freeze it (train_vae.py: add --freeze-base"),
     (["--lr", "1e6", "--grad-clip", "0"], "stopped before saving")])  # a fresh run that diverges
