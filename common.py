@@ -3,7 +3,7 @@ Small things every file shares, kept free of torch and transformers so that a li
 file can import them without the training loop, and a script's --help answers at once:
 the one-line error for bad input, flag checks, the one seed formula.
 
-    from common import UserError, make_parser, positive_int, run_cli
+    from common import UserError, make_parser, parse, positive_int, run_cli
     parser = make_parser(__doc__)
     parser.add_argument("--batch-size", type=positive_int, default=16)
     args = parse(parser, argv)        # args.explicit: the flags given on the command line
@@ -11,6 +11,7 @@ the one-line error for bad input, flag checks, the one seed formula.
 """
 
 import argparse
+import re
 import sys
 
 
@@ -82,6 +83,23 @@ nonneg_int = number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
 fraction = number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
+
+
+def device_name(text):
+    """--device: auto, cpu, mps, cuda or cuda:N."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N")
+    return text
+
+
+def add_machine_args(group):
+    """--device and --dtype, the same in every script that loads a model."""
+    group.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda, "
+                       "cuda:1, ... (default: %(default)s)")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="base "
+                       "model weights: auto (bf16 on CUDA, fp32 on CPU; fp32 for a base that trains) (default: "
+                       "%(default)s)")
 
 
 # ----------------------------------------------------------------------------- seeds

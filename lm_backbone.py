@@ -61,6 +61,8 @@ class LMBackbone(nn.Module):
         lora.add_adapter(lm, "dynamics", r=r, alpha=alpha, dropout=dropout)
         for name, p in lm.named_parameters():  # only the dynamics adapter (and the base, if asked) trains
             p.requires_grad = lora.is_lora_key(name, "dynamics") or (should_train_base and not lora.is_lora_key(name))
+        for table in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # never run: the world model
+            table.requires_grad_(False)  # feeds inputs_embeds and reads the body (DDP needs every trained weight used)
 
     @property
     def body(self):  # the transformer without its LM head (GPT2Model, MistralModel, ...); not a second

@@ -237,8 +237,13 @@ def load_with_memory_flags(args, device, should_train_base, should_load_tokenize
                         "(train_vae.py: add --freeze-base; train_wm.py: drop --train-base) or drop --offload")
     if args.offload and args.grad_checkpoint:
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
+    if args.offload and args.load_4bit:
+        raise UserError("--offload moves 8-bit or 16-bit layers, not 4-bit ones; use --load-8bit with --offload")
     quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
-    dtype = str(lm.resolve_dtype(args.dtype, device)).removeprefix("torch.")  # for where it computes, not the CPU
+    # auto: the dtype of where it computes, not of the CPU that holds it; fp32 weights for a base
+    # that trains (AdamW on bf16 weights loses small updates; autocast gives bf16 compute anyway)
+    dtype = "float32" if should_train_base and args.dtype == "auto" else args.dtype
+    dtype = str(lm.resolve_dtype(dtype, device)).removeprefix("torch.")
     return lm.load_base(args.model, "cpu" if args.offload else device, dtype, quantize,
                         should_load_tokenizer=should_load_tokenizer)
 

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 import lm
 import textdata
 from common import UserError, batch_seed
-from trainer import adopt_config, finish, make_optimizer, open_run, save_checkpoint, setup, train
+from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
+                     train_config, write_failure)
 
 
 class LanguageModel(nn.Module):
@@ -76,17 +77,21 @@ def evaluate(model, val_batches):
 
 
 def save_base_dir(base, tokenizer, out_dir):
-    """OUT_DIR/base, replaced whole: written next to it, then renamed into place."""
-    final, tmp = os.path.join(out_dir, "base"), os.path.join(out_dir, "base.tmp")
+    """OUT_DIR/base, replaced whole: written next to it, then renamed into place; a failed write
+    leaves the previous base/ as it was and nothing half-written."""
+    final, tmp, old = (os.path.join(out_dir, name) for name in ("base", "base.tmp", "base.old"))
+    for leftover in (tmp, old):  # from a run killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         lm.save_base(base, tokenizer, tmp)
-        if os.path.isdir(final):
-            os.rename(final, final + ".old")
-        os.rename(tmp, final)
-    except OSError as e:
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot save {final} ({e.strerror or e}); free some space or choose another --out-dir") from e
-    shutil.rmtree(final + ".old", ignore_errors=True)
+        raise UserError(f"cannot save {final} ({write_failure(e, out_dir)}); the previous one is unchanged: free "
+                        "some space or choose another --out-dir") from e
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
@@ -95,7 +100,7 @@ def main(argv=None):
     state = open_run(args, "lm")
     if state is not None:
         adopt_config(args, state, MODEL_KEYS, args.resume)
-    base, tokenizer = lm.load_base(args.model, run.device, args.dtype)
+    base, tokenizer = lm.load_base(args.model, run.device, "float32" if args.dtype == "auto" else args.dtype)  # it trains
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
                         f"{args.model}: use --block-size {lm.num_positions(base)} or less")
@@ -103,7 +108,7 @@ def main(argv=None):
     if state is not None:
         model.load_state_dict(state["model"])
     train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer,
-                                                      args.block_size, args.data or "the default corpus")
+                                                      args.block_size, "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, args.block_size, args.eval_batches, args.batch_size)
     val_batches = [{"ids": textdata.windows(val_stream, s, args.block_size).to(run.device)} for s in starts]
     if args.eval_only:
@@ -111,7 +116,7 @@ def main(argv=None):
         return
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
 
     def get_batch(index):
         g = torch.Generator().manual_seed(batch_seed(args.seed, index))
@@ -120,7 +125,8 @@ def main(argv=None):
         return {"ids": ids.to(run.device), "num_tokens": ids.numel()}
 
     def save(step):
-        save_checkpoint(args.out_dir, {"kind": "lm", "config": {k: getattr(args, k) for k in MODEL_KEYS},
+        config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS}}
+        save_checkpoint(args.out_dir, {"kind": "lm", "config": config,
                                        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
         save_base_dir(model.base, tokenizer, args.out_dir)
 
@@ -128,7 +134,7 @@ def main(argv=None):
         print(f"{args.model}: {sum(p.numel() for p in base.parameters()):,} parameters, {len(train_stream):,} "
               f"training / {len(val_stream):,} held-out tokens")
     metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), args, run,
-                    state["step"] if state else 0, save)
+                    0 if state is None else state["step"], save)
     finish(run, metrics)
 
 

@@ -98,7 +98,8 @@ import offload
 import textdata
 from common import UserError, batch_seed
 from lm import num_positions
-from trainer import adopt_config, finish, make_optimizer, open_run, save_checkpoint, setup, train
+from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
+                     train_config)
 from vae import VAE, VAEConfig, kl_per_dim
 
 
@@ -110,10 +111,10 @@ def should_train_base(args):
 def build(args, run):
     """The VAE over the --model base, placed on the device as the memory flags ask."""
     base, tokenizer = offload.load_with_memory_flags(args, run.device, should_train_base(args))
-    needed = 2 * args.context + 1 + args.z_memory  # memory slot, soft token, prefix, span
+    needed = 2 * args.context + args.z_memory  # memory slot, soft token, prefix, span but its last token
     if needed > num_positions(base):
         raise UserError(f"--context {args.context} needs {needed} positions, more than the {num_positions(base)} "
-                        f"of {args.model}: use --context {(num_positions(base) - 1 - args.z_memory) // 2} or less")
+                        f"of {args.model}: use --context {(num_positions(base) - args.z_memory) // 2} or less")
     cfg = VAEConfig(**{k: getattr(args, k) for k in MODEL_KEYS[3:] + SCHEDULE_KEYS}, prefix_slots=args.context)
     vae = VAE(base, cfg, tokenizer)
     if not should_train_base(args):
@@ -123,7 +124,8 @@ def build(args, run):
 
 
 def saved_state(vae, args):
-    return lora.saved_state(vae, "base.", should_save_base=should_train_base(args))
+    """tiny's base is saved whether it trains or not (its weights are random: nothing reloads them)."""
+    return lora.saved_state(vae, "base.", should_save_base=args.model == "tiny")
 
 
 def load_vae(args, run, state):
@@ -177,7 +179,7 @@ def main(argv=None):
     model = build(args, run) if state is None else load_vae(args, run, state)
     docs = textdata.load_documents(args.data)
     span = 2 * args.context
-    train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, args.data or "the default corpus")
+    train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
     val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, args.context, i % 2 == 0), run.device)
                    for i, s in enumerate(starts)]  # fixed held-out windows; half the batches keep the prefix
@@ -187,7 +189,7 @@ def main(argv=None):
         return
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
     t_start = time.time()
 
     def get_batch(index):
@@ -200,7 +202,7 @@ def main(argv=None):
         return textdata.to_device(batch, run.device)
 
     def save(step):
-        config = {k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}
+        config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
 
@@ -212,7 +214,7 @@ def main(argv=None):
     def evaluate_now():
         return {**evaluate(model, val_batches, run.is_main), "minutes": round((time.time() - t_start) / 60, 2)}
 
-    metrics = train(model, optimizer, get_batch, evaluate_now, args, run, state["step"] if state else 0, save)
+    metrics = train(model, optimizer, get_batch, evaluate_now, args, run, 0 if state is None else state["step"], save)
     finish(run, metrics)
 
 

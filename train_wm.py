@@ -34,10 +34,10 @@ printed is one JSON object of the run's metrics.
 """
 
 import copy
-import json
 import time
 
-from common import UserError, batch_seed, make_parser, nonneg_int, number, parse, positive_float, positive_int, run_cli
+from common import (UserError, at_least_2, batch_seed, make_parser, nonneg_int, number, parse, positive_float,
+                    positive_int, run_cli)
 from offload import add_memory_args
 from trainer import add_common_args
 
@@ -51,7 +51,6 @@ LM_FLAGS = ("model", "embeddings", "lm_init", "train_base", "lora_r", "lora_alph
             "offload", "grad_checkpoint")  # they configure the LM backbone, so need --backbone lm
 
 
-at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
 open_fraction = number(float, lambda v: 0 < v < 1, "a number between 0 and 1, both excluded")
 dropout_rate = number(float, lambda v: 0 <= v < 1, "a number from 0 up to, not including, 1")
 
@@ -134,7 +133,8 @@ from data_wm import add_episode_bounds, collect, make_env, segments, split
 from eval_wm import evaluate
 from lm_backbone import lm_world_model, should_save_base
 from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
-from trainer import adopt_config, check_out_dir, load_checkpoint, make_optimizer, save_checkpoint, setup, train
+from trainer import (TRAIN_KEYS, adopt_config, check_out_dir, finish, load_checkpoint, load_optimizer, make_optimizer,
+                     save_checkpoint, setup, train, train_config)
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
 
@@ -147,9 +147,13 @@ def start_or_resume(args):
     if args.resume is not None:
         state = load_checkpoint(args.resume, "wm")
         adopt_config(args, state, DATA_KEYS + MODEL_KEYS, args.resume)
+        adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if args.eval_only and "world_model" not in state:
             raise UserError(f"{args.resume} stopped while training the tokenizer and has no world model "
                             "yet; resume it without --eval-only")
+        if not args.eval_only and "world_model" in state and state["step"] >= args.max_iters:
+            raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
+                            "above it to continue, or --eval-only to evaluate it")
     if args.backbone == "iris":
         given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in args.explicit]
         if given:
@@ -162,7 +166,7 @@ def start_or_resume(args):
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
-    state["config"] = {k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}
+    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
         other = load_checkpoint(args.tokenizer_from, "wm")
         differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
@@ -218,7 +222,8 @@ def train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, sta
         save_checkpoint(args.out_dir, {**state, "tokenizer": tokenizer.state_dict(), "tokenizer_step": step,
                                        "tokenizer_optimizer": optimizer.state_dict()})
 
-    print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
+    if run.is_main:
+        print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_data["obs"], scale, run),
           targs, run, start_step=state.get("tokenizer_step", 0), save=save)
     tokenizer.eval()
@@ -266,7 +271,7 @@ def restore(world_model, optimizer, state, args):
         raise UserError(f"the checkpoint in {args.resume} does not fit this world model (other weights "
                         "saved); resume it with the flags it was trained with")
     world_model.load_state_dict(state["world_model"], strict=False)  # strict=False: a frozen LM is not saved
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer(optimizer, state["optimizer"])
     return state["step"]
 
 
@@ -286,18 +291,21 @@ def main(argv=None):
     data = collect(env, tokenizer, args.collect_steps, args.seed)
     train_data, val_data = split(data, args.val_fraction)
     scale = obs_scale(train_data["obs"])
-    print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
-          f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
+    if run.is_main:
+        print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
+              f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
     prepare_tokenizer(tokenizer, train_data, val_data, scale, args, run, state)
     metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
 
+    torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before
     world_model = build_world_model(args, tokenizer, env, run)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     start_step = restore(world_model, optimizer, state, args)
     num_trainable = sum(p.numel() for p in world_model.parameters() if p.requires_grad)
-    print(f"world model ({args.backbone} backbone{'' if args.model is None else f', {args.model}'}): "
-          f"{num_trainable / 1e6:.2f}M trainable of {sum(p.numel() for p in world_model.parameters()) / 1e6:.2f}M "
-          f"parameters, {tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
+    if run.is_main:
+        print(f"world model ({args.backbone} backbone{'' if args.model is None else f', {args.model}'}): "
+              f"{num_trainable / 1e6:.2f}M trainable of {sum(p.numel() for p in world_model.parameters()) / 1e6:.2f}M"
+              f" parameters, {tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
 
     num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
 
@@ -321,7 +329,7 @@ def main(argv=None):
     else:
         metrics.update(train(world_model, optimizer, get_batch, evaluate_now, args, run, start_step, save))
     metrics["wall_seconds"] = round(time.time() - t_start, 1)
-    print(json.dumps(metrics))
+    finish(run, metrics)
 
 
 if __name__ == "__main__":

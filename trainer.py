@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
+from common import UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
 
 
 def add_common_args(parser, **defaults):
@@ -56,10 +56,7 @@ def add_common_args(parser, **defaults):
                    "0 turns clipping off (default: %(default)s)")
     g.add_argument("--weight-decay", type=nonneg_float, default=d["weight_decay"], help="AdamW weight decay on "
                    "the weights of linear layers (make_optimizer; default: %(default)s)")
-    g.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ... "
-                   "(default: %(default)s)")
-    g.add_argument("--dtype", default="auto", help="base model weights: auto (bf16 on CUDA, fp32 on CPU), "
-                   "float32, bfloat16, float16 (default: %(default)s)")
+    add_machine_args(g)
     g.add_argument("--seed", type=nonneg_int, default=1337, help="seed for initialisation, data order and noise "
                    "(default: %(default)s)")
     g.add_argument("--log-interval", type=positive_int, default=d["log_interval"], help="print a progress line every "
@@ -106,12 +103,12 @@ def setup(args):
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device(args.device)
     if world_size > 1:
-        if device == "cuda":
+        if device.startswith("cuda"):  # one GPU per process
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if args.out_dir is None:
-        args.out_dir = args.resume or args.default_out_dir
+        args.out_dir = args.default_out_dir if args.resume is None else args.resume
     torch.manual_seed(args.seed)  # the same on every rank, so every rank starts from the same weights
     torch.backends.cuda.matmul.allow_tf32 = True
     return Run(torch.device(device), rank, world_size)
@@ -139,9 +136,15 @@ def open_run(args, kind):
     --out-dir and an unwritable --out-dir; then the checkpoint to continue (None: a fresh run)."""
     if args.eval_only and args.resume is None:
         raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
+    state = load_checkpoint(args.resume, kind) if args.resume is not None else None
+    if state is not None:
+        adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
+        if not args.eval_only and state["step"] >= args.max_iters:
+            raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
+                            "above it to continue, or --eval-only to evaluate it")
     if not args.eval_only:
         check_out_dir(args)
-    return load_checkpoint(args.resume, kind) if args.resume is not None else None
+    return state
 
 
 # -----------------------------------------------------------------------------
@@ -206,17 +209,27 @@ def load_checkpoint(ckpt_dir, kind):
     return state
 
 
-def adopt_config(args, state, keys, path):
-    """A resumed run takes these settings from its checkpoint's config, unless a flag was given
-    (args.explicit, from common.parse) with another value: then every conflict is listed at once."""
+def adopt_config(args, state, keys, path, overridable=False):
+    """A resumed run takes these settings from its checkpoint's config unless a flag was given
+    (args.explicit, from common.parse). A given flag that differs is an error, every conflict
+    listed at once; with overridable (the optimisation settings, TRAIN_KEYS) it wins instead."""
     saved = state["config"]
-    conflicts = [k for k in keys if k in args.explicit and saved.get(k) != getattr(args, k)]
-    if conflicts:
+    conflicts = [k for k in keys if k in args.explicit and k in saved and saved[k] != getattr(args, k)]
+    if conflicts and not overridable:
         given = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {saved.get(k)!r})" for k in conflicts)
         raise UserError(f"the checkpoint in {path} was trained with other settings: {given}; drop these flags "
                         "to take the saved values")
     for k in keys:
-        setattr(args, k, saved.get(k))
+        if k in saved and k not in args.explicit:
+            setattr(args, k, saved[k])
+
+
+# the optimisation settings a checkpoint records: a resumed run continues with them unless a flag changes one
+TRAIN_KEYS = ("seed", "lr", "warmup_iters", "batch_size", "grad_accum", "grad_clip", "weight_decay")
+
+
+def train_config(args):
+    return {k: getattr(args, k) for k in TRAIN_KEYS}
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
@@ -229,6 +242,15 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def load_optimizer(optimizer, state_dict):
+    """Restore a checkpoint's optimizer state (moments, steps), keeping the weight decay the
+    optimizer was made with: this run's --weight-decay, which may differ on resume."""
+    decays = [group["weight_decay"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, weight_decay in zip(optimizer.param_groups, decays):
+        group["weight_decay"] = weight_decay
 
 
 # -----------------------------------------------------------------------------
@@ -262,6 +284,12 @@ class LossOf(nn.Module):
         return self.model.compute_loss(batch, step)
 
 
+def stop(what, args):
+    """A diverged run ends before anything is saved."""
+    raise UserError(f"{what}; stopped before saving (the last checkpoint in {args.out_dir}, if any, is unchanged): "
+                    f"lower --lr (now {args.lr:g}) or keep --grad-clip on")
+
+
 def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=None):
     """Optimise from start_step to args.max_iters; returns the last evaluation's metrics.
 
@@ -275,7 +303,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_of = LossOf(model)
     if run.world_size > 1:  # every process applies the mean gradient, all-reduced during backward
-        loss_of = DistributedDataParallel(loss_of, broadcast_buffers=False)
+        loss_of = DistributedDataParallel(loss_of)
     metrics, sums, num_logged, num_tokens = {}, {}, 0, 0
     total_tokens, eval_seconds = 0, 0.0
     t_start = t_log = time.time()
@@ -294,16 +322,12 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
                 (terms["loss"] / args.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
-            if not math.isfinite(sums["loss"]):
-                raise UserError(f"the loss is {terms['loss'].item()} at step {step + 1}; stopped before saving "
-                                f"(the last checkpoint in {args.out_dir}, if any, is unchanged): lower --lr "
-                                f"(now {args.lr:g}) or keep --grad-clip on")
             num_tokens += batch.get("num_tokens", 0)
             total_tokens += batch.get("num_tokens", 0)
+        # after the all-reduce, so that every process sees a non-finite gradient and stops together
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-        if not torch.isfinite(norm):
-            raise UserError(f"the gradient norm is {norm.item()} at step {step + 1}; stopped before saving (the "
-                            f"last checkpoint in {args.out_dir}, if any, is unchanged): lower --lr (now {args.lr:g})")
+        if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
+            stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1}", args)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         num_logged += 1
@@ -331,8 +355,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
                 model.train()
                 bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
                 if bad:
-                    raise UserError(f"{', '.join(bad)} not finite at step {done}; stopped before saving (the last "
-                                    f"checkpoint in {args.out_dir}, if any, is unchanged): lower --lr (now {args.lr:g})")
+                    stop(f"{', '.join(bad)} not finite at step {done}", args)
                 print(f"eval at step {done} | " + format_terms(
                     {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
                     flush=True)
