@@ -19,10 +19,36 @@ Times are medians over steps that alternate between the contenders, so a machine
 slows down or speeds up mid-run affects both alike.
 """
 
-import argparse
+import json
+
+from common import make_parser, parse, positive_int
+
+BENCHMARK_NAMES = ["imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("name", choices=BENCHMARK_NAMES, help="which benchmark to run")
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed calls per contender (default: "
+                        "%(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default: "
+                        "%(default)s)")
+    parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
+                        "%(default)s; mistral-memory: use 128)")
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, mistral-memory: cuda "
+                        "or cpu (default: cuda if available)")
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine: the LM backbone's shape, "
+                        "tiny's or GPT-2 small's (random weights; default: %(default)s)")
+    parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
+                        "to run the same code on a CPU")
+    return parse(parser, argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before the heavy imports below
+
 import contextlib
 import gc
-import json
 import statistics
 import sys
 import time
@@ -331,19 +357,8 @@ def bench_mistral_estimate(args):
 
 BENCHMARKS = {"lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine, "mistral-memory": bench_mistral_memory,
               "mistral-estimate": bench_mistral_estimate}
+assert sorted(BENCHMARKS) == BENCHMARK_NAMES  # the names parse_args offers, before these functions exist
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
-    parser.add_argument("--steps", type=int, default=8, help="timed calls per contender (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: %(default)s)")
-    parser.add_argument("--block-size", type=int, default=64, help="tokens per sequence (default: %(default)s; "
-                        "mistral-memory: use 128)")
-    parser.add_argument("--device", default=None, help="imagine, mistral-memory: cuda or cpu (default: cuda if "
-                        "available)")
-    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine: the LM backbone's shape, "
-                        "tiny's or GPT-2 small's (random weights; default: %(default)s)")
-    parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
-                        "to run the same code on a CPU")
-    args = parser.parse_args()
+    args = parse_args()
     print(json.dumps(BENCHMARKS[args.name](args)))

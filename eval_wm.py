@@ -112,13 +112,13 @@ def draw(example, curves, path):
                   {"black": real[:, d].tolist(), "red": imagined[:, d].tolist()}) for d in range(real.shape[1])]
     plots.append(("error per step: imagined (red) vs copy (grey)",
                   {"red": curves["imag_err"], "gray": curves["copy_err"]}))
-    width = max(top.width if top else 0, panel_w * len(plots))
-    height = (top.height if top else 0) + panel_h
+    width = max(0 if top is None else top.width, panel_w * len(plots))
+    height = (0 if top is None else top.height) + panel_h
     image = Image.new("RGB", (width, height), "white")
-    if top:
+    if top is not None:
         image.paste(top, (0, 0))
     canvas = ImageDraw.Draw(image)
-    y0 = top.height if top else 0
+    y0 = 0 if top is None else top.height
     for i, (title, series) in enumerate(plots):
         x0 = i * panel_w
         values = [v for vs in series.values() for v in vs]

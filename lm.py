@@ -29,7 +29,7 @@ GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
 transformers_logging.disable_progress_bar()  # no "Loading weights" bars: a script's output stays its own lines
 
-# The `tiny` model: GPT-2's architecture at the size that learns most in 20 CPU minutes. Measured
+# The `tiny` model: GPT-2's architecture at the size that learns most in a quarter hour of CPU. Measured
 # for the VAE (README): per step 2x128 costs 1/6 of 4x256, and at equal CPU time it reached
 # the highest held-out reconstruction accuracy of the sizes tried.
 TINY_CONFIG = dict(
@@ -40,7 +40,7 @@ TINY_CONFIG = dict(
     vocab_size=257,  # 256 bytes + end of text
     bos_token_id=256,
     eos_token_id=256,
-    resid_pdrop=0.0,  # no dropout: a 20-minute run has nothing to regularise yet
+    resid_pdrop=0.0,  # no dropout: a run of minutes has nothing to regularise yet
     embd_pdrop=0.0,
     attn_pdrop=0.0,
 )
@@ -150,7 +150,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
     so that a directory holding a model but no tokenizer files loads too."""
     torch_dtype = resolve_dtype(dtype, device)
     if name == "tiny":
-        if quantize:
+        if quantize is not None:
             raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
                             "or give a Hugging Face id or directory as --model")
         model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).to(torch_dtype)
@@ -159,7 +159,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
         path = MODEL_ALIASES.get(name, name)
         check_local(path)
         extra = {}
-        if quantize:  # quantized weights are placed on their device while loading
+        if quantize is not None:  # quantized weights are placed on their device while loading
             extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
         try:
             config = AutoConfig.from_pretrained(path)
@@ -178,7 +178,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
                 raise UserError(f"'{path}' holds a model but no tokenizer it can load "
                                 f"({str(e).splitlines()[0][:100]}); save the tokenizer beside it "
                                 "(lm.save_base does), or use a model that has one") from e
-    return (model if quantize else model.to(device)).eval(), tokenizer
+    return (model if quantize is not None else model.to(device)).eval(), tokenizer
 
 
 def check_local(path):

@@ -191,6 +191,17 @@ def saved_state(model, base_prefix, should_save_base):
     return {k: v for k, v in state.items() if is_lora_key(k) or not k.startswith(base_prefix)}
 
 
+def load_saved_state(model, saved, base_prefix, should_save_base, path):
+    """Load what saved_state kept into a model built with the same settings; a checkpoint that
+    holds other weights (another version, other settings) is one clear error."""
+    from common import UserError
+
+    if set(saved) != set(saved_state(model, base_prefix, should_save_base)):
+        raise UserError(f"the checkpoint in {path} does not fit this model (other weights saved); it was made "
+                        "by another version of this repository or with other settings")
+    model.load_state_dict(saved, strict=False)  # strict=False: a frozen pretrained base is not saved
+
+
 def lora_parameters(model, name=None):
     """The LoRA parameters of adapter `name`, or of all adapters."""
     return (p for n, p in model.named_parameters() if is_lora_key(n, name))

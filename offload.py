@@ -23,8 +23,9 @@ backward reads it there), so those two tensors are what moves for them; 4-bit la
 not supported. On a CPU-only machine the same code runs with the CPU as both storage and
 compute device (copies are clones), which is how the tests check it.
 
-Both training scripts take the same memory flags (add_memory_args), load the base through
-load_with_memory_flags and put their model on the device through place, at the end of this file.
+Every script that loads a base (train_vae.py, sample.py, train_wm.py) takes the same memory
+flags (add_memory_args), loads the base through load_with_memory_flags and puts its model on
+the device through place, at the end of this file.
 """
 
 import torch

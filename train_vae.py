@@ -132,10 +132,7 @@ def load_vae(args, run, state):
     """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
     adopt_config(args, state, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
     vae = build(args, run)
-    if set(state["model"]) != set(saved_state(vae, args)):
-        raise UserError(f"the checkpoint in {args.resume} does not fit this model (other weights saved); "
-                        "it was made by another version of train_vae.py")
-    vae.load_state_dict(state["model"], strict=False)  # strict=False: a frozen pretrained base is not saved
+    lora.load_saved_state(vae, state["model"], "base.", args.model == "tiny", args.resume)
     return vae
 
 

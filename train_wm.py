@@ -8,7 +8,7 @@ it on held-out episodes against the copy-last-observation baseline.
     python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run, with the settings it was started with
 
-With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help?"):
+With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help the world model?"):
     python pretrain_lm.py                                 # a tiny LM pretrained on text, offline (out-lm)
     python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen
     python train_wm.py --backbone lm --model gpt2          # GPT-2 small, frozen, + a LoRA adapter
@@ -267,10 +267,7 @@ def restore(world_model, optimizer, state, args):
     """Load a resumed run's world model and optimizer; returns the step to start from."""
     if "world_model" not in state:
         return 0
-    if set(state["world_model"]) != set(saved_state(world_model, args)):
-        raise UserError(f"the checkpoint in {args.resume} does not fit this world model (other weights "
-                        "saved); resume it with the flags it was trained with")
-    world_model.load_state_dict(state["world_model"], strict=False)  # strict=False: a frozen LM is not saved
+    lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", should_save_base(args), args.resume)
     load_optimizer(optimizer, state["optimizer"])
     return state["step"]
 

@@ -1,5 +1,6 @@
 """
-The training loop that train_vae.py and train_wm.py share, and what goes with it: the
+The training loop that the training scripts (train_vae.py, pretrain_lm.py, train_wm.py) share,
+and what goes with it: the
 common flags, device and torchrun setup, atomic checkpoints, the progress line.
 
 Both scripts hand `train()` a model with `compute_loss(batch, step) -> {name: tensor}`
@@ -36,7 +37,7 @@ def add_common_args(parser, **defaults):
     d = dict(model="tiny", out_dir="out", max_iters=1000, eval_interval=250, batch_size=16, lr=3e-4,
              warmup_iters=50, grad_accum=1, grad_clip=1.0, weight_decay=0.0, log_interval=10)
     d.update(defaults)
-    g = parser.add_argument_group("shared by train_vae.py and train_wm.py")
+    g = parser.add_argument_group("the run (trainer.py; every training script has these)")
     g.add_argument("--model", default=d["model"], help="base LM: tiny | gpt2 | gpt2-medium | gpt2-large | "
                    "gpt2-xl | mistral | a Hugging Face causal-LM id | a directory saved with save_pretrained "
                    f"(default: {d['model'] or 'tiny, with --backbone lm'})")

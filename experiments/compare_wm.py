@@ -37,7 +37,6 @@ one's environment, on one CPU thread unless OMP_NUM_THREADS says otherwise. The 
 printed is one JSON object with every run's metrics.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -47,6 +46,9 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repository's own small helpers (common.py), from any directory
+
+from common import make_parser, nonneg_int, positive_int  # noqa: E402
 
 ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
     "CartPole-v1": (["--num-bins", "32"], [1337, 1, 2]),
@@ -161,12 +163,12 @@ def compare(env, seed, args):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     own, train_wm_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="(default: both)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run every row with "
+    parser.add_argument("--seeds", type=nonneg_int, nargs="+", default=None, help="seeds to run every row with "
                         "(default: CartPole 1337 1 2, Pong 1337)")
-    parser.add_argument("--max-iters", type=int, default=600, help="updates per row (default: %(default)s)")
-    parser.add_argument("--collect-steps", type=int, default=None, help="override each env's data size")
+    parser.add_argument("--max-iters", type=positive_int, default=600, help="updates per row (default: %(default)s)")
+    parser.add_argument("--collect-steps", type=positive_int, default=None, help="override each env's data size")
     parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: a directory (made by "
                         "pretrain_lm.py when missing) or a Hugging Face id (default: %(default)s)")
     parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
@@ -178,8 +180,10 @@ def main(argv=None):
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):
         print("pretraining the tiny LM on text: pretrain_lm.py --max-iters 1500", flush=True)
-        run_script("pretrain_lm.py", ["--max-iters", "1500", "--out-dir", "out-lm", "--device", args.device],
-                   check=True, stdout=subprocess.DEVNULL)
+        done = run_script("pretrain_lm.py", ["--max-iters", "1500", "--out-dir", "out-lm", "--device", args.device],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            sys.exit(f"error: pretrain_lm.py failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})")
     everything, tables = {}, []
     for env in args.envs:
         runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}
@@ -187,7 +191,7 @@ def main(argv=None):
         print(tables[-1], flush=True)
         everything[env] = runs
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(args.table or os.path.join(args.out_dir, "tables.md"), "w") as f:
+    with open(os.path.join(args.out_dir, "tables.md") if args.table is None else args.table, "w") as f:
         f.write("\n\n".join(tables) + "\n")
     print(json.dumps({"wall_seconds": round(time.time() - t_start), "results": everything}))
 
