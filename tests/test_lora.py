@@ -166,3 +166,24 @@ def test_bad_targets_give_clear_errors(saved_model_dir):
     unknown = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="no default LoRA targets .* Linear layers: 0"):
         lora.add_adapter(unknown, "encoder")
+
+
+def test_saved_state_keeps_adapters_not_a_frozen_base_and_loads_back(saved_model_dir):
+    from common import UserError
+
+    model = load_base(saved_model_dir)[0]
+    lora.add_adapter(model, "decoder", r=4)
+    for p in lora.lora_parameters(model):
+        torch.nn.init.normal_(p)
+    saved = lora.saved_state(model, "", should_save_base=False)
+    assert saved and all(lora.is_lora_key(k) for k in saved)  # the frozen base reloads from its name
+    assert set(lora.saved_state(model, "", should_save_base=True)) == set(model.state_dict())
+    other = load_base(saved_model_dir)[0]
+    lora.add_adapter(other, "decoder", r=4)
+    lora.load_saved_state(other, saved, "", False, "somewhere")
+    for k, v in saved.items():
+        assert torch.equal(other.state_dict()[k], v), k
+    smaller = load_base(saved_model_dir)[0]
+    lora.add_adapter(smaller, "encoder", r=4)  # another adapter: other weights
+    with pytest.raises(UserError, match="the checkpoint in somewhere does not fit this model"):
+        lora.load_saved_state(smaller, saved, "", False, "somewhere")
