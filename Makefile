@@ -6,9 +6,11 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 # torch goes in first. Without an NVIDIA GPU, the CPU-only build: on Linux a plain
-# `pip install torch` is a multi-GB CUDA build. TORCH_INDEX= (empty) takes pip's default.
+# `pip install torch` is a multi-GB CUDA build. PyTorch's CPU index is an extra index, so a
+# machine that cannot reach it (a local wheel, a mirror) still installs, without retrying it.
+# TORCH_INDEX= (empty) takes pip's default.
 TORCH ?= torch==2.13.0
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--index-url https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--extra-index-url https://download.pytorch.org/whl/cpu --retries 0)
 
 .PHONY: demo test setup
 
