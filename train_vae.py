@@ -5,7 +5,7 @@ and options from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022): z as a ke
 every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 
     python train_vae.py                               # tiny model, default corpus, CPU: ~15 min on 2 cores
-    python train_vae.py --max-iters 200              # a quick look: ~20 s
+    python train_vae.py --max-iters 200               # a quick look: ~45 s
     python train_vae.py --model gpt2                  # GPT-2 small, frozen, + two LoRA adapters (GPU)
     python train_vae.py --model gpt2 --data my.txt    # your own UTF-8 text file
     python train_vae.py --eval-only --resume out-vae [--data FILE]
