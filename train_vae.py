@@ -24,7 +24,6 @@ train and are saved, and the base reloads from --model. A resumed run takes the 
 settings from its checkpoint. The last line printed is one JSON object of the run's metrics.
 """
 
-import argparse
 import json
 import time
 
@@ -47,6 +46,8 @@ def parse_args(argv=None):
     g = add_data_args(parser)
     g.add_argument("--context", type=positive_int, default=64, help="tokens in the encoded span, and in the "
                    "prefix before it (BigVAE: 64; default: %(default)s)")
+    g.add_argument("--iw-samples", type=positive_int, default=32, help="posterior samples per span for the "
+                   "importance-weighted NLL at the end and in --eval-only (Optimus: 100; default: %(default)s)")
     g.add_argument("--prefix-drop", type=fraction, default=0.5, help="share of batches without the prefix "
                    "(BigVAE: half; default: %(default)s)")
     g = parser.add_argument_group("model (vae.py)")
@@ -54,8 +55,8 @@ def parse_args(argv=None):
                    "%(default)s)")
     g.add_argument("--posterior", default="bigvae", choices=["bigvae", "diagonal"], help="bigvae: N(mu, I); "
                    "diagonal: N(mu, diag(exp(logvar))) as Optimus and AdaVAE (default: %(default)s)")
-    g.add_argument("--z-memory", action=argparse.BooleanOptionalAction, default=True, help="also give z to "
-                   "every layer as one key/value (Optimus); --no-z-memory is BigVAE's soft token alone (default: on)")
+    g.add_argument("--z-memory", type=nonneg_int, default=1, help="also give z to every layer as this many "
+                   "keys/values (Optimus: 1); 0 is BigVAE's soft token alone (default: %(default)s)")
     g.add_argument("--lora-r", type=positive_int, default=32, help="LoRA rank of both adapters (BigVAE: 32; "
                    "default: %(default)s)")
     g.add_argument("--lora-alpha", type=positive_float, default=8.0, help="LoRA alpha; scale = alpha / r "
@@ -91,30 +92,30 @@ if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before the heavy imports below
 
 import torch
-import torch.nn.functional as F
 
 import lora
 import offload
 import textdata
 from common import UserError, batch_seed
-from lm import num_positions
+from lm import TINY_TOKENIZERS, num_positions
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
                      train_config)
-from vae import VAE, VAEConfig, kl_per_dim
+from vae import VAE, VAEConfig
+from vae_eval import evaluate
 
 
 def should_train_base(args):
     """tiny's base trains with the VAE (it has nothing pretrained to protect); any other stays frozen."""
-    return args.model == "tiny" and not args.freeze_base
+    return args.model in TINY_TOKENIZERS and not args.freeze_base
 
 
 def build(args, run):
     """The VAE over the --model base, placed on the device as the memory flags ask."""
     base, tokenizer = offload.load_with_memory_flags(args, run.device, should_train_base(args))
-    needed = 2 * args.context + args.z_memory  # memory slot, soft token, prefix, span but its last token
+    needed = 2 * args.context + (args.z_memory > 0)  # memory slot, soft token, prefix, span but its last token
     if needed > num_positions(base):
         raise UserError(f"--context {args.context} needs {needed} positions, more than the {num_positions(base)} "
-                        f"of {args.model}: use --context {(num_positions(base) - args.z_memory) // 2} or less")
+                        f"of {args.model}: use --context {(num_positions(base) - 1) // 2} or less")
     cfg = VAEConfig(**{k: getattr(args, k) for k in MODEL_KEYS[3:] + SCHEDULE_KEYS}, prefix_slots=args.context)
     vae = VAE(base, cfg, tokenizer)
     if not should_train_base(args):
@@ -125,48 +126,15 @@ def build(args, run):
 
 def saved_state(vae, args):
     """tiny's base is saved whether it trains or not (its weights are random: nothing reloads them)."""
-    return lora.saved_state(vae, "base.", should_save_base=args.model == "tiny")
+    return lora.saved_state(vae, "base.", should_save_base=args.model in TINY_TOKENIZERS)
 
 
 def load_vae(args, run, state):
     """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
     adopt_config(args, state, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
     vae = build(args, run)
-    lora.load_saved_state(vae, state["model"], "base.", args.model == "tiny", args.resume)
+    lora.load_saved_state(vae, state["model"], "base.", args.model in TINY_TOKENIZERS, args.resume)
     return vae
-
-
-@torch.no_grad()
-def evaluate(model, val_batches, should_print=True):
-    """Held-out metrics: teacher-forced CE and token accuracy with z = mu and with z of another
-    example (does z carry the text?), greedy exact match, KL, active units, latent RMS."""
-    sums, num_tokens, mus, kls, power, exact, shown = {}, 0, [], [], [], [], []
-    for i, batch in enumerate(val_batches):
-        target, prefix = batch["target_ids"], batch.get("prefix_ids")
-        mu, logvar = model.encode(batch["input_ids"])
-        mu, logvar = mu.float(), None if logvar is None else logvar.float()
-        mus.append(mu)
-        kls.append(kl_per_dim(mu, logvar).sum(-1))
-        power.append((mu.pow(2) + (1.0 if logvar is None else logvar.exp())).mean())  # E[z^2] of samples
-        for name, z in (("", mu), ("_shuffled", mu.roll(1, 0))):
-            logits = model(z, target, prefix).float()  # (B, T, V)
-            ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum")
-            sums["ce" + name] = sums.get("ce" + name, 0.0) + ce.item()
-            sums["acc" + name] = sums.get("acc" + name, 0.0) + (logits.argmax(-1) == target).sum().item()
-        num_tokens += target.numel()
-        if i < 2:  # greedy decoding on a batch with and one without the prefix
-            greedy = model.generate(mu, target.shape[1], prefix)
-            exact += (greedy == target).all(1).tolist()
-            shown += list(zip(model.detokenize(target[:2]), model.detokenize(greedy[:2])))[: 3 - len(shown)]
-    model.head.latent_rms.fill_(torch.stack(power).mean().sqrt().item())
-    metrics = {f"val_{k}": v / num_tokens for k, v in sums.items()}
-    metrics.update(val_exact=sum(exact) / len(exact), val_kl=torch.cat(kls).mean().item(),
-                   val_active_units=int((torch.cat(mus).var(0) > 0.01).sum().item()),
-                   val_latent_rms=model.head.latent_rms.item())
-    if should_print:
-        for original, reconstruction in shown:
-            print(f"  original: {original!r}\n  greedy:   {reconstruction!r}")
-    return metrics
 
 
 def main(argv=None):
@@ -180,9 +148,12 @@ def main(argv=None):
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
     val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, args.context, i % 2 == 0), run.device)
                    for i, s in enumerate(starts)]  # fixed held-out windows; half the batches keep the prefix
-    if args.eval_only:
+    def evaluate_all():  # every metric of vae_eval.py: the end of a run, and --eval-only
         model.eval()
-        print(json.dumps({**evaluate(model, val_batches), "step": state["step"]}))
+        return evaluate(model, val_batches, args.iw_samples, should_train_base(args), should_print=run.is_main)
+
+    if args.eval_only:
+        print(json.dumps({**evaluate_all(), "step": state["step"]}))
         return
     optimizer = make_optimizer(model, args.lr, args.weight_decay)
     if state is not None:
@@ -209,9 +180,12 @@ def main(argv=None):
               f"{len(val_stream):,} held-out tokens, {run.world_size} process(es)")
 
     def evaluate_now():
-        return {**evaluate(model, val_batches, run.is_main), "minutes": round((time.time() - t_start) / 60, 2)}
+        return {**evaluate(model, val_batches, should_print=run.is_main),
+                "minutes": round((time.time() - t_start) / 60, 2)}
 
     metrics = train(model, optimizer, get_batch, evaluate_now, args, run, 0 if state is None else state["step"], save)
+    if run.is_main:
+        metrics.update(evaluate_all())
     finish(run, metrics)
 
 

@@ -32,15 +32,17 @@ from torch.nn.parallel import DistributedDataParallel
 from common import UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
 
 
-def add_common_args(parser, **defaults):
-    """The flags both training scripts have, with the same names and meanings."""
+def add_common_args(parser, has_model=True, **defaults):
+    """The flags every training script has, with the same names and meanings (has_model False:
+    no --model, for a script whose base comes from another checkpoint)."""
     d = dict(model="tiny", out_dir="out", max_iters=1000, eval_interval=250, batch_size=16, lr=3e-4,
              warmup_iters=50, grad_accum=1, grad_clip=1.0, weight_decay=0.0, log_interval=10)
     d.update(defaults)
     g = parser.add_argument_group("the run (trainer.py; every training script has these)")
-    g.add_argument("--model", default=d["model"], help="base LM: tiny | gpt2 | gpt2-medium | gpt2-large | "
-                   "gpt2-xl | mistral | a Hugging Face causal-LM id | a directory saved with save_pretrained "
-                   f"(default: {d['model'] or 'tiny, with --backbone lm'})")
+    if has_model:
+        g.add_argument("--model", default=d["model"], help="base LM: tiny | tiny-bpe | gpt2 | gpt2-medium | "
+                       "gpt2-large | gpt2-xl | mistral | smollm2 | a Hugging Face causal-LM id | a directory saved "
+                       f"with save_pretrained | a .gguf file (default: {d['model'] or 'tiny, with --backbone lm'})")
     g.add_argument("--out-dir", default=None, help="where checkpoints go (default: the --resume directory "
                    f"when resuming, else {d['out_dir']})")
     g.add_argument("--max-iters", type=positive_int, default=d["max_iters"], help="optimizer steps (default: %(default)s)")
@@ -155,7 +157,7 @@ def open_run(args, kind):
 # names the script that wrote it, so a checkpoint given to the wrong script is one clear line.
 
 KINDS = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
-         "wm": "train_wm.py (a world model)"}
+         "router": "train_router.py (a router)", "wm": "train_wm.py (a world model)"}
 
 
 def save_checkpoint(out_dir, state):

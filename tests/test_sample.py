@@ -91,7 +91,7 @@ def test_a_text_longer_than_the_context_is_cut_with_a_warning(capsys, overfit):
     (["--sample", "2", "--temperature", "-1"], "--temperature: -1 is out of range"),
     (["--sample", "2", "--num-tokens", "0"], "--num-tokens: 0 is out of range"),
     (["--sample", "1", "--reconstruct", "a"], "not allowed with argument"),
-    ([], "one of the arguments --reconstruct --interpolate --sample is required"),
+    ([], "one of the arguments --reconstruct --interpolate --sample --guide is required"),
     (["--reconstruct", ""], "text 1 is empty"), (["--reconstruct", "a", " "], "text 2 is empty"),
     (["--interpolate", "", "a"], "text 1 is empty")])
 def test_bad_input_is_one_line_and_never_trains(capsys, overfit, flags, message):

@@ -18,9 +18,12 @@ from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_sc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
-         "--log-interval", "1", "--warmup-iters", "1", "--device", "cpu"]
+         "--log-interval", "1", "--warmup-iters", "1", "--device", "cpu", "--iw-samples", "2"]
 KEYS = ("val_ce", "val_acc", "val_ce_shuffled", "val_acc_shuffled", "val_exact", "val_kl", "val_active_units",
-        "val_latent_rms")
+        "val_latent_rms", "val_char_similarity", "val_ppl", "val_ppl_shuffled")
+# vae_eval.py's full set: the end of a run and --eval-only; val_ppl_lm only where the base is frozen
+FULL_KEYS = ("val_iw_nll", "val_iw_ppl", "val_mi", "val_elbo", "val_elbo_per_token", "val_rec_per_token",
+             "val_kl_per_token", "val_ppl_lm")
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +85,9 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
     assert any(line.startswith("step 4/4 |") and "rec " in line and "kl " in line and "tok/s" in line
                and "eta" in line for line in lines)
     assert any(line.startswith("  original: ") for line in lines)
-    for key in KEYS + ("train_loss", "train_rec", "train_kl", "minutes", "steps"):
+    for key in KEYS + FULL_KEYS + ("train_loss", "train_rec", "train_kl", "minutes", "steps"):
         assert key in metrics, key
+    assert metrics["val_iw_samples"] == 2 and metrics["val_spans"] == 8 and 0 <= metrics["val_char_similarity"] <= 1
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     base_keys = [k for k in state["model"] if k.startswith("base.") and ".lora_" not in k]
     assert state["kind"] == "vae" and state["step"] == 4 and not base_keys  # only adapters + head, not the base
@@ -91,8 +95,8 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
     # --eval-only takes every model setting from the checkpoint: no --latent-size, --context, ... given
     again, _ = run_main(["--eval-only", "--resume", out, "--data", text_file, "--device", "cpu", "--batch-size", "4",
                          "--eval-batches", "2"], capsys)
-    assert set(KEYS) <= set(again) and again["step"] == 4
-    for key in ("val_ce", "val_acc", "val_kl"):  # the checkpoint round trip gives the same numbers
+    assert set(KEYS + FULL_KEYS) <= set(again) and again["step"] == 4
+    for key in ("val_ce", "val_acc", "val_kl", "val_ppl_lm", "val_char_similarity"):  # the checkpoint round trip gives the same numbers
         assert again[key] == pytest.approx(metrics[key], abs=1e-5), key
     # so does a resumed training run: --latent-size 16, --lora-r 4, --context 8, --model from the checkpoint
     run_main(["--resume", out, "--data", text_file, "--max-iters", "5", "--batch-size", "4", "--eval-batches", "2",
@@ -240,7 +244,7 @@ def test_a_checkpoint_of_something_else_is_named(tmp_path, capsys, text_file, co
 def test_the_scripts_answer_help_without_loading_transformers():
     """--help parses the flags before the heavy imports (transformers' alone takes ~2 s)."""
     code = ("import runpy, sys\n"
-            "for script in ('train_vae.py', 'sample.py', 'pretrain_lm.py', 'train_wm.py'):\n"
+            "for script in ('train_vae.py', 'sample.py', 'pretrain_lm.py', 'train_wm.py', 'train_router.py'):\n"
             "    sys.argv = [script, '--help']\n"
             "    try:\n"
             "        runpy.run_path(script, run_name='__main__')\n"
@@ -249,5 +253,5 @@ def test_the_scripts_answer_help_without_loading_transformers():
             "    assert 'transformers' not in sys.modules, script + ' imported transformers before --help'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0 and done.stdout.count("show this help message") == 4, done.stderr[-500:]
-    assert trainer.KINDS.keys() == {"vae", "lm", "wm"}
+    assert done.returncode == 0 and done.stdout.count("show this help message") == 5, done.stderr[-500:]
+    assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm"}

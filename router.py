@@ -1,0 +1,153 @@
+"""
+BigVAE's second stage, the router (JD-P/minihf, branch adavae-moe): a third LoRA adapter on the
+VAE's base LM learns p(next span | context, z), with the VAE frozen; generation mixes its logits
+with the plain base LM's by classifier-free guidance and chains span after span, steering long
+text toward a latent while the base keeps it fluent.
+
+    router = Router(vae)                                    # "router" adapter = a copy of "decoder"
+    terms = router.compute_loss(batch, step)                # {"loss"}: z encodes the target span
+    ids = router.generate(context_ids, z, num_spans=4, span_tokens=64, scale=1.25, temperature=0.8)
+
+- Training input `[context, w_d(z), target[:-1]]` predicting `target`, z ~ q(z | target) from
+  the VAE's frozen encoder. The router starts as the VAE's decoder: its adapter and its own
+  copies of `w_d` (and of `w_memory` when the VAE gives z to every layer as keys/values) are
+  the decoder's; only these train, as BigVAE trains the router and w_d.
+- Guidance: logits = base + s * (router - base), s = 1.25 in BigVAE, then Gumbel-max sampling
+  at the temperature (argmax at 0). s = 0 is the base alone, s = 1 the router alone, s > 1
+  pushes past the router, away from the base. The base is the frozen LM with no adapter, so a
+  VAE whose base trained (tiny trained fully) has no base to guide against.
+- Each span: both passes prefill on the last `context` tokens of the text so far (the window
+  the router was trained on; the router's with z's soft token after it), then decode one token
+  per step, each with its own KV cache.
+"""
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+import lora
+from lm import cache_kwarg
+from vae import ZMemory
+
+
+def guided_logits(base_logits, router_logits, scale):
+    """Classifier-free guidance: base + scale * (router - base)."""
+    return base_logits + scale * (router_logits - base_logits)
+
+
+def gumbel_max(logits, temperature):
+    """argmax(logits + T * gumbel) samples softmax(logits / T); T = 0 is greedy."""
+    if temperature > 0:
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)
+        logits = logits + temperature * -torch.log(-torch.log(uniform))
+    return logits.argmax(-1)
+
+
+class Router(nn.Module):
+    """The router adapter and its own z projections over a frozen VAE (vae.py)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        for p in vae.parameters():
+            p.requires_grad = False
+        base = vae.base
+        lora.add_adapter(base, "router", r=vae.cfg.lora_r, alpha=vae.cfg.lora_alpha)
+        lora.load_adapter_state_dict(base, "router", lora.adapter_state_dict(base, "decoder"))
+        self.w_d = copy.deepcopy(vae.head.w_d)
+        self.w_memory = copy.deepcopy(vae.head.w_memory)
+        for p in self.trained_parameters():
+            p.requires_grad = True
+
+    def trained_parameters(self):
+        """What the router trains and its checkpoint holds: the router adapter, w_d, w_memory."""
+        return [*lora.lora_parameters(self.vae.base, "router"), *self.w_d.parameters(),
+                *(self.w_memory.parameters() if self.w_memory is not None else [])]
+
+    def state(self):
+        return {k: v for k, v in self.state_dict().items()
+                if lora.is_lora_key(k, "router") or not k.startswith("vae.")}
+
+    def inputs(self, z, context_ids, ids=None):
+        """Router inputs [context, w_d(z), ids], positioned after z's memory: (B, L, C), (1, L)."""
+        embed = self.vae.base.get_input_embeddings()
+        parts = [embed(context_ids)] if context_ids is not None and context_ids.shape[1] > 0 else []
+        parts.append(self.w_d(z)[:, None].to(embed.weight.dtype))
+        parts += [embed(ids)] if ids is not None and ids.shape[1] > 0 else []
+        embeds = torch.cat(parts, 1)  # (B, L, C)
+        start = 1 if self.w_memory is not None else 0  # as the VAE's decoder: memory first
+        return embeds, torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
+
+    def memory_kwargs(self, z, cache_class):
+        """z's keys/values in every layer as the cache to read (none without w_memory)."""
+        if self.w_memory is None:
+            return {"use_cache": cache_class is DynamicCache}
+        return {"use_cache": True, **cache_kwarg(self.vae.base, self.vae.memory(z, cache_class, self.w_memory))}
+
+    def forward(self, z, target_ids, context_ids=None):
+        """Teacher-forced router logits for target_ids given the context and z: (B, T, V)."""
+        embeds, positions = self.inputs(z, context_ids, target_ids[:, :-1])
+        with lora.use_adapter(self.vae.base, "router"):
+            out = self.vae.base(inputs_embeds=embeds, position_ids=positions, logits_to_keep=target_ids.shape[1],
+                                **self.memory_kwargs(z, ZMemory))
+        return out.logits
+
+    def base_logits(self, target_ids, context_ids=None):
+        """The plain base LM (no adapter) on the same target: (B, T, V); after end of text when no context."""
+        if context_ids is None or context_ids.shape[1] == 0:
+            context_ids = torch.full_like(target_ids[:, :1], self.vae.eos_id)
+        ids = torch.cat([context_ids, target_ids[:, :-1]], 1)
+        with lora.use_adapter(self.vae.base, None):
+            return self.vae.base(input_ids=ids, use_cache=False, logits_to_keep=target_ids.shape[1]).logits
+
+    def encode(self, ids):
+        """z ~ q(z | ids) from the frozen encoder, at the VAE's full sampling noise."""
+        with torch.no_grad():
+            mu, logvar = self.vae.encode(ids)
+        return self.vae.sample(mu, logvar)
+
+    def compute_loss(self, batch, step):
+        target = batch["target_ids"]
+        logits = self(self.encode(batch["input_ids"]), target, batch["prefix_ids"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def generate(self, context_ids, z, num_spans, span_tokens, scale=1.25, temperature=0.0, window=None):
+        """Chain num_spans spans of span_tokens after context_ids (B, P), each steered toward z (B, D).
+        window: context tokens each span sees (default: the length of context_ids). Returns the
+        generated ids (B, num_spans * span_tokens); scale 0 never runs the router."""
+        base, text = self.vae.base, context_ids
+        window = context_ids.shape[1] if window is None else window
+        for _ in range(num_spans):
+            seen = text[:, max(0, text.shape[1] - window):]
+            step_logits, caches, positions = {}, {}, {}
+            # the base: prefill on the window (after end of text when it is empty)
+            start = seen if seen.shape[1] > 0 else torch.full_like(text[:, :1], self.vae.eos_id)
+            caches["base"] = DynamicCache(config=base.config)
+            with lora.use_adapter(base, None):
+                out = base(input_ids=start, use_cache=True, logits_to_keep=1, **cache_kwarg(base, caches["base"]))
+            step_logits["base"], positions["base"] = out.logits[:, -1].float(), start.shape[1]
+            if scale != 0:  # the router: z's memory, then [window, w_d(z)]
+                caches["router"] = self.vae.memory(z, DynamicCache, self.w_memory)
+                embeds, pos = self.inputs(z, seen)
+                with lora.use_adapter(base, "router"):
+                    out = base(inputs_embeds=embeds, position_ids=pos, use_cache=True, logits_to_keep=1,
+                               **cache_kwarg(base, caches["router"]))
+                step_logits["router"], positions["router"] = out.logits[:, -1].float(), pos[0, -1].item() + 1
+            for i in range(span_tokens):
+                mixed = step_logits["base"] if scale == 0 else guided_logits(step_logits["base"], step_logits["router"], scale)
+                next_id = gumbel_max(mixed, temperature)[:, None]  # (B, 1)
+                text = torch.cat([text, next_id], 1)
+                if i + 1 == span_tokens:
+                    break
+                for name, cache in caches.items():  # one token per step through each cache
+                    position = torch.full((1, 1), positions[name] + i, device=next_id.device)
+                    with lora.use_adapter(base, None if name == "base" else "router"):
+                        out = base(input_ids=next_id, position_ids=position, use_cache=True,
+                                   **cache_kwarg(base, cache))
+                    step_logits[name] = out.logits[:, -1].float()
+        return text[:, context_ids.shape[1]:]

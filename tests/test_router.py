@@ -1,0 +1,160 @@
+"""router.py and train_router.py: the router starts as the decoder, guidance mixes logits as
+stated, cached generation equals recomputation, only the router trains, bad inputs are one line."""
+
+import os
+
+import pytest
+import torch
+
+import lm
+import lora
+import sample
+import train_router
+import train_vae
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
+from router import Router, guided_logits
+from vae import VAE, VAEConfig
+
+SMALL = ["--batch-size", "4", "--eval-batches", "2", "--log-interval", "1", "--warmup-iters", "1", "--device", "cpu",
+         "--sweep-pairs", "4", "--scales", "0", "1.25"]
+VAE_SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
+             "--device", "cpu", "--iw-samples", "2", "--max-iters", "2", "--eval-interval", "2"]
+
+
+def make_router(z_memory=1):
+    vae = VAE(tiny_gpt2(), VAEConfig(latent_size=8, lora_r=4, z_memory=z_memory, prefix_slots=6),
+              lm.ByteTokenizer()).eval()
+    torch.manual_seed(1)
+    for layer in lora.lora_layers(vae.base):  # a decoder that is not zero, so "equal" means something
+        for p in layer.lora_B["decoder"].parameters():
+            torch.nn.init.normal_(p, std=0.1)
+    return Router(vae).eval()
+
+
+@pytest.fixture(scope="module")
+def vae_dirs(tmp_path_factory, text_file):
+    """A VAE on a frozen pretrained-like base, and one on two bases: {name: out-dir}."""
+    root = tmp_path_factory.mktemp("router")
+    dirs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, seed in (("a", 0), ("b", 1)):
+        base = root / f"base-{name}"
+        torch.manual_seed(seed)
+        lm.save_base(tiny_gpt2() if seed == 0 else lm.load_base("tiny")[0], lm.ByteTokenizer(), base)
+        dirs[name] = str(root / f"vae-{name}")
+        train_vae.main(VAE_SMALL + ["--model", str(base), "--data", text_file, "--out-dir", dirs[name]])
+    dirs["tiny"] = str(root / "vae-tiny")  # tiny trained fully: no plain LM to guide against
+    train_vae.main(VAE_SMALL + ["--data", text_file, "--out-dir", dirs["tiny"]])
+    torch.set_num_threads(threads)
+    return dirs
+
+
+def test_the_router_starts_as_the_decoder():
+    router = make_router()
+    base = router.vae.base
+    decoder, routed = lora.adapter_state_dict(base, "decoder"), lora.adapter_state_dict(base, "router")
+    assert decoder.keys() == routed.keys() and all(torch.equal(decoder[k], routed[k]) for k in decoder)
+    assert torch.equal(router.w_d.weight, router.vae.head.w_d.weight)
+    assert torch.equal(router.w_memory.weight, router.vae.head.w_memory.weight)
+    assert router.w_d.weight.data_ptr() != router.vae.head.w_d.weight.data_ptr()  # a copy: the VAE stays as it was
+
+
+def test_guidance_scale_0_is_the_base_and_1_the_router():
+    base, routed = torch.randn(3, 10), torch.randn(3, 10)
+    assert torch.equal(guided_logits(base, routed, 0.0), base)
+    assert torch.allclose(guided_logits(base, routed, 1.0), routed)
+    assert torch.allclose(guided_logits(base, routed, 2.0), 2 * routed - base)
+
+
+def recomputed_generation(router, context, z, num_spans, span_tokens, scale):
+    """Greedy guided generation by full forward passes at every token (no cache)."""
+    text = context
+    for _ in range(num_spans):
+        seen = text[:, text.shape[1] - context.shape[1]:]
+        span = text[:, :0]
+        for _ in range(span_tokens):
+            probe = torch.cat([span, span[:, :1] if span.shape[1] else seen[:, :1]], 1)  # the last id is a dummy
+            router_logits = router(z, probe, seen)[:, -1]
+            base_logits = router.base_logits(probe, seen)[:, -1]
+            next_id = guided_logits(base_logits, router_logits, scale).argmax(-1, keepdim=True)
+            span = torch.cat([span, next_id], 1)
+        text = torch.cat([text, span], 1)
+    return text[:, context.shape[1]:]
+
+
+@pytest.mark.parametrize("z_memory", [1, 0])
+def test_cached_generation_equals_recomputation(z_memory):
+    router = make_router(z_memory)
+    torch.manual_seed(2)
+    context, z = torch.randint(0, 256, (2, 6)), torch.randn(2, 8)
+    for scale in (0.0, 1.0, 1.25):
+        cached = router.generate(context, z, num_spans=2, span_tokens=5, scale=scale)
+        assert torch.equal(cached, recomputed_generation(router, context, z, 2, 5, scale)), scale
+    with torch.no_grad():  # scale 0 is the base LM's own greedy continuation (one span)
+        expected = router.vae.base.generate(context, max_new_tokens=5, do_sample=False, pad_token_id=256)
+    assert torch.equal(router.generate(context, z, 1, 5, scale=0.0), expected[:, 6:])
+
+
+def test_only_the_router_and_its_z_projections_get_gradients():
+    router = make_router().train()
+    batch = {"input_ids": torch.randint(0, 256, (2, 5)), "prefix_ids": torch.randint(0, 256, (2, 6))}
+    batch["target_ids"] = batch["input_ids"]
+    router.compute_loss(batch, 0)["loss"].backward()
+    trained = {id(p) for p in router.trained_parameters()}
+    for name, p in router.named_parameters():
+        assert (p.grad is not None) == (id(p) in trained), name
+    assert any(p.grad.abs().sum() > 0 for p in router.trained_parameters())
+    names = {n for n, p in router.named_parameters() if id(p) in trained}
+    assert all(".lora_" in n and ".router." in n or n.startswith(("w_d.", "w_memory.")) for n in names)
+
+
+def test_train_eval_resume_and_guide(tmp_path, capsys, monkeypatch, text_file, vae_dirs):
+    argv = SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "4", "--eval-interval", "2"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    metrics, lines = run_script(train_router.main, argv + ["--out-dir", straight], capsys)
+    assert any(line.startswith("step 4/4 |") and "eta" in line for line in lines)
+    for key in ("val_acc_router", "val_acc_base", "val_acc_shuffled", "sweep_cosine_s0", "sweep_cosine_s1.25",
+                "sweep_cosine_gap_s1.25", "sweep_cosine_gap_s1.25_ci95", "sweep_base_nll_s1.25", "steps"):
+        assert key in metrics, key
+    assert metrics["sweep_cosine_gap_s0"] == 0.0 and metrics["sweep_pairs"] == 4
+    state = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    assert state["kind"] == "router" and all(".router." in k or k.startswith(("w_d.", "w_memory.")) for k in state["model"])
+    crash_at_step_2_then_resume(train_router, argv, crashed, monkeypatch, capsys)
+    b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
+    for k in state["model"]:
+        assert torch.equal(state["model"][k], b["model"][k]), k
+    again, _ = run_script(train_router.main, ["--vae", vae_dirs["a"], "--resume", straight, "--eval-only", "--data",
+                                              text_file] + SMALL, capsys)
+    assert again["val_acc_router"] == pytest.approx(metrics["val_acc_router"])
+    guided, lines = run_script(sample.main, ["--resume", vae_dirs["a"], "--router", straight, "--guide", "the model",
+                                             "--target", "a file line.", "reads a span.", "--num-spans", "2",
+                                             "--span-tokens", "4", "--device", "cpu"], capsys)
+    assert len(guided["guided"]) == 1 and guided["num_spans"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vae", "/nonexistent"], "no checkpoint at /nonexistent"),
+    (["--vae", "TINY"], "no plain LM is left to guide against"),
+    (["--vae", "B", "--resume", "ROUTER"], "was trained on another VAE"),
+    (["--vae", "A", "--scales", "-1"], "--scales"),
+])
+def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path, text_file, vae_dirs):
+    router_dir = str(tmp_path / "router")
+    if "ROUTER" in argv:
+        run_script(train_router.main, SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "1",
+                                               "--out-dir", router_dir], capsys)
+    names = {"TINY": vae_dirs["tiny"], "A": vae_dirs["a"], "B": vae_dirs["b"], "ROUTER": router_dir}
+    argv = [names.get(a, a) for a in argv] + ["--data", text_file, "--out-dir", str(tmp_path / "out"), "--device", "cpu"]
+    assert message in run_script_error(train_router.main, argv, capsys)
+
+
+def test_guide_refuses_an_empty_target_and_another_vaes_router(capsys, tmp_path, text_file, vae_dirs):
+    router_dir = str(tmp_path / "router")
+    run_script(train_router.main, SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "1",
+                                           "--out-dir", router_dir], capsys)
+    common = ["--router", router_dir, "--guide", "the model", "--device", "cpu"]
+    assert "target 1 is empty" in run_script_error(sample.main, ["--resume", vae_dirs["a"], "--target", " "] + common,
+                                                   capsys)
+    assert "was trained on another VAE" in run_script_error(sample.main, ["--resume", vae_dirs["b"], "--target", "x"]
+                                                            + common, capsys)

@@ -1,0 +1,180 @@
+"""
+Train BigVAE's router (router.py) on a finished, frozen text VAE (train_vae.py's checkpoint),
+then measure how far guided generation steers toward a latent and what it costs in fluency.
+
+    python pretrain_lm.py --model tiny-bpe                     # a small LM to guide against (~3 min)
+    python train_vae.py --model out-lm/base --out-dir out-vae-lm   # a VAE on it, base frozen
+    python train_router.py --vae out-vae-lm                    # the router, CPU (~10 min)
+    python train_router.py --vae out-vae-lm --resume out-router --eval-only
+    python train_router.py --vae out-vae-gpt2 --lr 1e-4        # any pretrained --model base (GPU)
+    python sample.py --resume out-vae-lm --router out-router --guide "Return the" --target "Close the file."
+
+The data are train_vae.py's windows with the prefix always kept: the prefix is the context,
+the span the next text, z ~ q(z | span). The base LM to guide against is the VAE's base with
+no adapter, so the VAE's base must be frozen (a pretrained --model, or --freeze-base on a
+pretrained tiny): a VAE that trained tiny's base fully has no plain LM left.
+Evaluation, on held-out (context, next span) pairs: teacher-forced accuracy of the real next
+span given context and its z* (router) vs context alone (base) and vs another pair's z; and
+the steering sweep (at the end and with --eval-only): one span generated per pair at each
+--scales value (0 = the base alone), its encoding's cosine similarity to z*, and the base
+LM's NLL per token of what was generated (fluency), each a mean with its 95% interval.
+The last line printed is one JSON object of the run's metrics.
+"""
+
+from common import UserError, make_parser, nonneg_float, parse, positive_int, run_cli
+from textdata import add_data_args
+from trainer import add_common_args
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--vae", metavar="DIR", required=True, help="the --out-dir of the train_vae.py run to "
+                        "steer with (its base must be frozen)")
+    add_common_args(parser, has_model=False, out_dir="out-router", max_iters=2000, eval_interval=500, batch_size=16,
+                    lr=1e-3, warmup_iters=50)
+    add_data_args(parser)
+    g = parser.add_argument_group("steering sweep (router.py)")
+    g.add_argument("--scales", type=nonneg_float, nargs="+", default=[0.0, 1.0, 1.25, 2.0, 4.0],
+                   help="guidance scales to generate at; 0 is the base alone (BigVAE: 1.25; default: %(default)s)")
+    g.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature of the sweep "
+                   "(0: greedy; default: %(default)s)")
+    g.add_argument("--sweep-pairs", type=positive_int, default=64, help="held-out (context, span) pairs in the "
+                   "sweep (default: %(default)s)")
+    return parse(parser, argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before the heavy imports below
+
+import hashlib
+import json
+import math
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+import textdata
+import train_vae
+from common import batch_seed
+from router import Router
+from trainer import (finish, load_checkpoint, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
+                     train_config)
+from vae_eval import token_log_probs
+
+def fingerprint(vae_state):
+    """What identifies a VAE checkpoint: its base, its step and a hash of its encoder head."""
+    w_e = vae_state["model"]["head.w_e.weight"].float().contiguous().numpy().tobytes()
+    return f"{vae_state['config']['model']}@{vae_state['step']}:{hashlib.sha256(w_e).hexdigest()[:16]}"
+
+
+def load_router(vae_dir, run, state=None, router_dir=None, batch_size=1):
+    """The frozen VAE in vae_dir and a router on it, with the weights of a router checkpoint
+    `state` (from router_dir) when given; refuses a VAE with no plain base to guide against, and
+    a router trained on another VAE. Returns (router, the VAE's settings, its fingerprint)."""
+    vae_state = load_checkpoint(vae_dir, "vae")
+    vae_args = train_vae.parse_args(["--resume", vae_dir, "--batch-size", str(batch_size)])
+    if train_vae.should_train_base(types.SimpleNamespace(**vae_state["config"])):
+        raise UserError(f"the VAE in {vae_dir} trained tiny's base fully, so no plain LM is left to guide "
+                        "against; train one on a frozen pretrained base (python pretrain_lm.py, then python "
+                        "train_vae.py --model out-lm/base) and give that to --vae")
+    vae_print = fingerprint(vae_state)
+    if state is not None and state["config"]["vae_fingerprint"] != vae_print:
+        raise UserError(f"the router in {router_dir} was trained on another VAE ({state['config']['vae_fingerprint']}"
+                        f"), not on {vae_dir} ({vae_print}); give the VAE it was trained on")
+    router = Router(train_vae.load_vae(vae_args, run, vae_state).eval())
+    if state is not None:
+        router.load_state_dict(state["model"], strict=False)  # strict=False: the VAE is not in it
+    return router, vae_args, vae_print
+
+
+def mean_interval(values):
+    """Mean and half-width of its 95% interval (normal approximation): (mean, half)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+
+
+@torch.no_grad()
+def evaluate(router, val_batches):
+    """Teacher-forced: the real next span given context and z* (router), context alone (base LM),
+    context and another pair's z (router, shuffled)."""
+    sums, num_tokens = {}, 0
+    for batch in val_batches:
+        target, context = batch["target_ids"], batch["prefix_ids"]
+        mu, _ = router.vae.encode(target)
+        for name, logits in (("router", router(mu, target, context)), ("base", router.base_logits(target, context)),
+                             ("shuffled", router(mu.roll(1, 0), target, context))):
+            sums[f"val_ce_{name}"] = sums.get(f"val_ce_{name}", 0.0) - token_log_probs(logits, target).sum().item()
+            sums[f"val_acc_{name}"] = sums.get(f"val_acc_{name}", 0.0) + (logits.argmax(-1) == target).sum().item()
+        num_tokens += target.numel()
+    return {k: v / num_tokens for k, v in sums.items()}
+
+
+@torch.no_grad()
+def sweep(router, batch, scales, temperature, seed):
+    """One span per pair at each scale: cosine of its encoding to z*, the base's NLL per token of it."""
+    target, context = batch["target_ids"], batch["prefix_ids"]
+    z_star, _ = router.vae.encode(target)
+    results, cosines = {}, {}
+    for scale in scales:
+        torch.manual_seed(seed)  # the same noise at every scale: the scales differ by guidance alone
+        generated = router.generate(context, z_star, 1, target.shape[1], scale, temperature)
+        mu, _ = router.vae.encode(generated)
+        cosines[scale] = F.cosine_similarity(mu.float(), z_star.float(), dim=-1).tolist()
+        nll = (-token_log_probs(router.base_logits(generated, context), generated).mean(-1)).tolist()
+        for name, values in (("cosine", cosines[scale]), ("base_nll", nll)):
+            results[f"sweep_{name}_s{scale:g}"], results[f"sweep_{name}_s{scale:g}_ci95"] = mean_interval(values)
+        gap = [a - b for a, b in zip(cosines[scale], cosines[scales[0]])]  # paired, against the first scale
+        results[f"sweep_cosine_gap_s{scale:g}"], results[f"sweep_cosine_gap_s{scale:g}_ci95"] = mean_interval(gap)
+    results["sweep_pairs"] = target.shape[0]
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    state = open_run(args, "router")
+    router, vae_args, vae_print = load_router(args.vae, run, state, args.resume, args.batch_size)
+    tokenizer, span = router.vae.tokenizer, 2 * vae_args.context
+    train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,
+                                                      "the default corpus" if args.data is None else args.data)
+    starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
+    val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, vae_args.context, True), run.device) for s in starts]
+    sweep_batch = textdata.to_device(textdata.vae_batch(val_stream, textdata.spread_starts(
+        val_stream, span, 1, args.sweep_pairs)[0], vae_args.context, True), run.device)
+
+    def evaluate_all():
+        router.eval()
+        return {**evaluate(router, val_batches), **sweep(router, sweep_batch, args.scales, args.temperature, args.seed)}
+
+    if args.eval_only:
+        print(json.dumps({**evaluate_all(), "step": state["step"]}))
+        return
+    params = router.trained_parameters()
+    optimizer = make_optimizer(router, args.lr, args.weight_decay)
+    if state is not None:
+        load_optimizer(optimizer, state["optimizer"])
+
+    def get_batch(index):
+        g = torch.Generator().manual_seed(batch_seed(args.seed, index))
+        starts = textdata.random_starts(train_stream, span, args.batch_size, g)
+        return textdata.to_device(textdata.vae_batch(train_stream, starts, vae_args.context, True), run.device)
+
+    def save(step):
+        config = {**train_config(args), "vae": args.vae, "vae_fingerprint": vae_print}
+        save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
+                                       "optimizer": optimizer.state_dict()})
+
+    t_start = time.time()
+    print(f"router on {vae_args.model}: {sum(p.numel() for p in params):,} trainable parameters, "
+          f"{len(train_stream):,} training / {len(val_stream):,} held-out tokens")
+    metrics = train(router, optimizer, get_batch, lambda: {**evaluate(router, val_batches),
+                    "minutes": round((time.time() - t_start) / 60, 2)}, args, run,
+                    0 if state is None else state["step"], save)
+    metrics.update(evaluate_all())
+    finish(run, metrics)
+
+
+if __name__ == "__main__":
+    run_cli(main)
