@@ -2,9 +2,9 @@
 Train BigVAE's router (router.py) on a finished, frozen text VAE (train_vae.py's checkpoint),
 then measure how far guided generation steers toward a latent and what it costs in fluency.
 
-    python pretrain_lm.py --model tiny-bpe                     # a small LM to guide against (~3 min)
-    python train_vae.py --model out-lm/base --out-dir out-vae-lm   # a VAE on it, base frozen
-    python train_router.py --vae out-vae-lm                    # the router, CPU (~10 min)
+    python pretrain_lm.py --model tiny-bpe --block-size 48 --max-iters 3000   # an LM to guide against (6 min)
+    python train_vae.py --model out-lm/base --context 24 --z-memory 8 --max-iters 4000 --out-dir out-vae-lm
+    python train_router.py --vae out-vae-lm                    # the router, CPU: 6 min on one core
     python train_router.py --vae out-vae-lm --resume out-router --eval-only
     python train_router.py --vae out-vae-gpt2 --lr 1e-4        # any pretrained --model base (GPU)
     python sample.py --resume out-vae-lm --router out-router --guide "Return the" --target "Close the file."

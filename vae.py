@@ -15,8 +15,8 @@ One base LM, two LoRA adapters (lora.py) switched per call:
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
   BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also an extra
   key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
-  decoder learned to read z far sooner this way (README, "The text VAE"); several keys/values
-  per layer (`z_memory` > 1), all made from the one z, sooner still.
+  decoder learned to read z far sooner this way (README, "The text VAE"); 8 keys/values per
+  layer, all made from the one z, gained a little more (results/vae_levers.md).
 Posteriors: "bigvae" is N(mu, I), KL = |mu|^2 / 2 (BigVAE has no variance head);
 "diagonal" is N(mu, diag(exp(logvar))) (Optimus, AdaVAE).
 The sampling noise and the KL weight follow schedules of the step: an optional noise-free,
