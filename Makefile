@@ -1,6 +1,6 @@
 # The two quick-start commands; each sets up the virtual environment first (once).
 #   make demo    train the text VAE on the tiny model, offline, on the CPU (~15 min on 2 cores)
-#   make test    the test suite (~90 s on 2 cores), exactly what CI runs
+#   make test    the test suite (~2 min on 2 cores), exactly what CI runs
 # Your own environment instead: see README.md, "Install".
 
 VENV ?= .venv
