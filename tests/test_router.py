@@ -158,3 +158,7 @@ def test_guide_refuses_an_empty_target_and_another_vaes_router(capsys, tmp_path,
                                                    capsys)
     assert "was trained on another VAE" in run_script_error(sample.main, ["--resume", vae_dirs["b"], "--target", "x"]
                                                             + common, capsys)
+    assert "--scale" in run_script_error(sample.main, ["--resume", vae_dirs["a"], "--target", "x", "--scale", "-1"]
+                                         + common, capsys)
+    assert "--guide needs --router DIR and --target TEXT" in run_script_error(
+        sample.main, ["--resume", vae_dirs["a"], "--guide", "the model"], capsys)
