@@ -30,7 +30,6 @@ from transformers import DynamicCache
 
 import lora
 from lm import cache_kwarg
-from vae import ZMemory
 
 
 def guided_logits(base_logits, router_logits, scale):
@@ -81,18 +80,14 @@ class Router(nn.Module):
         start = 1 if self.w_memory is not None else 0  # as the VAE's decoder: memory first
         return embeds, torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
 
-    def memory_kwargs(self, z, cache_class):
-        """z's keys/values in every layer as the cache to read (none without w_memory)."""
-        if self.w_memory is None:
-            return {"use_cache": cache_class is DynamicCache}
-        return {"use_cache": True, **cache_kwarg(self.vae.base, self.vae.memory(z, cache_class, self.w_memory))}
-
     def forward(self, z, target_ids, context_ids=None):
         """Teacher-forced router logits for target_ids given the context and z: (B, T, V)."""
         embeds, positions = self.inputs(z, context_ids, target_ids[:, :-1])
+        memory = ({"use_cache": True, **cache_kwarg(self.vae.base, self.vae.memory(z, w_memory=self.w_memory))}
+                  if self.w_memory is not None else {"use_cache": False})  # z's keys/values, read, never extended
         with lora.use_adapter(self.vae.base, "router"):
             out = self.vae.base(inputs_embeds=embeds, position_ids=positions, logits_to_keep=target_ids.shape[1],
-                                **self.memory_kwargs(z, ZMemory))
+                                **memory)
         return out.logits
 
     def base_logits(self, target_ids, context_ids=None):
