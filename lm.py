@@ -57,7 +57,7 @@ TINY_CONFIG = dict(
     attn_pdrop=0.0,
 )
 
-TINY_TOKENIZERS = ("tiny", "tiny-bpe")  # tiny reads UTF-8 bytes; tiny-bpe GPT-2's first TINY_BPE_TOKENS tokens
+TINY_MODELS = ("tiny", "tiny-bpe")  # tiny reads UTF-8 bytes; tiny-bpe GPT-2's first TINY_BPE_TOKENS tokens
 TINY_BPE_TOKENS = 2048
 
 # -----------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
     should_load_tokenizer=False: (model, None), for users that tokenize no text (the world model),
     so that a directory holding a model but no tokenizer files loads too."""
     torch_dtype = resolve_dtype(dtype, device)
-    if name in TINY_TOKENIZERS:
+    if name in TINY_MODELS:
         if quantize is not None:
             raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
                             "or give a Hugging Face id or directory as --model")

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import lora
 import offload
 from common import UserError
-from lm import TINY_TOKENIZERS, cache_kwarg, hidden_size, num_positions
+from lm import TINY_MODELS, cache_kwarg, hidden_size, num_positions
 from worldmodel import WorldModel
 
 
@@ -128,4 +128,4 @@ def should_save_base(args):
     """Whether a checkpoint must keep the LM's own weights: when they train, or are random
     (--lm-init random, or tiny, which has no pretrained weights); a frozen pretrained LM
     reloads from --model."""
-    return args.train_base or args.lm_init == "random" or args.model in TINY_TOKENIZERS
+    return args.train_base or args.lm_init == "random" or args.model in TINY_MODELS

@@ -15,7 +15,7 @@ text toward a latent while the base keeps it fluent.
 - Guidance: logits = base + s * (router - base), s = 1.25 in BigVAE, then Gumbel-max sampling
   at the temperature (argmax at 0). s = 0 is the base alone, s = 1 the router alone, s > 1
   pushes past the router, away from the base. The base is the frozen LM with no adapter, so a
-  VAE whose base trained (tiny trained fully) has no base to guide against.
+  VAE whose base trained (tiny trained fully) has no base to guide against (VAE.base_logits).
 - Each span: both passes prefill on the last `context` tokens of the text so far (the window
   the router was trained on; the router's with z's soft token after it), then decode one token
   per step, each with its own KV cache.
@@ -30,19 +30,12 @@ from transformers import DynamicCache
 
 import lora
 from lm import cache_kwarg
+from vae import gumbel_max
 
 
 def guided_logits(base_logits, router_logits, scale):
     """Classifier-free guidance: base + scale * (router - base)."""
     return base_logits + scale * (router_logits - base_logits)
-
-
-def gumbel_max(logits, temperature):
-    """argmax(logits + T * gumbel) samples softmax(logits / T); T = 0 is greedy."""
-    if temperature > 0:
-        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)
-        logits = logits + temperature * -torch.log(-torch.log(uniform))
-    return logits.argmax(-1)
 
 
 class Router(nn.Module):
@@ -89,14 +82,6 @@ class Router(nn.Module):
             out = self.vae.base(inputs_embeds=embeds, position_ids=positions, logits_to_keep=target_ids.shape[1],
                                 **memory)
         return out.logits
-
-    def base_logits(self, target_ids, context_ids=None):
-        """The plain base LM (no adapter) on the same target: (B, T, V); after end of text when no context."""
-        if context_ids is None or context_ids.shape[1] == 0:
-            context_ids = torch.full_like(target_ids[:, :1], self.vae.eos_id)
-        ids = torch.cat([context_ids, target_ids[:, :-1]], 1)
-        with lora.use_adapter(self.vae.base, None):
-            return self.vae.base(input_ids=ids, use_cache=False, logits_to_keep=target_ids.shape[1]).logits
 
     def encode(self, ids):
         """z ~ q(z | ids) from the frozen encoder, at the VAE's full sampling noise."""

@@ -103,7 +103,7 @@ def evaluate(router, val_batches):
     for batch in val_batches:
         target, context = batch["target_ids"], batch["prefix_ids"]
         mu, _ = router.vae.encode(target)
-        for name, logits in (("router", router(mu, target, context)), ("base", router.base_logits(target, context)),
+        for name, logits in (("router", router(mu, target, context)), ("base", router.vae.base_logits(target, context)),
                              ("shuffled", router(mu.roll(1, 0), target, context))):
             sums[f"val_ce_{name}"] = sums.get(f"val_ce_{name}", 0.0) - token_log_probs(logits, target).sum().item()
             sums[f"val_acc_{name}"] = sums.get(f"val_acc_{name}", 0.0) + (logits.argmax(-1) == target).sum().item()
@@ -122,7 +122,7 @@ def sweep(router, batch, scales, temperature, seed):
         generated = router.generate(context, z_star, 1, target.shape[1], scale, temperature)
         mu, _ = router.vae.encode(generated)
         cosines[scale] = F.cosine_similarity(mu.float(), z_star.float(), dim=-1).tolist()
-        nll = (-token_log_probs(router.base_logits(generated, context), generated).mean(-1)).tolist()
+        nll = (-token_log_probs(router.vae.base_logits(generated, context), generated).mean(-1)).tolist()
         for name, values in (("cosine", cosines[scale]), ("base_nll", nll)):
             results[f"sweep_{name}_s{scale:g}"], results[f"sweep_{name}_s{scale:g}_ci95"] = mean_interval(values)
         gap = [a - b for a, b in zip(cosines[scale], cosines[scales[0]])]  # paired, against the first scale

@@ -97,7 +97,7 @@ import lora
 import offload
 import textdata
 from common import UserError, batch_seed
-from lm import TINY_TOKENIZERS, num_positions
+from lm import TINY_MODELS, num_positions
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
                      train_config)
 from vae import VAE, VAEConfig
@@ -106,7 +106,7 @@ from vae_eval import evaluate
 
 def should_train_base(args):
     """tiny's base trains with the VAE (it has nothing pretrained to protect); any other stays frozen."""
-    return args.model in TINY_TOKENIZERS and not args.freeze_base
+    return args.model in TINY_MODELS and not args.freeze_base
 
 
 def build(args, run):
@@ -126,14 +126,14 @@ def build(args, run):
 
 def saved_state(vae, args):
     """tiny's base is saved whether it trains or not (its weights are random: nothing reloads them)."""
-    return lora.saved_state(vae, "base.", should_save_base=args.model in TINY_TOKENIZERS)
+    return lora.saved_state(vae, "base.", should_save_base=args.model in TINY_MODELS)
 
 
 def load_vae(args, run, state):
     """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
     adopt_config(args, state, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
     vae = build(args, run)
-    lora.load_saved_state(vae, state["model"], "base.", args.model in TINY_TOKENIZERS, args.resume)
+    lora.load_saved_state(vae, state["model"], "base.", args.model in TINY_MODELS, args.resume)
     return vae
 
 

@@ -97,6 +97,14 @@ def token_weights(num_tokens, should_weight_edges, device):
     return weights
 
 
+def gumbel_max(logits, temperature):
+    """argmax(logits + T * gumbel) samples softmax(logits / T) (BigVAE's sampler); T = 0 is greedy."""
+    if temperature > 0:
+        uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)
+        logits = logits + temperature * -torch.log(-torch.log(uniform))
+    return logits.argmax(-1)
+
+
 def bidirectional_mask(mask, dtype):
     """(B, T) True-for-real-token mask -> additive (B, 1, T, T) mask: every position sees every
     real position, none sees padding. Additive, so eager and sdpa attention read it alike."""
@@ -244,6 +252,15 @@ class VAE(nn.Module):
                             **memory)
         return out.logits
 
+    def base_logits(self, target_ids, prefix_ids=None):
+        """The base LM alone (no adapter, no z) on target_ids after the prefix, or after end of
+        text when there is none: (B, T, V). A frozen base's own prediction, the reference."""
+        if prefix_ids is None or prefix_ids.shape[1] == 0:
+            prefix_ids = torch.full_like(target_ids[:, :1], self.eos_id)
+        ids = torch.cat([prefix_ids, target_ids[:, :-1]], 1)
+        with lora.use_adapter(self.base, None):
+            return self.base(input_ids=ids, use_cache=False, logits_to_keep=target_ids.shape[1]).logits
+
     def compute_loss(self, batch, step):
         """Named loss terms for a batch {"input_ids", "target_ids", optional "input_mask", "prefix_ids"}."""
         cfg, target = self.cfg, batch["target_ids"]
@@ -280,10 +297,7 @@ class VAE(nn.Module):
             position += embeds.shape[1]
             for i in range(num_tokens):
                 logits = out.logits[:, -1].float()
-                if temperature > 0:
-                    uniform = torch.rand_like(logits).clamp_(1e-10, 1.0)
-                    logits = logits + temperature * -torch.log(-torch.log(uniform))
-                next_id = logits.argmax(-1).masked_fill(done, eos)
+                next_id = gumbel_max(logits, temperature).masked_fill(done, eos)
                 done |= next_id == eos
                 out_ids.append(next_id)
                 if i + 1 == num_tokens or done.all():

@@ -29,7 +29,6 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-import lora
 from vae import kl_per_dim
 
 
@@ -76,15 +75,6 @@ def token_log_probs(logits, target):
     return -F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
 
 
-def base_lm_log_probs(model, target, prefix):
-    """The base LM alone (no adapter, no z) on the span after its prefix (or after end of text): (B, T)."""
-    start = prefix if prefix is not None else torch.full_like(target[:, :1], model.eos_id)
-    ids = torch.cat([start, target[:, :-1]], 1)
-    with lora.use_adapter(model.base, None):
-        logits = model.base(input_ids=ids, use_cache=False, logits_to_keep=target.shape[1]).logits
-    return token_log_probs(logits, target)
-
-
 @torch.no_grad()
 def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_shown=3, should_print=True):
     """Held-out metrics (module docstring). num_iw_samples 0: the cheap ones only, with greedy
@@ -110,7 +100,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
             terms["rec"] = -log_px[0].sum().item()  # one sample: the ELBO's reconstruction term
             terms["iw_nll"] = -iw_log_likelihood(log_px, z, mu, logvar).sum().item()
             if not should_train_base:
-                terms["lm_nll"] = -base_lm_log_probs(model, target, prefix).sum().item()
+                terms["lm_nll"] = -token_log_probs(model.base_logits(target, prefix), target).sum().item()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         num_tokens, num_spans = num_tokens + target.numel(), num_spans + B

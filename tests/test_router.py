@@ -76,7 +76,7 @@ def recomputed_generation(router, context, z, num_spans, span_tokens, scale):
         for _ in range(span_tokens):
             probe = torch.cat([span, span[:, :1] if span.shape[1] else seen[:, :1]], 1)  # the last id is a dummy
             router_logits = router(z, probe, seen)[:, -1]
-            base_logits = router.base_logits(probe, seen)[:, -1]
+            base_logits = router.vae.base_logits(probe, seen)[:, -1]
             next_id = guided_logits(base_logits, router_logits, scale).argmax(-1, keepdim=True)
             span = torch.cat([span, next_id], 1)
         text = torch.cat([text, span], 1)
