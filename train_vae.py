@@ -34,7 +34,8 @@ from trainer import add_common_args
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
-MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "posterior", "z_memory", "lora_r", "lora_alpha")
+MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "posterior", "z_memory", "lora_r", "lora_alpha",
+              "decoder_init")
 SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights")
 
 
@@ -61,6 +62,9 @@ def parse_args(argv=None):
                    "default: %(default)s)")
     g.add_argument("--lora-alpha", type=positive_float, default=8.0, help="LoRA alpha; scale = alpha / r "
                    "(BigVAE: 8; default: %(default)s)")
+    g.add_argument("--decoder-init", default="bigvae", choices=["bigvae", "lm"], help="bigvae: w_d starts as "
+                   "w_e's transpose (BigVAE); lm: the decoder starts as the frozen LM itself, z adding nothing yet "
+                   "(for a pretrained base; default: %(default)s)")
     g.add_argument("--freeze-base", action="store_true", help="keep tiny's base frozen too (pretrained bases "
                    "always are)")
     g = parser.add_argument_group("noise and KL schedule (vae.py)")

@@ -44,6 +44,8 @@ class VAEConfig:
     z_memory: int = 1  # z also as this many keys/values in every layer (Optimus: 1); 0: BigVAE's soft token only
     lora_r: int = 32  # adapter rank (BigVAE: 32)
     lora_alpha: float = 8.0  # adapter scale is alpha / r (BigVAE: 8)
+    decoder_init: str = "bigvae"  # "bigvae": w_d starts as w_e's transpose; "lm": the decoder starts as the LM
+    #                               itself (soft token = its end-of-text embedding, z's memory zero)
     ae_iters: int = 0  # first steps: plain autoencoder, z = mu and no KL term
     noise_ramp_iters: int = 0  # then the sampling noise grows linearly from 0 to full over these steps
     kl_schedule: str = "cosine"  # "cosine" (BigVAE's sin^2 warm-up), "cyclical" (Optimus, AdaVAE), "constant"
@@ -56,6 +58,7 @@ class VAEConfig:
 
 
 POSTERIORS = ("bigvae", "diagonal")
+DECODER_INITS = ("bigvae", "lm")
 KL_SCHEDULES = ("cosine", "cyclical", "constant")
 
 # -----------------------------------------------------------------------------
@@ -169,8 +172,10 @@ class VAE(nn.Module):
 
     def __init__(self, base, cfg, tokenizer=None):
         super().__init__()
-        if cfg.posterior not in POSTERIORS or cfg.kl_schedule not in KL_SCHEDULES:
-            raise ValueError(f"posterior must be one of {POSTERIORS}, kl_schedule one of {KL_SCHEDULES}")
+        if (cfg.posterior not in POSTERIORS or cfg.kl_schedule not in KL_SCHEDULES
+                or cfg.decoder_init not in DECODER_INITS):
+            raise ValueError(f"posterior must be one of {POSTERIORS}, kl_schedule one of {KL_SCHEDULES}, "
+                             f"decoder_init one of {DECODER_INITS}")
         self.base, self.cfg, self.tokenizer = base, cfg, tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else base.config.eos_token_id
         for name in ("encoder", "decoder"):
@@ -181,6 +186,20 @@ class VAE(nn.Module):
         self.head_dim = getattr(c, "head_dim", None) or hidden_size(base) // c.num_attention_heads
         memory_size = self.num_layers * 2 * self.num_kv_heads * cfg.z_memory * self.head_dim
         self.head = VAEComponent(hidden_size(base), cfg, memory_size)
+        if cfg.decoder_init == "lm":
+            self.start_as_the_lm()
+
+    @torch.no_grad()
+    def start_as_the_lm(self):
+        """z adds nothing at first: the soft token is the LM's own end-of-text embedding (the scale of
+        a real token; BigVAE's w_e-transpose start gives a pretrained LM's pooled states back at
+        ~13x it) and z's keys/values are zero. The decoder then starts at the LM's own loss (README);
+        z's path opens as w_d and w_memory move, as LoRA's zero B opens an adapter."""
+        self.head.w_d.weight.zero_()
+        self.head.w_d.bias.copy_(self.base.get_input_embeddings().weight[self.eos_id])
+        if self.head.w_memory is not None:
+            self.head.w_memory.weight.zero_()
+            self.head.w_memory.bias.zero_()
 
     # --- encoder -------------------------------------------------------------------------
 

@@ -192,3 +192,21 @@ def test_overfits_one_batch(z_memory):
     assert accuracy == 1.0 and loss.item() < 0.1
     assert torch.equal(vae.generate(mu, 12), span)
     assert not math.isnan(loss.item())
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_decoder_init_lm_starts_as_the_lm_itself(base):
+    """decoder_init="lm": whatever z is, the fresh decoder predicts as the base LM after end of text
+    (its adapters start at zero, the soft token is the end-of-text embedding, z's keys/values are
+    zero); BigVAE's start does not; and z's path still gets a gradient."""
+    target, z = ids([5, 9, 2, 7, 1, 3], [4, 4, 8, 0, 6, 2]), torch.randn(2, 16)
+    vae = make_vae(base, z_memory=0, decoder_init="lm")
+    with torch.no_grad():
+        assert torch.allclose(vae(z, target), vae.base_logits(target), atol=1e-5)
+        assert not torch.allclose(make_vae(base, z_memory=0)(z, target), vae.base_logits(target), atol=1e-3)
+    kv = make_vae(base, decoder_init="lm").memory(z)
+    assert all(layer.keys.abs().max() == 0 and layer.values.abs().max() == 0 for layer in kv.layers)
+    vae = make_vae(base, decoder_init="lm").train()
+    batch = {"input_ids": target, "target_ids": target}
+    vae.compute_loss(batch, 10**6)["loss"].backward()
+    assert vae.head.w_d.weight.grad.abs().sum() > 0 and vae.head.w_memory.weight.grad.abs().sum() > 0
