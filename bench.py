@@ -7,6 +7,8 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
     python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
+    python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
+                                        # CartPole steps, loss, backward, update), cache vs recompute, both backbones
     python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
                                         # GPU: a Mistral-7B-sized VAE training step in bf16, 8-bit,
                                         # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
@@ -23,7 +25,7 @@ import json
 
 from common import make_parser, parse, positive_int
 
-BENCHMARK_NAMES = ["imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
+BENCHMARK_NAMES = ["agent", "imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
 
 
 def parse_args(argv=None):
@@ -35,9 +37,9 @@ def parse_args(argv=None):
                         "%(default)s)")
     parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
                         "%(default)s; mistral-memory: use 128)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, mistral-memory: cuda "
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, agent, mistral-memory: cuda "
                         "or cpu (default: cuda if available)")
-    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine: the LM backbone's shape, "
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM backbone's shape, "
                         "tiny's or GPT-2 small's (random weights; default: %(default)s)")
     parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
                         "to run the same code on a CPU")
@@ -197,16 +199,11 @@ def bench_imagine(args):
     without a rebuild, so both ways compute the same logits."""
     from types import SimpleNamespace
 
-    import lm
-    from lm_backbone import LMBackbone
-    from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
+    from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
-    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
-    torch.manual_seed(0)
-    backbones = {"iris": Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4)),
-                 f"lm_{args.lm}": LMBackbone(GPT2LMHeadModel(lm_config))}
+    backbones = world_model_backbones(args)
     # observations that are tokens already: the timing is the world model, not a pixel decoder
     tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
     num_steps = config.max_steps - 1
@@ -229,6 +226,57 @@ def bench_imagine(args):
         seconds = alternate({"kv_cache": imagine(world_model, True), "recompute": imagine(world_model, False)},
                             args.steps)
         steps_per_s = {way: args.batch_size * num_steps / s for way, s in seconds.items()}
+        out[name] = {"kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
+                     "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
+                     "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
+        print(name, out[name], file=sys.stderr, flush=True)
+    return out
+
+
+def world_model_backbones(args):
+    """IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads) and the LM
+    backbone (lm_backbone.py) on tiny's shape or, with --lm gpt2, GPT-2 small's; random weights."""
+    import lm
+    from lm_backbone import LMBackbone
+    from worldmodel import Transformer, TransformerConfig
+
+    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
+    torch.manual_seed(0)
+    return {"iris": Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4)),
+            f"lm_{args.lm}": LMBackbone(GPT2LMHeadModel(lm_config))}
+
+
+def bench_agent(args):
+    """Imagined env steps/s while training the actor-critic (agent.py): one step = imagine --batch-size
+    trajectories of 20 CartPole steps (4 obs tokens + 1 action each, 64 bins a number), the loss, its
+    backward and the update, with the world model's KV cache vs recomputing the context for every
+    token; the world model has a 20-step context, so the 20 steps rebuild it once (WorldModelEnv)."""
+    from agent import ActorCritic, ActorCriticConfig, imagine
+    from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
+    from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=64)).to(device)
+    tokenizer.fit(torch.randn(1000, 4, device=device))
+    config = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=20)
+    start = torch.randn(args.batch_size, 4, device=device)
+    out = {"bench": "agent", "device": str(device), "batch_size": args.batch_size, "horizon": 20}
+    for name, backbone in world_model_backbones(args).items():
+        world_model = WorldModel(config, backbone).to(device).eval()
+        actor_critic = ActorCritic(ActorCriticConfig(), (4,), 2).to(device)
+        optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=1e-4)
+
+        def step(should_use_cache):
+            def fn():
+                torch.manual_seed(0)
+                batch = imagine(actor_critic, WorldModelEnv(world_model, tokenizer, should_use_cache), start, 20)
+                actor_critic.compute_loss(batch)["loss"].backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return fn
+
+        seconds = alternate({"kv_cache": step(True), "recompute": step(False)}, args.steps)
+        steps_per_s = {way: args.batch_size * 20 / s for way, s in seconds.items()}
         out[name] = {"kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
                      "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
                      "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
@@ -355,7 +403,7 @@ def bench_mistral_estimate(args):
     return out
 
 
-BENCHMARKS = {"lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine, "mistral-memory": bench_mistral_memory,
+BENCHMARKS = {"agent": bench_agent, "lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine, "mistral-memory": bench_mistral_memory,
               "mistral-estimate": bench_mistral_estimate}
 assert sorted(BENCHMARKS) == BENCHMARK_NAMES  # the names parse_args offers, before these functions exist
 

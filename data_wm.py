@@ -1,6 +1,6 @@
 """
 The world model's data: transitions of a Gymnasium environment under a uniformly random
-policy (seeded), split by episode into training and held-out parts, and cut into IRIS's
+policy (seeded) or an agent's, split by episode into training and held-out parts, and cut into IRIS's
 training segments (src/dataset.py there: segments from random starts, padded past an
 episode's end with mask_padding). Everything is a flat tensor of steps:
 
@@ -43,8 +43,9 @@ def make_env(env_id):
     return env
 
 
-def collect(env, tokenizer, num_steps, seed):
-    """num_steps transitions of a seeded uniformly random policy, as flat tensors:
+def collect(env, tokenizer, num_steps, seed, act=None):
+    """num_steps transitions of a seeded uniformly random policy, or of act(env observation) ->
+    action (train_agent.py's policy), as flat tensors:
     obs (N, *obs_shape) preprocessed, actions, rewards, ends (terminated) and episode (N,).
     The last episode is cut at num_steps (like a time limit: no end label)."""
     env.action_space.seed(seed)
@@ -53,7 +54,7 @@ def collect(env, tokenizer, num_steps, seed):
     actions, rewards, ends, episode = [], [], [], []
     num_episodes = 0
     for _ in range(num_steps):
-        action = env.action_space.sample()
+        action = env.action_space.sample() if act is None else act(obs)
         raw.append(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         actions.append(action), rewards.append(reward), ends.append(terminated), episode.append(num_episodes)

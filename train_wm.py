@@ -57,6 +57,25 @@ dropout_rate = number(float, lambda v: 0 <= v < 1, "a number from 0 up to, not i
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
+    add_common_args(parser, model=None, out_dir="out-wm", max_iters=1500, eval_interval=500, batch_size=32,
+                    lr=1e-3, warmup_iters=100, weight_decay=0.01)
+    g = parser.add_argument_group("data")
+    g.add_argument("--collect-steps", type=positive_int, default=20000, help="random-policy transitions to "
+                   "collect (default: %(default)s)")
+    g.add_argument("--val-fraction", type=open_fraction, default=0.1, help="share of the episodes held out for "
+                   "evaluation (default: %(default)s)")
+    add_world_model_args(parser)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--horizon", type=positive_int, default=20, help="imagined steps in the open-loop test "
+                   "(default: %(default)s)")
+    g.add_argument("--num-imagine", type=positive_int, default=256, help="held-out starts imagined from "
+                   "(default: %(default)s)")
+    return check_world_model_args(parser, parse(parser, argv))
+
+
+def add_world_model_args(parser):
+    """The flags of the environment, the world model, its LM backbone and the observation
+    tokenizer; train_agent.py has them too."""
     g = parser.add_argument_group("what to model")
     g.add_argument("--env", default="CartPole-v1", help="Gymnasium id with a Discrete action space and a "
                    "vector or RGB-frame Box observation, e.g. CartPole-v1, Acrobot-v1, ALE/Pong-v5 "
@@ -64,13 +83,7 @@ def parse_args(argv=None):
     g.add_argument("--backbone", default="iris", choices=["iris", "lm"], help="the transformer inside the world "
                    "model: iris = IRIS's minGPT, sized by --width, --num-layers, --num-heads; lm = the --model "
                    "LM, fed embeddings, with a LoRA adapter (default: %(default)s)")
-    add_common_args(parser, model=None, out_dir="out-wm", max_iters=1500, eval_interval=500, batch_size=32,
-                    lr=1e-3, warmup_iters=100, weight_decay=0.01)
-    g = parser.add_argument_group("data and the world model")
-    g.add_argument("--collect-steps", type=positive_int, default=20000, help="random-policy transitions to "
-                   "collect (default: %(default)s)")
-    g.add_argument("--val-fraction", type=open_fraction, default=0.1, help="share of the episodes held out for "
-                   "evaluation (default: %(default)s)")
+    g = parser.add_argument_group("the world model")
     g.add_argument("--segment-steps", type=positive_int, default=20, help="steps per training segment, and the "
                    "world model's context in steps (IRIS: 20; default: %(default)s)")
     g.add_argument("--width", type=positive_int, default=128, help="--backbone iris: transformer width (IRIS: "
@@ -109,18 +122,29 @@ def parse_args(argv=None):
     g.add_argument("--tokenizer-from", metavar="DIR", default=None, help="take the trained tokenizer from "
                    "another run's checkpoint with the same env, data and tokenizer flags "
                    "(experiments/compare_wm.py trains Pong's once for all rows)")
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--horizon", type=positive_int, default=20, help="imagined steps in the open-loop test "
-                   "(default: %(default)s)")
-    g.add_argument("--num-imagine", type=positive_int, default=256, help="held-out starts imagined from "
-                   "(default: %(default)s)")
-    args = parse(parser, argv)
+
+
+def check_world_model_args(parser, args):
+    """The checks of add_world_model_args's flags that need several of them; returns args."""
     if args.width % args.num_heads != 0:
         parser.error(f"--width {args.width} is not a multiple of --num-heads {args.num_heads}: each head gets "
                      "width / heads numbers")
     if args.eval_only and args.resume is None:
         parser.error("--eval-only evaluates a checkpoint: pass --resume DIR too")
     return args
+
+
+def check_backbone_flags(args):
+    """LM flags need --backbone lm; --backbone lm without --model takes tiny; no quantized random LM."""
+    if args.backbone == "iris":
+        given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in args.explicit]
+        if given:
+            raise UserError(f"{', '.join(given)} configure(s) the LM backbone: add --backbone lm, or size "
+                            "IRIS's transformer with --width, --num-layers, --num-heads")
+    elif args.model is None:
+        args.model = "tiny"
+    if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
+        raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
 
 
 if __name__ == "__main__":
@@ -154,15 +178,7 @@ def start_or_resume(args):
         if not args.eval_only and "world_model" in state and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
-    if args.backbone == "iris":
-        given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in args.explicit]
-        if given:
-            raise UserError(f"{', '.join(given)} configure(s) the LM backbone: add --backbone lm, or size "
-                            "IRIS's transformer with --width, --num-layers, --num-heads")
-    elif args.model is None:
-        args.model = "tiny"
-    if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
-        raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
+    check_backbone_flags(args)
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
@@ -201,8 +217,14 @@ def prepare_tokenizer(tokenizer, train_data, val_data, scale, args, run, state):
         train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state)
     tokenizer.eval()
     for part in (train_data, val_data):
-        part["obs_tokens"] = torch.cat([tokenizer.encode(o.to(run.device)).cpu() for o in part["obs"].split(512)])
-        add_episode_bounds(part)
+        tokenize(tokenizer, part, run)
+
+
+@torch.no_grad()
+def tokenize(tokenizer, data, run):
+    """Add obs_tokens (N, K) and the episode bounds to data, for segments()."""
+    data["obs_tokens"] = torch.cat([tokenizer.encode(o.to(run.device)).cpu() for o in data["obs"].split(512)])
+    add_episode_bounds(data)
 
 
 def train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state):
@@ -257,6 +279,19 @@ def build_world_model(args, tokenizer, env, run):
     return WorldModel(config, backbone).to(run.device)
 
 
+def segment_batches(data, tokenizer, args, run):
+    """get_batch(index) for trainer.train: --batch-size segments from random starts in data."""
+    num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
+
+    def get_batch(index):
+        g = torch.Generator().manual_seed(batch_seed(args.seed, index))
+        starts = torch.randint(len(data["actions"]), (args.batch_size,), generator=g)
+        batch = {k: v.to(run.device) for k, v in segments(data, starts, args.segment_steps).items()}
+        return {**batch, "num_tokens": num_tokens}
+
+    return get_batch
+
+
 def saved_state(world_model, args):
     """What a checkpoint keeps: all but a frozen pretrained LM's own weights, which reload from
     --model (an IRIS world model has no backbone.lm. weights, so all of it is kept)."""
@@ -304,13 +339,7 @@ def main(argv=None):
               f"{num_trainable / 1e6:.2f}M trainable of {sum(p.numel() for p in world_model.parameters()) / 1e6:.2f}M"
               f" parameters, {tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
 
-    num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
-
-    def get_batch(index):
-        g = torch.Generator().manual_seed(batch_seed(args.seed, index))
-        starts = torch.randint(len(train_data["actions"]), (args.batch_size,), generator=g)
-        batch = {k: v.to(run.device) for k, v in segments(train_data, starts, args.segment_steps).items()}
-        return {**batch, "num_tokens": num_tokens}
+    get_batch = segment_batches(train_data, tokenizer, args, run)
 
     def save(step):
         save_checkpoint(args.out_dir, {

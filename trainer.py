@@ -32,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from common import UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
 
 
-def add_common_args(parser, has_model=True, **defaults):
+def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
     """The flags every training script has, with the same names and meanings (has_model False:
-    no --model, for a script whose base comes from another checkpoint)."""
+    no --model, for a script whose base comes from another checkpoint; unit: what --max-iters
+    and --eval-interval count)."""
     d = dict(model="tiny", out_dir="out", max_iters=1000, eval_interval=250, batch_size=16, lr=3e-4,
              warmup_iters=50, grad_accum=1, grad_clip=1.0, weight_decay=0.0, log_interval=10)
     d.update(defaults)
@@ -45,9 +46,10 @@ def add_common_args(parser, has_model=True, **defaults):
                        f"with save_pretrained | a .gguf file (default: {d['model'] or 'tiny, with --backbone lm'})")
     g.add_argument("--out-dir", default=None, help="where checkpoints go (default: the --resume directory "
                    f"when resuming, else {d['out_dir']})")
-    g.add_argument("--max-iters", type=positive_int, default=d["max_iters"], help="optimizer steps (default: %(default)s)")
+    g.add_argument("--max-iters", type=positive_int, default=d["max_iters"], help=f"{unit} (default: %(default)s)")
     g.add_argument("--eval-interval", type=positive_int, default=d["eval_interval"],
-                   help="evaluate and checkpoint every this many steps, and at the end (default: %(default)s)")
+                   help=f"evaluate and checkpoint every this many {unit.split()[-1]}, and at the end (default: "
+                   "%(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="sequences per micro-batch per "
                    "process (default: %(default)s)")
     g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: %(default)s)")
@@ -157,7 +159,8 @@ def open_run(args, kind):
 # names the script that wrote it, so a checkpoint given to the wrong script is one clear line.
 
 KINDS = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
-         "router": "train_router.py (a router)", "wm": "train_wm.py (a world model)"}
+         "router": "train_router.py (a router)", "wm": "train_wm.py (a world model)",
+         "agent": "train_agent.py (an agent and its world model)"}
 
 
 def save_checkpoint(out_dir, state):
@@ -293,14 +296,15 @@ def stop(what, args):
                     f"lower --lr (now {args.lr:g}) or keep --grad-clip on")
 
 
-def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=None):
+def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=None, schedule=lr_at):
     """Optimise from start_step to args.max_iters; returns the last evaluation's metrics.
 
     get_batch(index) -> batch (a dict; "num_tokens" in it feeds the tokens/s figure);
     model.compute_loss(batch, step) -> {"loss": ..., other named terms};
-    evaluate() -> {name: float}, run under no_grad on the main process;
+    evaluate() -> {name: float}, run under no_grad on the main process (None: no evaluation);
     save(step) -> None, called on the main process after each evaluation.
-    A param group may carry "lr_scale" to train at a multiple of the scheduled lr.
+    schedule(step, args) -> lr (default: warm-up then cosine); a param group may carry
+    "lr_scale" to train at a multiple of it.
     A loss or gradient that is not finite stops the run (UserError) before anything is saved.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -313,7 +317,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     model.train()
     for step in range(start_step, args.max_iters):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args) * group.get("lr_scale", 1.0)
+            group["lr"] = schedule(step, args) * group.get("lr_scale", 1.0)
         for micro in range(args.grad_accum):
             index = (step * args.grad_accum + micro) * run.world_size + run.rank
             torch.manual_seed(batch_seed(args.seed, index))  # noise and dropout: a function of the micro-batch
@@ -340,7 +344,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
             now = time.time()
             avg = {k: v / num_logged for k, v in sums.items()}
             eta = (now - t_start) / (done - start_step) * (args.max_iters - done)
-            line = f"step {done}/{args.max_iters} | {format_terms(avg)} | lr {lr_at(step, args):.2e}"
+            line = f"step {done}/{args.max_iters} | {format_terms(avg)} | lr {schedule(step, args):.2e}"
             line += f" | {num_tokens * run.world_size / (now - t_log):.0f} tok/s" if num_tokens else ""
             line += f" | {(now - t_log) / num_logged:.2f} s/step | eta {format_seconds(eta)}"
             if run.device.type == "cuda":
@@ -349,7 +353,7 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
             metrics.update({f"train_{k}": v for k, v in avg.items()})
             sums, num_logged, num_tokens, t_log = {}, 0, 0, now
 
-        if done % args.eval_interval == 0 or done == args.max_iters:
+        if evaluate is not None and (done % args.eval_interval == 0 or done == args.max_iters):
             t_eval = time.time()
             if run.is_main:
                 model.eval()

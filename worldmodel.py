@@ -308,8 +308,8 @@ class WorldModelEnv:
                           (imagination has no time limit), info {"obs_tokens": (B, K)})
     A step runs K + 1 single-token passes as IRIS does: the action (reward and end are
     sampled there, with the first obs token), then each sampled obs token in turn.
-    When the context is full it is cut to its last `keep_steps` steps and the cache is
-    rebuilt from them (IRIS keeps only the current observation; more context keeps
+    When the context is full it is cut to its last `keep_steps` steps (default: half the
+    context, at most max_steps - 2) and the cache is rebuilt from them (IRIS keeps only the current observation; more context keeps
     motion that one frame cannot show). should_use_cache=False recomputes the whole
     context for every token instead, which gives the same logits, slowly (for bench.py).
     """
@@ -319,7 +319,10 @@ class WorldModelEnv:
         self.world_model, self.tokenizer = world_model, tokenizer
         self.should_use_cache = should_use_cache
         self.temperature = temperature  # softmax temperature of every sample (IRIS: 1)
-        self.keep_steps = world_model.config.max_steps // 2 if keep_steps is None else keep_steps
+        max_steps = world_model.config.max_steps
+        self.keep_steps = min(max_steps // 2, max_steps - 2) if keep_steps is None else keep_steps
+        if not 0 <= self.keep_steps <= max_steps - 2:  # kept steps + the current obs + one new step must fit
+            raise ValueError(f"keep_steps {self.keep_steps} must be from 0 to max_steps - 2 = {max_steps - 2}")
         self.generator = generator
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:

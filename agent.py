@@ -1,0 +1,151 @@
+"""IRIS's agent: an actor-critic that learns to act only inside the world model's imagination.
+
+Follows IRIS ("Transformers are Sample-Efficient World Models", Micheli et al. 2023,
+github.com/eloialonso/iris, src/models/actor_critic.py) and Dreamer's lambda-returns
+(Hafner et al. 2020). train_agent.py runs the loop around it; this file is the agent:
+
+1. imagine: from real observations, WorldModelEnv (worldmodel.py) rolls H steps with actions
+   sampled from the policy; the world model samples each next observation, reward and end.
+   No gradient flows here: the world model is only a simulator to the agent.
+2. lambda-returns over the imagined rewards, ends and the critic's values:
+       G_t = r_t + gamma * (1 - d_t) * ((1 - lambda) * V(o_{t+1}) + lambda * G_{t+1}),   G_H = V(o_H)
+3. the loss: REINFORCE with the critic as baseline, -log pi(a_t | o_t) * (G_t - V(o_t)), the
+   critic regressed on G_t, minus an entropy bonus; steps after an imagined end are masked out.
+
+The policy reads what IRIS's reads: observations as the tokenizer reconstructs them (in the real
+env too: `policy_view`, so it sees the same thing in both), through a small MLP for vectors or a
+small CNN for 64x64 frames. Simplification against IRIS: no LSTM and no burn-in. IRIS's policy
+is recurrent and warms its state on 20 real frames before imagining; a feed-forward policy on
+one observation needs neither (CartPole's and Acrobot's vectors are the full state; for Pong
+one frame hides the ball's direction, which a recurrent core would recover).
+Since the policy is feed-forward, imagination samples actions without gradient and
+compute_loss recomputes logits and values on the whole trajectory in one batched pass.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ActorCriticConfig:
+    width: int = 128  # hidden width of the observation encoder and both heads (IRIS: 512 + an LSTM)
+    horizon: int = 20  # H: imagined steps per trajectory (IRIS: 20)
+    gamma: float = 0.995  # discount (IRIS: 0.995)
+    lambda_: float = 0.95  # lambda of the lambda-returns (IRIS: 0.95)
+    entropy_weight: float = 0.001  # weight of the entropy bonus (IRIS: 0.001)
+
+
+def lambda_returns(rewards, values, ends, gamma, lambda_):
+    """rewards, ends (B, H) and values (B, H + 1) -> lambda-returns (B, H); an end at step t
+    stops the bootstrap from everything after it."""
+    not_end = 1.0 - ends.float()
+    G = values[:, -1]
+    returns = []
+    for t in reversed(range(rewards.shape[1])):
+        G = rewards[:, t] + gamma * not_end[:, t] * ((1 - lambda_) * values[:, t + 1] + lambda_ * G)
+        returns.append(G)
+    return torch.stack(returns[::-1], dim=1)  # (B, H)
+
+
+def still_running(ends):
+    """ends (B, H) -> (B, H) 1.0 at the steps that come before or at the first end, else 0."""
+    ones = torch.ones_like(ends[:, :1], dtype=torch.float32)
+    return torch.cat([ones, (1.0 - ends[:, :-1].float()).cumprod(dim=1)], dim=1)
+
+
+def obs_encoder(obs_shape, width):
+    """Vectors (D,): a 2-layer MLP. Frames (64, 64, 3) uint8: four stride-2 convolutions
+    to a 4x4 grid, then a linear layer."""
+    if len(obs_shape) == 1:
+        return nn.Sequential(nn.Linear(obs_shape[0], width), nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+    layers, channels = [], 3
+    for out in (32, 64, 64, 64):  # 64 -> 32 -> 16 -> 8 -> 4
+        layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(64 * 4 * 4, width), nn.ReLU())
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, config: ActorCriticConfig, obs_shape, num_actions):
+        super().__init__()
+        self.config = config
+        self.obs_shape = tuple(obs_shape)
+        self.encoder = obs_encoder(self.obs_shape, config.width)
+        self.actor = nn.Linear(config.width, num_actions)
+        self.critic = nn.Linear(config.width, 1)
+
+    def forward(self, obs):
+        """obs (..., *obs_shape) -> action logits (..., A), values (...)."""
+        lead = obs.shape[:obs.dim() - len(self.obs_shape)]
+        x = obs.reshape(-1, *self.obs_shape).float()  # (N, *obs_shape)
+        if len(self.obs_shape) == 3:
+            x = x.permute(0, 3, 1, 2) / 255  # (N, 64, 64, 3) -> (N, 3, 64, 64) in [0, 1]
+        h = self.encoder(x)  # (N, width)
+        return self.actor(h).reshape(*lead, -1), self.critic(h).reshape(lead)
+
+    @torch.no_grad()
+    def act(self, obs, should_sample=True, generator=None):
+        """obs (..., *obs_shape) -> actions (...): sampled from the policy, or its most likely."""
+        logits, _ = self(obs)  # (..., A)
+        if not should_sample:
+            return logits.argmax(-1)
+        probs = F.softmax(logits.float(), -1).reshape(-1, logits.shape[-1])  # (N, A)
+        return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:-1])
+
+    def compute_loss(self, batch, step=0):
+        """batch: an imagined trajectory (imagine()); the named terms of the actor-critic loss."""
+        c = self.config
+        logits, values = self(batch["obs"])  # (B, H + 1, A), (B, H + 1)
+        logits, bootstrap = logits[:, :-1], values.detach()
+        returns = lambda_returns(batch["rewards"], bootstrap, batch["ends"], c.gamma, c.lambda_)  # (B, H)
+        weight = still_running(batch["ends"])
+        weight = weight / weight.sum()  # a mean over the steps that happened
+        log_probs = F.log_softmax(logits.float(), -1)  # (B, H, A)
+        chosen = log_probs.gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)  # (B, H)
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, H)
+        actor = -(weight * chosen * (returns - bootstrap[:, :-1])).sum()
+        critic = (weight * (values[:, :-1] - returns) ** 2).sum()
+        entropy = (weight * entropy).sum()
+        imagined_return = (batch["rewards"] * still_running(batch["ends"])).sum(1).mean()  # logged only
+        return {"loss": actor + critic - c.entropy_weight * entropy, "actor": actor, "critic": critic,
+                "entropy": entropy, "imagined_return": imagined_return}
+
+
+def policy_view(tokenizer, obs):
+    """What the policy sees of a real observation (N, *obs_shape): the tokenizer's reconstruction,
+    as in imagination."""
+    return tokenizer.decode(tokenizer.encode(obs))
+
+
+@torch.no_grad()
+def imagine(actor_critic, wm_env, start_obs, horizon):
+    """From real observations start_obs (B, *obs_shape), horizon steps in the world model with
+    actions sampled from the policy -> {"obs": (B, H + 1, *obs_shape) as decoded, "actions",
+    "rewards", "ends": (B, H)}. Random draws come from torch's global generator."""
+    obs, _ = wm_env.reset(start_obs)
+    trajectory = {"obs": [obs], "actions": [], "rewards": [], "ends": []}
+    for _ in range(horizon):
+        action = actor_critic.act(obs)
+        obs, reward, end, _, _ = wm_env.step(action)
+        for key, value in zip(("obs", "actions", "rewards", "ends"), (obs, action, reward, end)):
+            trajectory[key].append(value)
+    return {key: torch.stack(values, dim=1) for key, values in trajectory.items()}
+
+
+@torch.no_grad()
+def play(env, act, num_episodes, first_seed):
+    """Returns of num_episodes whole episodes in the real env, episode i reset with seed
+    first_seed + i; act(env observation) -> action, as data_wm.collect's."""
+    returns = []
+    for i in range(num_episodes):
+        obs, _ = env.reset(seed=first_seed + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(act(obs))
+            total += float(reward)
+            done = terminated or truncated
+        returns.append(total)
+    return returns

@@ -1,0 +1,122 @@
+"""
+The agent's learning curve: held-out real return (greedy policy) against real env steps, from
+train_agent.py checkpoints (their `history`), one line per group of runs: the mean over the
+group's seeds, and a band over the 95% interval of that mean (Student's t). The last line printed
+is one JSON object: for each group, each evaluation's mean, interval and per-seed returns, and each
+seed's real steps to the env's reward threshold (CartPole-v1: 475) and to --target.
+
+    python experiments/agent_curve.py --runs iris out-agent-s1 out-agent-s2 out-agent-s3 \\
+        --runs lm out-agent-lm-s1 out-agent-lm-s2 --out assets/agent_cartpole.png
+    python experiments/agent_curve.py --runs iris out-agent --target 195   # one run
+"""
+
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this repository's modules
+
+from common import UserError, make_parser, run_cli  # noqa: E402
+
+COLORS = ["red", "blue", "green", "orange", "purple", "gray"]
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # by degrees of freedom
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--runs", nargs="+", action="append", required=True, metavar=("LABEL", "DIR"),
+                        help="a line: its label, then the --out-dir of each seed's train_agent.py run")
+    parser.add_argument("--out", default="agent_curve.png", help="where the picture goes (default: %(default)s)")
+    parser.add_argument("--target", type=float, default=None, help="also report the real steps to this "
+                        "return (e.g. 195, CartPole-v0's threshold)")
+    args = parser.parse_args(argv)
+    if any(len(group) < 2 for group in args.runs):
+        parser.error("each --runs needs a label and at least one run directory")
+    return args
+
+
+def interval(values):
+    """Mean and the half-width of its 95% interval (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+
+
+def first_reaching(history, target):
+    reached = [h["env_steps"] for h in history if target is not None and h["eval_return"] >= target]
+    return reached[0] if reached else None
+
+
+def summarise(label, dirs, target):
+    import gymnasium as gym
+    import torch
+
+    runs = []
+    for d in dirs:
+        path = os.path.join(d, "ckpt.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"no checkpoint at {path}; give the --out-dir of a train_agent.py run")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("kind") != "agent":
+            raise UserError(f"{path} is not a train_agent.py checkpoint")
+        runs.append(state)
+    num_points = min(len(r["history"]) for r in runs)  # runs of one group share their evaluation steps
+    points = []
+    for i in range(num_points):
+        returns = [r["history"][i]["eval_return"] for r in runs]
+        mean, half = interval(returns)
+        points.append({"env_steps": runs[0]["history"][i]["env_steps"], "mean": mean, "ci95": half,
+                       "returns": returns})
+    env = runs[0]["config"]["env"]
+    threshold = None if env.startswith("ALE/") else gym.spec(env).reward_threshold  # Atari ids need ale-py
+    return {"label": label, "env": env, "seeds": [r["config"]["seed"] for r in runs],
+            "points": points, "reward_threshold": threshold,
+            "steps_to_threshold": [first_reaching(r["history"], threshold) for r in runs],
+            "steps_to_target": [first_reaching(r["history"], target) for r in runs]}
+
+
+def draw(groups, path):
+    from PIL import Image, ImageDraw
+
+    W, H, left, bottom, top, right = 640, 400, 60, 40, 30, 20
+    xs = [p["env_steps"] for g in groups for p in g["points"]]
+    ys = [v for g in groups for p in g["points"] for v in (p["mean"] - p["ci95"], p["mean"] + p["ci95"])]
+    x_hi, y_lo, y_hi = max(xs), min(0.0, min(ys)), max(ys)
+    span = (y_hi - y_lo) or 1.0
+
+    def at(x, y):
+        return (left + (W - left - right) * x / x_hi, H - bottom - (H - top - bottom) * (y - y_lo) / span)
+
+    image = Image.new("RGB", (W, H), "white")
+    canvas = ImageDraw.Draw(image)
+    canvas.rectangle([left, top, W - right, H - bottom], outline="lightgray")
+    for k in range(5):
+        x, y = x_hi * k / 4, y_lo + span * k / 4
+        canvas.text((at(x, y_lo)[0] - 15, H - bottom + 5), f"{x:.0f}", fill="black")
+        canvas.text((5, at(0, y)[1] - 6), f"{y:.0f}", fill="black")
+    canvas.text((W // 2 - 60, H - 18), "real env steps", fill="black")
+    for i, g in enumerate(groups):
+        color = COLORS[i % len(COLORS)]
+        upper = [at(p["env_steps"], p["mean"] + p["ci95"]) for p in g["points"]]
+        lower = [at(p["env_steps"], p["mean"] - p["ci95"]) for p in g["points"]]
+        canvas.line(upper, fill=color, width=1)
+        canvas.line(lower, fill=color, width=1)
+        canvas.line([at(p["env_steps"], p["mean"]) for p in g["points"]], fill=color, width=3)
+        canvas.text((left + 10, top + 5 + 14 * i), f"{g['label']} ({len(g['seeds'])} seeds)", fill=color)
+    canvas.text((left, 8), f"{groups[0]['env']}: held-out return, mean and 95% interval over seeds", fill="black")
+    image.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    groups = [summarise(group[0], group[1:], args.target) for group in args.runs]
+    draw(groups, args.out)
+    print(json.dumps({"picture": args.out, "groups": groups}))
+
+
+if __name__ == "__main__":
+    run_cli(main)

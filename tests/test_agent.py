@@ -1,0 +1,163 @@
+"""Tests for agent.py and train_agent.py: lambda-returns by hand, gradients that never reach the
+world model, imagination that is causal and runs on the KV cache, the loop's exact resume and
+its one-line errors. Every test runs in its own tmp directory."""
+
+import os
+
+import pytest
+import torch
+
+import train_agent
+from agent import ActorCritic, ActorCriticConfig, imagine, lambda_returns, still_running
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error
+from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
+from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
+
+QUICK = ["--collect-steps", "120", "--wm-iters", "3", "--ac-iters", "2", "--ac-batch-size", "4", "--horizon", "4",
+         "--segment-steps", "5", "--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4",
+         "--num-bins", "8", "--eval-episodes", "2", "--warmup-iters", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def test_lambda_returns_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.tensor([[0.5, 1.0, 2.0, 4.0]])  # V(o_0) ... V(o_3)
+    gamma, lam = 0.9, 0.5
+    # G_3 = V_3 = 4; G_2 = 3 + 0.9 * (0.5 * 4 + 0.5 * 4) = 6.6
+    # G_1 = 2 + 0.9 * (0.5 * 2 + 0.5 * 6.6) = 5.87; G_0 = 1 + 0.9 * (0.5 * 1 + 0.5 * 5.87) = 4.0915
+    returns = lambda_returns(rewards, values, torch.zeros(1, 3, dtype=torch.bool), gamma, lam)
+    assert torch.allclose(returns, torch.tensor([[4.0915, 5.87, 6.6]]))
+    # an end at step 1: G_1 = r_1, no bootstrap from after it; G_0 = 1 + 0.9 * (0.5 * 1 + 0.5 * 2) = 2.35
+    ends = torch.tensor([[False, True, False]])
+    returns = lambda_returns(rewards, values, ends, gamma, lam)
+    assert torch.allclose(returns, torch.tensor([[2.35, 2.0, 6.6]]))
+    assert still_running(ends).tolist() == [[1.0, 1.0, 0.0]]  # the step after the end does not count
+
+
+def cartpole_parts(seed=0):
+    """A small untrained world model over CartPole-shaped vectors, its fitted tokenizer, an actor-critic."""
+    torch.manual_seed(seed)
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=8))
+    obs = torch.randn(500, 4)
+    tokenizer.fit(obs)
+    config = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=6)
+    world_model = WorldModel(config, Transformer(TransformerConfig(width=32, num_layers=2, num_heads=2,
+                                                                   dropout=0.0))).eval()
+    actor_critic = ActorCritic(ActorCriticConfig(width=16, horizon=5), (4,), 2)
+    return tokenizer, world_model, actor_critic, obs
+
+
+def test_actor_critic_gradients_reach_only_the_policy_and_value():
+    tokenizer, world_model, actor_critic, obs = cartpole_parts()
+    batch = imagine(actor_critic, WorldModelEnv(world_model, tokenizer), obs[:8], horizon=5)
+    assert batch["obs"].shape == (8, 6, 4) and batch["actions"].shape == batch["ends"].shape == (8, 5)
+    terms = actor_critic.compute_loss(batch)
+    assert {"loss", "actor", "critic", "entropy"} <= set(terms)
+    terms["loss"].backward()
+    assert all(p.grad is None for p in world_model.parameters())
+    for name, p in actor_critic.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_imagination_with_the_policy_uses_the_cache_and_equals_recomputing():
+    tokenizer, world_model, actor_critic, obs = cartpole_parts()
+    windows = []
+    hook = world_model.backbone.register_forward_pre_hook(lambda module, inputs: windows.append(inputs[0].shape[1]))
+    runs = []
+    for should_use_cache in (True, False):
+        windows.clear()
+        torch.manual_seed(3)
+        runs.append(imagine(actor_critic, WorldModelEnv(world_model, tokenizer, should_use_cache=should_use_cache),
+                            obs[:6], horizon=8))
+        if should_use_cache:
+            # the first observation (4 tokens); at steps 6 and 8 the 30-token context is full and is
+            # rebuilt from its last 3 steps + the current observation (19 tokens); else one token per pass
+            assert [w for w in windows if w > 1] == [4, 19, 19] and len(windows) == 3 + 8 * 5
+    hook.remove()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_imagination_is_causal_a_longer_rollout_starts_with_the_shorter_one():
+    tokenizer, world_model, actor_critic, obs = cartpole_parts()
+    rollouts = []
+    for horizon in (3, 5):
+        torch.manual_seed(7)
+        rollouts.append(imagine(actor_critic, WorldModelEnv(world_model, tokenizer), obs[:4], horizon))
+    short, long = rollouts
+    for key in short:
+        assert torch.equal(short[key], long[key][:, :short[key].shape[1]]), key
+
+
+def test_a_policy_trained_on_fixed_imagined_returns_prefers_the_rewarded_action():
+    # compute_loss is a real policy gradient: with reward 1 for action 1 and 0 for action 0, it learns action 1
+    torch.manual_seed(0)
+    actor_critic = ActorCritic(ActorCriticConfig(width=16, gamma=0.9), (4,), 2)
+    optimizer = torch.optim.Adam(actor_critic.parameters(), lr=1e-2)
+    obs = torch.randn(32, 6, 4)
+    for _ in range(100):
+        actions = actor_critic.act(obs[:, :-1])  # (32, 5)
+        batch = {"obs": obs, "actions": actions, "rewards": actions.float(), "ends": torch.zeros(32, 5, dtype=torch.bool)}
+        loss = actor_critic.compute_loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert actor_critic.act(obs[:, 0], should_sample=False).float().mean() == 1.0
+
+
+def test_the_loop_runs_and_reports_real_returns(capsys):
+    metrics, lines = run_script(train_agent.main, QUICK + ["--max-iters", "2"], capsys)
+    assert metrics["epoch"] == 2 and metrics["env_steps"] == 240
+    assert metrics["eval_return"] >= 8 and metrics["imagined_steps_per_s"] > 0  # a CartPole episode lasts >= 8 steps
+    assert metrics["reward_threshold"] == 475.0
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    state = torch.load(os.path.join("out-agent", "ckpt.pt"), weights_only=True)
+    assert state["kind"] == "agent" and len(state["history"]) == 2 and len(state["data"]["actions"]) == 240
+
+
+def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys):
+    argv = QUICK + ["--max-iters", "3"]
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    run_script(train_agent.main, argv + ["--out-dir", straight], capsys)
+    crash_at_step_2_then_resume(train_agent, argv, crashed, monkeypatch, capsys)
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 3
+    for part in ("world_model", "actor_critic", "data"):
+        for name, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][name]), (part, name)
+    assert [h["eval_return"] for h in a["history"]] == [h["eval_return"] for h in b["history"]]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--env", "NoSuchEnv-v0"], "unknown Gymnasium env"),
+    (["--gamma", "1.5"], "--gamma"),
+    (["--lora-r", "4"], "--backbone lm"),
+    (["--resume", "nowhere"], "no checkpoint"),
+])
+def test_bad_input_is_one_line(argv, says, capsys):
+    err = run_script_error(train_agent.main, QUICK + argv, capsys)
+    assert says in err
+    assert not os.path.exists("out-agent")
+
+
+def test_the_loop_with_an_lm_world_model_saves_only_the_adapter(saved_model_dir, capsys):
+    metrics, _ = run_script(train_agent.main, QUICK + ["--max-iters", "1", "--backbone", "lm", "--model",
+                                                       saved_model_dir, "--lora-r", "2"], capsys)
+    assert metrics["epoch"] == 1
+    saved = torch.load(os.path.join("out-agent", "ckpt.pt"), weights_only=True)["world_model"]
+    assert any("lora" in name for name in saved) and not any(name.startswith("backbone.lm.") and "lora" not in name
+                                                             for name in saved)
+
+
+def test_the_loop_on_atari_frames(capsys):
+    # Pong: the frame tokenizer trains in the first epoch, the policy is the CNN, reading its reconstructions
+    metrics, _ = run_script(train_agent.main, QUICK + [
+        "--env", "ALE/Pong-v5", "--max-iters", "1", "--collect-steps", "60", "--tokenizer-iters", "2",
+        "--tokenizer-batch-size", "4", "--segment-steps", "2", "--batch-size", "2", "--ac-batch-size", "2",
+        "--horizon", "2", "--eval-episodes", "1"], capsys)
+    assert -21 <= metrics["eval_return"] <= 21 and metrics["env_steps"] == 60

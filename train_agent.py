@@ -1,0 +1,271 @@
+"""
+IRIS's whole loop: an agent that learns to act from few real steps by practising in its world
+model's imagination (agent.py), with the world model of train_wm.py.
+
+    python train_agent.py                                  # CartPole-v1, 20 epochs of 1000 real steps
+    python train_agent.py --max-iters 2 --collect-steps 300 --wm-iters 20 --ac-iters 5 \\
+        --out-dir out-agent-quick                          # a quick look at the loop, CPU: ~30 s
+    python train_agent.py --env Acrobot-v1 --out-dir out-agent-acrobot
+    python train_agent.py --env ALE/Pong-v5 --max-iters 2 --collect-steps 500 --tokenizer-iters 50 \\
+        --wm-iters 10 --ac-iters 2 --ac-batch-size 8 --eval-episodes 1 --out-dir out-agent-pong   # smoke
+    python train_agent.py --backbone lm --model out-lm/base --out-dir out-agent-lm   # an LM world model
+    python train_agent.py --resume out-agent --max-iters 30   # continue the loop for 10 more epochs
+    python experiments/agent_curve.py --runs iris out-agent-s*   # the picture: eval return vs real steps
+
+One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
+1. collect --collect-steps real transitions with the current policy, sampled (the first epoch
+   with a uniformly random one); episodes are seeded from (--seed, epoch), and an episode still
+   running when the epoch's steps are spent is cut there (no end label), so every epoch starts
+   from a fresh reset and a resumed run collects exactly what a straight one does;
+2. the first epoch fits the observation tokenizer to its observations (vectors: bin edges;
+   frames: --tokenizer-iters training steps); then it stays frozen. Simplification: IRIS trains
+   its tokenizer again every epoch, which changes every stored observation's tokens under the
+   world model; here they keep their meaning;
+3. train the world model --wm-iters steps on segments from all the real data so far (the world
+   model's flags, --batch-size, --lr, --warmup-iters, --weight-decay and --grad-clip are
+   train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
+4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
+   steps imagined from real observations drawn from the data (agent.py);
+5. every --eval-interval epochs: play --eval-episodes real episodes on held-out seeds (never
+   collected from) with the greedy and with the sampled policy; print; checkpoint.
+Progress: one line per phase from the shared loop (world model, then actor-critic), and one line
+per evaluated epoch with real env steps, real returns, imagined steps/s and the ETA. The last line
+printed is one JSON object of the run's metrics; `history` in the checkpoint holds every epoch's.
+"""
+
+import copy
+import time
+
+from common import UserError, batch_seed, fraction, make_parser, nonneg_float, parse, positive_float, positive_int, run_cli
+from trainer import TRAIN_KEYS, add_common_args
+from train_wm import MODEL_KEYS, add_world_model_args, check_world_model_args
+
+AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
+              "lambda_", "entropy_weight", "ac_width", "eval_episodes")
+# what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
+DATA_KEYS = ("env", "num_bins", "fsq_levels", "tokenizer_iters", "tokenizer_lr", "tokenizer_batch_size")
+EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    add_common_args(parser, model=None, unit="epochs", out_dir="out-agent", max_iters=20, eval_interval=1,
+                    batch_size=32, lr=1e-3, warmup_iters=100, weight_decay=0.01)
+    add_world_model_args(parser)
+    g = parser.add_argument_group("the agent and the loop (agent.py)")
+    g.add_argument("--collect-steps", type=positive_int, default=1000, help="real env transitions collected "
+                   "per epoch (default: %(default)s)")
+    g.add_argument("--wm-iters", type=positive_int, default=200, help="world-model optimizer steps per epoch "
+                   "(default: %(default)s)")
+    g.add_argument("--ac-iters", type=positive_int, default=50, help="actor-critic optimizer steps per epoch "
+                   "(default: %(default)s)")
+    g.add_argument("--ac-batch-size", type=positive_int, default=64, help="imagined trajectories per "
+                   "actor-critic step (default: %(default)s)")
+    g.add_argument("--horizon", type=positive_int, default=20, help="imagined steps per trajectory (IRIS: 20; "
+                   "default: %(default)s)")
+    g.add_argument("--ac-lr", type=positive_float, default=1e-3, help="actor-critic learning rate, constant "
+                   "(IRIS: 1e-4; default: %(default)s)")
+    g.add_argument("--ac-grad-clip", type=nonneg_float, default=10.0, help="clip its gradient norm; 0: off (IRIS: "
+                   "10; default: %(default)s)")
+    g.add_argument("--gamma", type=fraction, default=0.995, help="discount (IRIS: 0.995; default: %(default)s)")
+    g.add_argument("--lambda", dest="lambda_", type=fraction, default=0.95, help="lambda of the lambda-returns "
+                   "(IRIS: 0.95; default: %(default)s)")
+    g.add_argument("--entropy-weight", type=nonneg_float, default=0.001, help="weight of the entropy bonus (IRIS: "
+                   "0.001; default: %(default)s)")
+    g.add_argument("--ac-width", type=positive_int, default=128, help="hidden width of the policy and value "
+                   "networks (default: %(default)s)")
+    g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
+                   "evaluation, each policy (default: %(default)s)")
+    return check_world_model_args(parser, parse(parser, argv))
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and bad flags answer before the heavy imports below
+
+import torch
+
+from agent import ActorCritic, ActorCriticConfig, imagine, play, policy_view
+from data_wm import collect, make_env
+from trainer import (adopt_config, check_out_dir, finish, format_seconds, load_checkpoint, load_optimizer,
+                     make_optimizer, save_checkpoint, setup, train, train_config)
+from train_wm import (build_world_model, check_backbone_flags, make_tokenizer, obs_scale, restore, saved_state,
+                      segment_batches, tokenize, train_frame_tokenizer)
+from worldmodel import WorldModelEnv
+from obs_tokenizer import FrameTokenizer
+
+
+def start_or_resume(args):
+    """(state, env): a new loop's state, or the --resume checkpoint's, whose settings the run
+    takes unless given (a given one that differs is an error; the optimisation ones win)."""
+    state = {"kind": "agent", "step": 0, "history": []}
+    if args.resume is not None:
+        state = load_checkpoint(args.resume, "agent")
+        adopt_config(args, state, DATA_KEYS + MODEL_KEYS + AGENT_KEYS, args.resume)
+        adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
+        if not args.eval_only and state["step"] >= args.max_iters:
+            raise UserError(f"the checkpoint in {args.resume} is at epoch {state['step']} already; give --max-iters "
+                            "above it to continue, or --eval-only to evaluate it")
+        if args.eval_only and "actor_critic" not in state:
+            raise UserError(f"{args.resume} has no trained agent yet; resume it without --eval-only")
+    check_backbone_flags(args)
+    env = make_env(args.env)
+    if args.tokenizer_iters is None:
+        args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
+    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS + AGENT_KEYS}}
+    return state, env
+
+
+def phase_args(args, epoch, iters, **changes):
+    """The shared loop's settings for one phase of one epoch: steps epoch * iters up to (epoch + 1) * iters,
+    one progress line at its end."""
+    phase = copy.copy(args)
+    phase.max_iters, phase.log_interval = (epoch + 1) * iters, iters
+    for k, v in changes.items():
+        setattr(phase, k, v)
+    return phase
+
+
+def warmup_then_constant(step, args):
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_iters))
+
+
+def append(data, new):
+    """All the real data so far: new's episodes numbered after data's."""
+    if data is None:
+        return new
+    new = {**new, "episode": new["episode"] + int(data["episode"][-1]) + 1}
+    return {k: torch.cat([data[k], new[k]]) for k in ("obs", "actions", "rewards", "ends", "episode")}
+
+
+def finished_returns(data):
+    """Returns of the episodes of one collection that finished in it (all but the last, which was cut
+    unless it ended on the last step)."""
+    last = int(data["episode"][-1])
+    if not bool(data["ends"][-1]):
+        last -= 1
+    sums = torch.zeros(int(data["episode"][-1]) + 1).index_add_(0, data["episode"], data["rewards"])
+    return sums[:last + 1].tolist()
+
+
+def mean(values):
+    return sum(values) / len(values) if values else None  # None: no episode finished (JSON null)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    run = setup(args)
+    if run.world_size > 1:
+        raise UserError("train_agent.py runs in one process: start it with python, not torchrun")
+    state, env = start_or_resume(args)
+    if not args.eval_only:
+        check_out_dir(args)
+
+    tokenizer = make_tokenizer(env, args).to(run.device)
+    if "tokenizer" in state:
+        tokenizer.load_state_dict(state["tokenizer"])
+    torch.manual_seed(args.seed)  # the initialisation: --seed's
+    world_model = build_world_model(args, tokenizer, env, run)
+    optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
+    restore(world_model, optimizer, state, args)
+    obs_shape = tokenizer.preprocess(env.observation_space.sample()[None]).shape[1:]
+    ac_config = ActorCriticConfig(width=args.ac_width, horizon=args.horizon, gamma=args.gamma, lambda_=args.lambda_,
+                                  entropy_weight=args.entropy_weight)
+    actor_critic = ActorCritic(ac_config, obs_shape, int(env.action_space.n)).to(run.device)
+    ac_optimizer = make_optimizer(actor_critic, args.ac_lr, weight_decay=0.0)
+    if "actor_critic" in state:
+        actor_critic.load_state_dict(state["actor_critic"])
+        load_optimizer(ac_optimizer, state["ac_optimizer"])
+    data = state.get("data")
+
+    def policy(should_sample, generator=None):
+        """act(env observation) -> action, for collect() and play()."""
+        def act(obs):
+            view = policy_view(tokenizer, tokenizer.preprocess(obs[None]).to(run.device))
+            return int(actor_critic.act(view, should_sample, generator))
+        return act
+
+    def evaluate_policy(epoch):
+        actor_critic.eval()
+        greedy = play(env, policy(False), args.eval_episodes, EVAL_SEED)
+        sampled = play(env, policy(True, torch.Generator(run.device).manual_seed(batch_seed(args.seed, epoch))),
+                       args.eval_episodes, EVAL_SEED)
+        return {"eval_return": mean(greedy), "eval_return_min": min(greedy), "eval_return_sampled": mean(sampled)}
+
+    def save(epoch):
+        save_checkpoint(args.out_dir, {
+            **{k: state[k] for k in ("kind", "config", "history")}, "step": epoch,
+            "data": {k: data[k] for k in ("obs", "actions", "rewards", "ends", "episode")},
+            "tokenizer": tokenizer.state_dict(), "tokenizer_step": args.tokenizer_iters,
+            "world_model": saved_state(world_model, args), "optimizer": optimizer.state_dict(),
+            "actor_critic": actor_critic.state_dict(), "ac_optimizer": ac_optimizer.state_dict()})
+
+    if args.eval_only:
+        finish(run, {**evaluate_policy(state["step"]), "epochs": state["step"], "env_steps": len(data["actions"])})
+        return
+
+    t_loop, start_epoch = time.time(), state["step"]
+    metrics = {}
+    for epoch in range(start_epoch, args.max_iters):
+        # 1. real experience
+        t_epoch = time.time()
+        act = None if epoch == 0 else policy(True, torch.Generator(run.device).manual_seed(batch_seed(args.seed, epoch)))
+        actor_critic.eval()
+        new = collect(env, tokenizer, args.collect_steps, batch_seed(args.seed, epoch), act)
+        data = append(data, new)
+        # 2. the tokenizer, once
+        if epoch == 0:
+            if "tokenizer" not in state:
+                tokenizer.fit(data["obs"].to(run.device))
+            if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
+                train_frame_tokenizer(tokenizer, data, data, obs_scale(data["obs"]), args, run, state)
+            tokenizer.eval()
+        tokenize(tokenizer, data, run)
+        # 3. the world model
+        wm_terms = train(world_model, optimizer, segment_batches(data, tokenizer, args, run), None,
+                         phase_args(args, epoch, args.wm_iters), run, epoch * args.wm_iters,
+                         schedule=warmup_then_constant)
+        # 4. the actor-critic, in imagination
+        world_model.eval()
+        wm_env = WorldModelEnv(world_model, tokenizer)
+
+        def imagined_batch(index):  # train() seeded torch's generator from (seed, index) just before
+            starts = torch.randint(len(data["obs"]), (args.ac_batch_size,))
+            return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon)
+
+        t_ac = time.time()
+        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None,
+                         phase_args(args, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
+                                    grad_accum=1), run, epoch * args.ac_iters, schedule=lambda step, a: a.lr)
+        imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
+        # 5. evaluation on held-out real episodes
+        done = epoch + 1
+        metrics = {"epoch": done, "env_steps": len(data["actions"]), "collect_return": mean(finished_returns(new)),
+                   **{f"wm_{k}": v for k, v in wm_terms.items() if k.startswith("train_")},
+                   **{f"ac_{k}": v for k, v in ac_terms.items() if k.startswith("train_")},
+                   "imagined_steps_per_s": round(imagined_per_s, 1), "epoch_seconds": round(time.time() - t_epoch, 1)}
+        if done % args.eval_interval == 0 or done == args.max_iters:
+            metrics.update(evaluate_policy(epoch))
+            state["history"].append(metrics)
+            eta = (time.time() - t_loop) / (done - start_epoch) * (args.max_iters - done)
+            collected = "-" if metrics["collect_return"] is None else f"{metrics['collect_return']:.1f}"
+            print(f"epoch {done}/{args.max_iters} | env steps {metrics['env_steps']} | collect return "
+                  f"{collected} | eval return {metrics['eval_return']:.1f} (sampled "
+                  f"{metrics['eval_return_sampled']:.1f}) | imagined {imagined_per_s:.0f} steps/s | "
+                  f"{metrics['epoch_seconds']:.1f} s/epoch | eta {format_seconds(eta)}", flush=True)
+            save(done)
+    metrics.update(first_steps_to(state["history"], env.spec.reward_threshold))
+    metrics["wall_seconds"] = round(time.time() - t_start, 1)
+    finish(run, metrics)
+
+
+def first_steps_to(history, threshold):
+    """Real env steps at the first evaluation whose greedy return reached the env's threshold
+    (CartPole-v1: 475), and the best evaluation so far."""
+    reached = [h["env_steps"] for h in history if threshold is not None and h["eval_return"] >= threshold]
+    return {"reward_threshold": threshold, "env_steps_to_threshold": reached[0] if reached else None,
+            "best_eval_return": max(h["eval_return"] for h in history)}
+
+
+if __name__ == "__main__":
+    run_cli(main)
