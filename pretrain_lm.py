@@ -7,9 +7,14 @@ so this makes a small one (tiny, pretrained on the standard library's docstrings
     python pretrain_lm.py --data my.txt --out-dir out-lm-mine
     python train_vae.py --model out-lm/base --out-dir out-vae-frozen   # the VAE on it, frozen
     python train_wm.py --backbone lm --model out-lm/base --num-bins 32  # the world model on it
+    python pretrain_lm.py --synthetic markov --out-dir out-lm-markov   # the same LM on synthetic tokens
 
 Data as train_vae.py's (textdata.py): windows of --block-size tokens from the training
-documents; held-out next-token cross-entropy and accuracy on every 10th document.
+documents; held-out next-token cross-entropy and accuracy on every 10th document. With
+--synthetic markov the tokens come from a random one-step Markov chain over the vocabulary
+instead (each row of its transition matrix a softmax of standard-normal logits): Wang et al.
+(ICLR 2024) found such pretraining helps offline RL as much as language does, so it is the
+control for "is it the language that helps?" (train_agent.py, README).
 OUT_DIR/base is a directory saved with save_pretrained (lm.save_base, with its tokenizer's
 name), replaced whole at each checkpoint, never half-written. The last line printed is one
 JSON object of the run's metrics.
@@ -19,7 +24,7 @@ from common import make_parser, parse, positive_int, run_cli
 from textdata import add_data_args
 from trainer import add_common_args
 
-MODEL_KEYS = ("model", "block_size")  # what a checkpoint records and a resumed run takes from it
+MODEL_KEYS = ("model", "block_size", "synthetic")  # what a checkpoint records and a resumed run takes from it
 
 
 def parse_args(argv=None):
@@ -27,6 +32,8 @@ def parse_args(argv=None):
     add_common_args(parser, model="tiny", out_dir="out-lm", max_iters=1500, eval_interval=500, batch_size=16,
                     lr=1e-3, warmup_iters=100)
     g = add_data_args(parser)
+    g.add_argument("--synthetic", default=None, choices=["markov"], help="pretrain on synthetic tokens instead "
+                   "of text: markov = a random one-step Markov chain over the vocabulary, seeded by --seed")
     g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
                    "(default: %(default)s, train_vae.py's prefix + span)")
     return parse(parser, argv)
@@ -76,6 +83,20 @@ def evaluate(model, val_batches):
     return {"val_ce": ce / len(val_batches), "val_acc": acc / len(val_batches)}
 
 
+def markov_streams(vocab_size, seed, num_chains=1000, train_steps=1000, val_steps=100):
+    """Training and held-out token streams of one random Markov chain: num_chains walks side by
+    side (train_steps, then val_steps more), each side the walks one after another."""
+    g = torch.Generator().manual_seed(seed)
+    transitions = F.softmax(torch.randn(vocab_size, vocab_size, generator=g), dim=-1)  # (V, V), rows sum to 1
+    state = torch.randint(vocab_size, (num_chains,), generator=g)
+    walks = []
+    for _ in range(train_steps + val_steps):
+        state = torch.multinomial(transitions[state], 1, generator=g).squeeze(1)  # (num_chains,)
+        walks.append(state)
+    walks = torch.stack(walks, dim=1)  # (num_chains, train_steps + val_steps)
+    return walks[:, :train_steps].flatten(), walks[:, train_steps:].flatten()
+
+
 def save_base_dir(base, tokenizer, out_dir):
     """OUT_DIR/base, replaced whole: written next to it, then renamed into place; a failed write
     leaves the previous base/ as it was and nothing half-written."""
@@ -107,8 +128,13 @@ def main(argv=None):
     model = LanguageModel(base)
     if state is not None:
         model.load_state_dict(state["model"])
-    train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer,
-                                                      args.block_size, "the default corpus" if args.data is None else args.data)
+    if args.synthetic is not None:
+        if args.data is not None:
+            raise UserError("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
+        train_stream, val_stream = markov_streams(base.get_input_embeddings().num_embeddings, args.seed)
+    else:
+        train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, args.block_size,
+                                                          "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, args.block_size, args.eval_batches, args.batch_size)
     val_batches = [{"ids": textdata.windows(val_stream, s, args.block_size).to(run.device)} for s in starts]
     if args.eval_only:

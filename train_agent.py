@@ -49,7 +49,7 @@ EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from ev
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    add_common_args(parser, model=None, unit="epochs", out_dir="out-agent", max_iters=20, eval_interval=1,
+    add_common_args(parser, model=None, unit="epochs", out_dir="out-agent", max_iters=10, eval_interval=1,
                     batch_size=32, lr=1e-3, warmup_iters=100, weight_decay=0.01)
     add_world_model_args(parser)
     g = parser.add_argument_group("the agent and the loop (agent.py)")
@@ -57,7 +57,7 @@ def parse_args(argv=None):
                    "per epoch (default: %(default)s)")
     g.add_argument("--wm-iters", type=positive_int, default=200, help="world-model optimizer steps per epoch "
                    "(default: %(default)s)")
-    g.add_argument("--ac-iters", type=positive_int, default=50, help="actor-critic optimizer steps per epoch "
+    g.add_argument("--ac-iters", type=positive_int, default=150, help="actor-critic optimizer steps per epoch "
                    "(default: %(default)s)")
     g.add_argument("--ac-batch-size", type=positive_int, default=64, help="imagined trajectories per "
                    "actor-critic step (default: %(default)s)")

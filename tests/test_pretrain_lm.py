@@ -70,3 +70,27 @@ def test_refuses_another_kind_of_checkpoint_and_an_unwritable_out_dir(tmp_path, 
     (tmp_path / "file").write_text("x")
     assert "cannot write to --out-dir" in run_script_error(
         pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", str(tmp_path / "file" / "lm")], capsys)
+
+
+def test_markov_streams_are_one_seeded_chain_with_structure():
+    train, val = pretrain_lm.markov_streams(8, seed=3, num_chains=50, train_steps=400, val_steps=40)
+    assert train.shape == (50 * 400,) and val.shape == (50 * 40,) and 0 <= int(train.min()) and int(train.max()) < 8
+    again, _ = pretrain_lm.markov_streams(8, seed=3, num_chains=50, train_steps=400, val_steps=40)
+    other, _ = pretrain_lm.markov_streams(8, seed=4, num_chains=50, train_steps=400, val_steps=40)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+    # a next token depends on the one before: the conditional entropy is well below log(8)
+    walks = train.view(50, 400)
+    pairs = torch.zeros(8, 8).index_put_((walks[:, :-1].flatten(), walks[:, 1:].flatten()), torch.ones(50 * 399),
+                                         accumulate=True)
+    p = pairs / pairs.sum(1, keepdim=True)
+    conditional = -(pairs / pairs.sum() * p.clamp(min=1e-12).log()).sum()
+    assert conditional < 0.9 * torch.log(torch.tensor(8.0))
+
+
+def test_synthetic_pretraining_runs_and_refuses_data_too(tmp_path, capsys, text_file):
+    metrics, _ = run_script(pretrain_lm.main, SMALL + ["--synthetic", "markov", "--out-dir", str(tmp_path / "m")],
+                            capsys)
+    assert metrics["steps"] == 2 and os.path.isdir(tmp_path / "m" / "base")
+    err = run_script_error(pretrain_lm.main, SMALL + ["--synthetic", "markov", "--data", text_file, "--out-dir",
+                                                      str(tmp_path / "n")], capsys)
+    assert "--synthetic" in err and not os.path.exists(tmp_path / "n" / "ckpt.pt")

@@ -254,4 +254,8 @@ def test_the_scripts_answer_help_without_loading_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.count("show this help message") == 5, done.stderr[-500:]
-    assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm"}
+    # train_agent.py takes train_wm.py's world-model flags from it, and with them its imports
+    done = subprocess.run([sys.executable, "train_agent.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "--wm-iters" in done.stdout and "--backbone" in done.stdout
+    assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
