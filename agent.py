@@ -10,13 +10,17 @@ github.com/eloialonso/iris, src/models/actor_critic.py) and Dreamer's lambda-ret
 2. lambda-returns over the imagined rewards, ends and the critic's values:
        G_t = r_t + gamma * (1 - d_t) * ((1 - lambda) * V(o_{t+1}) + lambda * G_{t+1}),   G_H = V(o_H)
 3. the loss: REINFORCE with the critic as baseline, -log pi(a_t | o_t) * (G_t - V(o_t)), the
-   critic regressed on G_t, minus an entropy bonus; steps after an imagined end are masked out.
+   critic regressed on G_t, minus an entropy bonus; the mean is over the steps up to the first
+   imagined end (IRIS averages over all H, including steps imagined past an end, which the
+   world model never learned: training segments are padded there).
 
 The policy reads what IRIS's reads: observations as the tokenizer reconstructs them (in the real
 env too: `policy_view`, so it sees the same thing in both), through a small MLP for vectors or a
-small CNN for 64x64 frames. Simplification against IRIS: no LSTM and no burn-in. IRIS's policy
-is recurrent and warms its state on 20 real frames before imagining; a feed-forward policy on
-one observation needs neither (CartPole's and Acrobot's vectors are the full state; for Pong
+small CNN for 64x64 frames; the policy and the value each have their own (IRIS shares one
+trunk: its clipped Atari rewards keep values small, while CartPole's reach 200, and a shared
+trunk then follows the critic's large squared errors). Simplification against IRIS: no LSTM
+and no burn-in. IRIS's policy is recurrent and warms its state on 20 real frames before
+imagining; a feed-forward policy on one observation needs neither (CartPole's and Acrobot's vectors are the full state; for Pong
 one frame hides the ball's direction, which a recurrent core would recover).
 Since the policy is feed-forward, imagination samples actions without gradient and
 compute_loss recomputes logits and values on the whole trajectory in one batched pass.
@@ -31,8 +35,7 @@ import torch.nn.functional as F
 
 @dataclass
 class ActorCriticConfig:
-    width: int = 128  # hidden width of the observation encoder and both heads (IRIS: 512 + an LSTM)
-    horizon: int = 20  # H: imagined steps per trajectory (IRIS: 20)
+    width: int = 128  # hidden width of the policy's and the value's networks (IRIS: 512 + an LSTM)
     gamma: float = 0.995  # discount (IRIS: 0.995)
     lambda_: float = 0.95  # lambda of the lambda-returns (IRIS: 0.95)
     entropy_weight: float = 0.001  # weight of the entropy bonus (IRIS: 0.001)
@@ -73,9 +76,8 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.config = config
         self.obs_shape = tuple(obs_shape)
-        self.encoder = obs_encoder(self.obs_shape, config.width)
-        self.actor = nn.Linear(config.width, num_actions)
-        self.critic = nn.Linear(config.width, 1)
+        self.actor = nn.Sequential(obs_encoder(self.obs_shape, config.width), nn.Linear(config.width, num_actions))
+        self.critic = nn.Sequential(obs_encoder(self.obs_shape, config.width), nn.Linear(config.width, 1))
 
     def forward(self, obs):
         """obs (..., *obs_shape) -> action logits (..., A), values (...)."""
@@ -83,8 +85,9 @@ class ActorCritic(nn.Module):
         x = obs.reshape(-1, *self.obs_shape).float()  # (N, *obs_shape)
         if len(self.obs_shape) == 3:
             x = x.permute(0, 3, 1, 2) / 255  # (N, 64, 64, 3) -> (N, 3, 64, 64) in [0, 1]
-        h = self.encoder(x)  # (N, width)
-        return self.actor(h).reshape(*lead, -1), self.critic(h).reshape(lead)
+        with torch.autocast(x.device.type, enabled=False):  # values in fp32: bf16 has 8 bits, and V reaches
+            values = self.critic(x)                        # 200 on CartPole (a step's reward is 1)
+        return self.actor(x).reshape(*lead, -1), values.reshape(lead)  # (..., A), (...)
 
     @torch.no_grad()
     def act(self, obs, should_sample=True, generator=None):

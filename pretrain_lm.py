@@ -24,7 +24,8 @@ from common import make_parser, parse, positive_int, run_cli
 from textdata import add_data_args
 from trainer import add_common_args
 
-MODEL_KEYS = ("model", "block_size", "synthetic")  # what a checkpoint records and a resumed run takes from it
+MODEL_KEYS = ("model", "block_size", "synthetic")
+MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, stays under 64 MB  # what a checkpoint records and a resumed run takes from it
 
 
 def parse_args(argv=None):
@@ -36,7 +37,10 @@ def parse_args(argv=None):
                    "of text: markov = a random one-step Markov chain over the vocabulary, seeded by --seed")
     g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
                    "(default: %(default)s, train_vae.py's prefix + span)")
-    return parse(parser, argv)
+    args = parse(parser, argv)
+    if args.synthetic is not None and args.data is not None:
+        parser.error("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
+    return args
 
 
 if __name__ == "__main__":
@@ -129,9 +133,11 @@ def main(argv=None):
     if state is not None:
         model.load_state_dict(state["model"])
     if args.synthetic is not None:
-        if args.data is not None:
-            raise UserError("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
-        train_stream, val_stream = markov_streams(base.get_input_embeddings().num_embeddings, args.seed)
+        vocab_size = base.get_input_embeddings().num_embeddings
+        if vocab_size > MAX_MARKOV_VOCAB:
+            raise UserError(f"{args.model} has {vocab_size} tokens; a Markov chain over them needs a {vocab_size}^2 "
+                            f"transition matrix: use a base with at most {MAX_MARKOV_VOCAB} (tiny, tiny-bpe)")
+        train_stream, val_stream = markov_streams(vocab_size, args.seed)
     else:
         train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, args.block_size,
                                                           "the default corpus" if args.data is None else args.data)

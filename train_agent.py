@@ -2,15 +2,16 @@
 IRIS's whole loop: an agent that learns to act from few real steps by practising in its world
 model's imagination (agent.py), with the world model of train_wm.py.
 
-    python train_agent.py                                  # CartPole-v1, 20 epochs of 1000 real steps
-    python train_agent.py --max-iters 2 --collect-steps 300 --wm-iters 20 --ac-iters 5 \\
+    python train_agent.py                                  # CartPole-v1, 10 epochs of 1000 real steps
+    python train_agent.py --max-iters 2 --collect-steps 300 --wm-iters 20 --ac-iters 5 \
         --out-dir out-agent-quick                          # a quick look at the loop, CPU: ~30 s
     python train_agent.py --env Acrobot-v1 --out-dir out-agent-acrobot
-    python train_agent.py --env ALE/Pong-v5 --max-iters 2 --collect-steps 500 --tokenizer-iters 50 \\
+    python train_agent.py --env ALE/Pong-v5 --max-iters 2 --collect-steps 500 --tokenizer-iters 50 \
         --wm-iters 10 --ac-iters 2 --ac-batch-size 8 --eval-episodes 1 --out-dir out-agent-pong   # smoke
     python train_agent.py --backbone lm --model out-lm/base --out-dir out-agent-lm   # an LM world model
-    python train_agent.py --resume out-agent --max-iters 30   # continue the loop for 10 more epochs
-    python experiments/agent_curve.py --runs iris out-agent-s*   # the picture: eval return vs real steps
+    python train_agent.py --resume out-agent --max-iters 30   # continue the loop up to epoch 30
+    python train_agent.py --resume out-agent --eval-only      # play the held-out episodes again
+    python experiments/agent_curve.py --runs iris out-agent   # the picture: held-out return vs real steps
 
 One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
 1. collect --collect-steps real transitions with the current policy, sampled (the first epoch
@@ -25,32 +26,44 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
    model's flags, --batch-size, --lr, --warmup-iters, --weight-decay and --grad-clip are
    train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
 4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
-   steps imagined from real observations drawn from the data (agent.py);
+   steps imagined from real observations drawn from the data (agent.py). IRIS waits a few
+   epochs before the first; here it trains from the first epoch on;
 5. every --eval-interval epochs: play --eval-episodes real episodes on held-out seeds (never
    collected from) with the greedy and with the sampled policy; print; checkpoint.
-Progress: one line per phase from the shared loop (world model, then actor-critic), and one line
-per evaluated epoch with real env steps, real returns, imagined steps/s and the ETA. The last line
-printed is one JSON object of the run's metrics; `history` in the checkpoint holds every epoch's.
+Every random draw is a function of --seed and the epoch or step, each stream with a seed of its
+own (STREAMS). Progress: a line per phase from the shared loop (the world model's, then the
+actor-critic's, every --log-interval steps and at the phase's end), and one per evaluated epoch
+with real env steps, real returns, imagined steps/s and the ETA. The last line printed is one
+JSON object of the run's metrics; `history` in the checkpoint holds every evaluated epoch's.
 """
 
 import copy
 import time
 
-from common import UserError, batch_seed, fraction, make_parser, nonneg_float, parse, positive_float, positive_int, run_cli
+from common import (UserError, batch_seed, fraction, make_parser, nonneg_float, parse, positive_float, positive_int,
+                    run_cli)
 from trainer import TRAIN_KEYS, add_common_args
 from train_wm import MODEL_KEYS, add_world_model_args, check_world_model_args
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
               "lambda_", "entropy_weight", "ac_width", "eval_episodes")
 # what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
-DATA_KEYS = ("env", "num_bins", "fsq_levels", "tokenizer_iters", "tokenizer_lr", "tokenizer_batch_size")
+DATA_KEYS = ("env", "seed", "num_bins", "fsq_levels", "tokenizer_iters", "tokenizer_lr", "tokenizer_batch_size")
 EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
+# the random streams: the world model's steps draw from --seed itself (as train_wm.py's), the
+# others from --seed + stream * 2**22, so that no two streams, nor the same stream of runs with
+# seeds less than 2**22 apart, share a seed
+STREAMS = {"world_model": 0, "actor_critic": 1, "collect": 2, "evaluate": 3}
+
+
+def stream_seed(seed, stream, index=0):
+    return batch_seed(seed + STREAMS[stream] * 2**22, index)
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     add_common_args(parser, model=None, unit="epochs", out_dir="out-agent", max_iters=10, eval_interval=1,
-                    batch_size=32, lr=1e-3, warmup_iters=100, weight_decay=0.01)
+                    batch_size=32, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=200)
     add_world_model_args(parser)
     g = parser.add_argument_group("the agent and the loop (agent.py)")
     g.add_argument("--collect-steps", type=positive_int, default=1000, help="real env transitions collected "
@@ -88,10 +101,9 @@ from agent import ActorCritic, ActorCriticConfig, imagine, play, policy_view
 from data_wm import collect, make_env
 from trainer import (adopt_config, check_out_dir, finish, format_seconds, load_checkpoint, load_optimizer,
                      make_optimizer, save_checkpoint, setup, train, train_config)
-from train_wm import (build_world_model, check_backbone_flags, make_tokenizer, obs_scale, restore, saved_state,
-                      segment_batches, tokenize, train_frame_tokenizer)
+from train_wm import (build_world_model, check_backbone_flags, make_tokenizer, obs_scale, prepare_tokenizer, restore,
+                      saved_state, segment_batches, tokenize)
 from worldmodel import WorldModelEnv
-from obs_tokenizer import FrameTokenizer
 
 
 def start_or_resume(args):
@@ -116,10 +128,9 @@ def start_or_resume(args):
 
 
 def phase_args(args, epoch, iters, **changes):
-    """The shared loop's settings for one phase of one epoch: steps epoch * iters up to (epoch + 1) * iters,
-    one progress line at its end."""
+    """The shared loop's settings for one phase of one epoch: steps epoch * iters up to (epoch + 1) * iters."""
     phase = copy.copy(args)
-    phase.max_iters, phase.log_interval = (epoch + 1) * iters, iters
+    phase.max_iters = (epoch + 1) * iters
     for k, v in changes.items():
         setattr(phase, k, v)
     return phase
@@ -169,7 +180,7 @@ def main(argv=None):
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     restore(world_model, optimizer, state, args)
     obs_shape = tokenizer.preprocess(env.observation_space.sample()[None]).shape[1:]
-    ac_config = ActorCriticConfig(width=args.ac_width, horizon=args.horizon, gamma=args.gamma, lambda_=args.lambda_,
+    ac_config = ActorCriticConfig(width=args.ac_width, gamma=args.gamma, lambda_=args.lambda_,
                                   entropy_weight=args.entropy_weight)
     actor_critic = ActorCritic(ac_config, obs_shape, int(env.action_space.n)).to(run.device)
     ac_optimizer = make_optimizer(actor_critic, args.ac_lr, weight_decay=0.0)
@@ -188,8 +199,8 @@ def main(argv=None):
     def evaluate_policy(epoch):
         actor_critic.eval()
         greedy = play(env, policy(False), args.eval_episodes, EVAL_SEED)
-        sampled = play(env, policy(True, torch.Generator(run.device).manual_seed(batch_seed(args.seed, epoch))),
-                       args.eval_episodes, EVAL_SEED)
+        generator = torch.Generator(run.device).manual_seed(stream_seed(args.seed, "evaluate", epoch))
+        sampled = play(env, policy(True, generator), args.eval_episodes, EVAL_SEED)
         return {"eval_return": mean(greedy), "eval_return_min": min(greedy), "eval_return_sampled": mean(sampled)}
 
     def save(epoch):
@@ -201,7 +212,7 @@ def main(argv=None):
             "actor_critic": actor_critic.state_dict(), "ac_optimizer": ac_optimizer.state_dict()})
 
     if args.eval_only:
-        finish(run, {**evaluate_policy(state["step"]), "epochs": state["step"], "env_steps": len(data["actions"])})
+        finish(run, {**evaluate_policy(state["step"] - 1), "epoch": state["step"], "env_steps": len(data["actions"])})
         return
 
     t_loop, start_epoch = time.time(), state["step"]
@@ -209,18 +220,15 @@ def main(argv=None):
     for epoch in range(start_epoch, args.max_iters):
         # 1. real experience
         t_epoch = time.time()
-        act = None if epoch == 0 else policy(True, torch.Generator(run.device).manual_seed(batch_seed(args.seed, epoch)))
+        seed = stream_seed(args.seed, "collect", epoch)
+        act = None if epoch == 0 else policy(True, torch.Generator(run.device).manual_seed(seed))
         actor_critic.eval()
-        new = collect(env, tokenizer, args.collect_steps, batch_seed(args.seed, epoch), act)
+        new = collect(env, tokenizer, args.collect_steps, seed, act)
         data = append(data, new)
-        # 2. the tokenizer, once
+        # 2. the tokenizer, once (its error is measured on the same observations: nothing is held out)
         if epoch == 0:
-            if "tokenizer" not in state:
-                tokenizer.fit(data["obs"].to(run.device))
-            if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
-                train_frame_tokenizer(tokenizer, data, data, obs_scale(data["obs"]), args, run, state)
-            tokenizer.eval()
-        tokenize(tokenizer, data, run)
+            prepare_tokenizer(tokenizer, data, data["obs"], obs_scale(data["obs"]), args, run, state)
+        tokenize(tokenizer, data, run)  # every epoch all of it again: a few ms for vectors, seconds for frames
         # 3. the world model
         wm_terms = train(world_model, optimizer, segment_batches(data, tokenizer, args, run), None,
                          phase_args(args, epoch, args.wm_iters), run, epoch * args.wm_iters,
@@ -234,9 +242,10 @@ def main(argv=None):
             return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon)
 
         t_ac = time.time()
-        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None,
-                         phase_args(args, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
-                                    grad_accum=1), run, epoch * args.ac_iters, schedule=lambda step, a: a.lr)
+        ac_args = phase_args(args, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip, grad_accum=1,
+                             seed=stream_seed(args.seed, "actor_critic"))
+        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_args, run, epoch * args.ac_iters,
+                         schedule=lambda step, a: a.lr)
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
         # 5. evaluation on held-out real episodes
         done = epoch + 1
@@ -254,17 +263,17 @@ def main(argv=None):
                   f"{metrics['eval_return_sampled']:.1f}) | imagined {imagined_per_s:.0f} steps/s | "
                   f"{metrics['epoch_seconds']:.1f} s/epoch | eta {format_seconds(eta)}", flush=True)
             save(done)
-    metrics.update(first_steps_to(state["history"], env.spec.reward_threshold))
+    threshold = env.spec.reward_threshold  # CartPole-v1: 475; None for Atari
+    metrics.update({"reward_threshold": threshold, "env_steps_to_threshold": first_reaching(state["history"], threshold),
+                    "best_eval_return": max(h["eval_return"] for h in state["history"])})
     metrics["wall_seconds"] = round(time.time() - t_start, 1)
     finish(run, metrics)
 
 
-def first_steps_to(history, threshold):
-    """Real env steps at the first evaluation whose greedy return reached the env's threshold
-    (CartPole-v1: 475), and the best evaluation so far."""
-    reached = [h["env_steps"] for h in history if threshold is not None and h["eval_return"] >= threshold]
-    return {"reward_threshold": threshold, "env_steps_to_threshold": reached[0] if reached else None,
-            "best_eval_return": max(h["eval_return"] for h in history)}
+def first_reaching(history, target):
+    """Real env steps at the first evaluation whose greedy return reached target (None: never, or no target)."""
+    reached = [h["env_steps"] for h in history if target is not None and h["eval_return"] >= target]
+    return reached[0] if reached else None
 
 
 if __name__ == "__main__":

@@ -65,6 +65,9 @@ def parse_args(argv=None):
     g.add_argument("--val-fraction", type=open_fraction, default=0.1, help="share of the episodes held out for "
                    "evaluation (default: %(default)s)")
     add_world_model_args(parser)
+    parser.add_argument("--tokenizer-from", metavar="DIR", default=None, help="take the trained tokenizer from "
+                        "another run's checkpoint with the same env, data and tokenizer flags "
+                        "(experiments/compare_wm.py trains Pong's once for all rows)")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--horizon", type=positive_int, default=20, help="imagined steps in the open-loop test "
                    "(default: %(default)s)")
@@ -84,7 +87,7 @@ def add_world_model_args(parser):
                    "model: iris = IRIS's minGPT, sized by --width, --num-layers, --num-heads; lm = the --model "
                    "LM, fed embeddings, with a LoRA adapter (default: %(default)s)")
     g = parser.add_argument_group("the world model")
-    g.add_argument("--segment-steps", type=positive_int, default=20, help="steps per training segment, and the "
+    g.add_argument("--segment-steps", type=at_least_2, default=20, help="steps per training segment, and the "
                    "world model's context in steps (IRIS: 20; default: %(default)s)")
     g.add_argument("--width", type=positive_int, default=128, help="--backbone iris: transformer width (IRIS: "
                    "256; default: %(default)s)")
@@ -112,16 +115,14 @@ def add_world_model_args(parser):
     g.add_argument("--num-bins", type=at_least_2, default=64, help="vector observations: bins per dimension "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-iters", type=nonneg_int, default=None, help="frame observations: tokenizer "
-                   "training steps before the world model's (default: --max-iters, at most 2000)")
+                   "training steps before the world model's (default: train_wm.py: --max-iters, at most 2000; "
+                   "train_agent.py: 2000)")
     g.add_argument("--fsq-levels", type=at_least_2, nargs="+", default=[8, 8, 8], help="frame observations: FSQ "
                    "levels per latent number; vocabulary = their product (IRIS: 512; default: %(default)s)")
     g.add_argument("--tokenizer-lr", type=positive_float, default=1e-3, help="frame tokenizer learning rate "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-batch-size", type=positive_int, default=64, help="frames per tokenizer step "
                    "(default: %(default)s)")
-    g.add_argument("--tokenizer-from", metavar="DIR", default=None, help="take the trained tokenizer from "
-                   "another run's checkpoint with the same env, data and tokenizer flags "
-                   "(experiments/compare_wm.py trains Pong's once for all rows)")
 
 
 def check_world_model_args(parser, args):
@@ -206,18 +207,16 @@ def make_tokenizer(env, args):
     return FrameTokenizer(FrameTokenizerConfig(levels=tuple(args.fsq_levels)))
 
 
-def prepare_tokenizer(tokenizer, train_data, val_data, scale, args, run, state):
-    """Make the tokenizer ready and frozen (from the checkpoint or --tokenizer-from's, or fitted to
-    the training observations and, for frames, trained), then tokenize every observation once."""
+def prepare_tokenizer(tokenizer, train_data, val_obs, scale, args, run, state):
+    """Make the tokenizer ready and frozen: from the checkpoint (or --tokenizer-from's), or fitted
+    to the training observations and, for frames, trained (held-out error on val_obs)."""
     if "tokenizer" in state:
         tokenizer.load_state_dict(state["tokenizer"])
     else:
         tokenizer.fit(train_data["obs"].to(run.device))
     if isinstance(tokenizer, FrameTokenizer) and state.get("tokenizer_step", 0) < args.tokenizer_iters:
-        train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state)
+        train_frame_tokenizer(tokenizer, train_data, val_obs, scale, args, run, state)
     tokenizer.eval()
-    for part in (train_data, val_data):
-        tokenize(tokenizer, part, run)
 
 
 @torch.no_grad()
@@ -227,7 +226,7 @@ def tokenize(tokenizer, data, run):
     add_episode_bounds(data)
 
 
-def train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, state):
+def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, args, run, state):
     """The tokenizer's own training phase, with the shared loop; resumes from state."""
     targs = copy.copy(args)
     targs.max_iters, targs.lr, targs.eval_interval = args.tokenizer_iters, args.tokenizer_lr, args.tokenizer_iters
@@ -246,7 +245,7 @@ def train_frame_tokenizer(tokenizer, train_data, val_data, scale, args, run, sta
 
     if run.is_main:
         print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
-    train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_data["obs"], scale, run),
+    train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run),
           targs, run, start_step=state.get("tokenizer_step", 0), save=save)
     tokenizer.eval()
 
@@ -326,7 +325,9 @@ def main(argv=None):
     if run.is_main:
         print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "
               f"({len(val_data['actions'])} steps held out) in {time.time() - t_collect:.1f}s")
-    prepare_tokenizer(tokenizer, train_data, val_data, scale, args, run, state)
+    prepare_tokenizer(tokenizer, train_data, val_data["obs"], scale, args, run, state)
+    for part in (train_data, val_data):
+        tokenize(tokenizer, part, run)
     metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
 
     torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before

@@ -1,12 +1,13 @@
 """
-The training loop that the training scripts (train_vae.py, pretrain_lm.py, train_wm.py) share,
-and what goes with it: the
-common flags, device and torchrun setup, atomic checkpoints, the progress line.
+The training loop that the training scripts (train_vae.py, pretrain_lm.py, train_router.py,
+train_wm.py, train_agent.py) share, and what goes with it: the common flags, device and
+torchrun setup, atomic checkpoints, the progress line.
 
-Both scripts hand `train()` a model with `compute_loss(batch, step) -> {name: tensor}`
+Each script hands `train()` a model with `compute_loss(batch, step) -> {name: tensor}`
 ("loss" is the one to minimise; every term is logged), an optimizer, `get_batch(index)`
-and `evaluate()`. The loop follows nanoGPT's: warm-up then cosine learning rate, gradient
-accumulation, clipping, bf16 autocast on CUDA only. Distributed runs (torchrun) wrap the
+and `evaluate()`. The loop follows nanoGPT's: warm-up then cosine learning rate (by default;
+train_agent.py's phases keep it constant), gradient accumulation, clipping, bf16 autocast
+on CUDA only. Distributed runs (torchrun) wrap the
 model in PyTorch's DistributedDataParallel, which all-reduces the gradients in buckets while
 the backward pass still runs (gloo on CPU, nccl on CUDA).
 

@@ -1,7 +1,8 @@
 """
 The agent's learning curve: held-out real return (greedy policy) against real env steps, from
 train_agent.py checkpoints (their `history`), one line per group of runs: the mean over the
-group's seeds, and a band over the 95% interval of that mean (Student's t). The last line printed
+group's seeds, and a band over the 95% interval of that mean (Student's t up to 10 seeds, the
+normal's 1.96 beyond). The last line printed
 is one JSON object: for each group, each evaluation's mean, interval and per-seed returns, and each
 seed's real steps to the env's reward threshold (CartPole-v1: 475) and to --target.
 
@@ -46,25 +47,20 @@ def interval(values):
     return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def first_reaching(history, target):
-    reached = [h["env_steps"] for h in history if target is not None and h["eval_return"] >= target]
-    return reached[0] if reached else None
-
-
 def summarise(label, dirs, target):
     import gymnasium as gym
-    import torch
 
-    runs = []
-    for d in dirs:
-        path = os.path.join(d, "ckpt.pt")
-        if not os.path.isfile(path):
-            raise UserError(f"no checkpoint at {path}; give the --out-dir of a train_agent.py run")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("kind") != "agent":
-            raise UserError(f"{path} is not a train_agent.py checkpoint")
-        runs.append(state)
-    num_points = min(len(r["history"]) for r in runs)  # runs of one group share their evaluation steps
+    from trainer import load_checkpoint
+    from train_agent import first_reaching
+
+    runs = [load_checkpoint(d, "agent") for d in dirs]
+    steps = [[h["env_steps"] for h in r["history"]] for r in runs]
+    num_points = min(len(s) for s in steps)  # the shortest run's evaluations
+    if num_points == 0:
+        raise UserError(f"{dirs[[len(s) for s in steps].index(0)]} has no evaluation yet; resume it first")
+    if any(s[:num_points] != steps[0][:num_points] for s in steps):
+        raise UserError(f"the runs of {label!r} were evaluated at different real env steps; give runs made with the "
+                        "same --collect-steps and --eval-interval")
     points = []
     for i in range(num_points):
         returns = [r["history"][i]["eval_return"] for r in runs]

@@ -47,7 +47,7 @@ def cartpole_parts(seed=0):
     config = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=6)
     world_model = WorldModel(config, Transformer(TransformerConfig(width=32, num_layers=2, num_heads=2,
                                                                    dropout=0.0))).eval()
-    actor_critic = ActorCritic(ActorCriticConfig(width=16, horizon=5), (4,), 2)
+    actor_critic = ActorCritic(ActorCriticConfig(width=16), (4,), 2)
     return tokenizer, world_model, actor_critic, obs
 
 
@@ -101,7 +101,8 @@ def test_a_policy_trained_on_fixed_imagined_returns_prefers_the_rewarded_action(
     obs = torch.randn(32, 6, 4)
     for _ in range(100):
         actions = actor_critic.act(obs[:, :-1])  # (32, 5)
-        batch = {"obs": obs, "actions": actions, "rewards": actions.float(), "ends": torch.zeros(32, 5, dtype=torch.bool)}
+        batch = {"obs": obs, "actions": actions, "rewards": actions.float(),
+                 "ends": torch.zeros(32, 5, dtype=torch.bool)}
         loss = actor_critic.compute_loss(batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -133,9 +134,36 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert [h["eval_return"] for h in a["history"]] == [h["eval_return"] for h in b["history"]]
 
 
+def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out], capsys)
+    metrics, _ = run_script(train_agent.main, ["--resume", out, "--max-iters", "2", "--device", "cpu"], capsys)
+    assert metrics["epoch"] == 2 and metrics["env_steps"] == 240  # --collect-steps 120 came from the checkpoint
+    err = run_script_error(train_agent.main, ["--resume", out, "--max-iters", "3", "--seed", "5"], capsys)
+    assert "--seed 5" in err  # another seed would collect other data: refused, not mixed in
+    again, _ = run_script(train_agent.main, ["--resume", out, "--eval-only", "--device", "cpu"], capsys)
+    history = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["history"]
+    assert again["eval_return"] == history[-1]["eval_return"]
+    assert again["eval_return_sampled"] == history[-1]["eval_return_sampled"]
+
+
+def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_counted():
+    def part(rewards, ends, episode):
+        return {"obs": torch.zeros(len(rewards), 4), "actions": torch.zeros(len(rewards), dtype=torch.long),
+                "rewards": torch.tensor(rewards), "ends": torch.tensor(ends), "episode": torch.tensor(episode)}
+
+    first = part([1.0, 1.0, 1.0, 1.0], [False, True, False, False], [0, 0, 1, 1])  # episode 1 is cut
+    assert train_agent.finished_returns(first) == [2.0]
+    second = part([1.0, 1.0], [False, True], [0, 0])  # it ends on the epoch's last step: it counts
+    assert train_agent.finished_returns(second) == [2.0]
+    both = train_agent.append(first, second)
+    assert both["episode"].tolist() == [0, 0, 1, 1, 2, 2] and len(both["obs"]) == 6
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--env", "NoSuchEnv-v0"], "unknown Gymnasium env"),
     (["--gamma", "1.5"], "--gamma"),
+    (["--segment-steps", "1"], "--segment-steps"),
     (["--lora-r", "4"], "--backbone lm"),
     (["--resume", "nowhere"], "no checkpoint"),
 ])
