@@ -9,10 +9,13 @@ github.com/eloialonso/iris, src/models/actor_critic.py) and Dreamer's lambda-ret
    No gradient flows here: the world model is only a simulator to the agent.
 2. lambda-returns over the imagined rewards, ends and the critic's values:
        G_t = r_t + gamma * (1 - d_t) * ((1 - lambda) * V(o_{t+1}) + lambda * G_{t+1}),   G_H = V(o_H)
-3. the loss: REINFORCE with the critic as baseline, -log pi(a_t | o_t) * (G_t - V(o_t)), the
-   critic regressed on G_t, minus an entropy bonus; the mean is over the steps up to the first
-   imagined end (IRIS averages over all H, including steps imagined past an end, which the
-   world model never learned: training segments are padded there).
+3. the loss: REINFORCE with the critic as baseline, -log pi(a_t | o_t) * (G_t - V(o_t)) / max(1, S),
+   the critic regressed on G_t, minus an entropy bonus; the mean is over the steps up to the
+   first imagined end (IRIS averages over all H, including steps imagined past an end, which
+   the world model never learned: training segments are padded there). S, a moving average of
+   the range of the returns (their 5% to 95% quantiles), is DreamerV3's return normalisation
+   (Hafner et al. 2023), which IRIS lacks: IRIS's clipped Atari rewards keep advantages near 1,
+   while CartPole's returns reach 200 and would make the entropy bonus vanish beside them.
 
 The policy reads what IRIS's reads: observations as the tokenizer reconstructs them (in the real
 env too: `policy_view`, so it sees the same thing in both), through a small MLP for vectors or a
@@ -39,6 +42,7 @@ class ActorCriticConfig:
     gamma: float = 0.995  # discount (IRIS: 0.995)
     lambda_: float = 0.95  # lambda of the lambda-returns (IRIS: 0.95)
     entropy_weight: float = 0.001  # weight of the entropy bonus (IRIS: 0.001)
+    return_scale_decay: float = 0.99  # advantages / max(1, S), S a moving average of the returns' 5-95% range
 
 
 def lambda_returns(rewards, values, ends, gamma, lambda_):
@@ -78,6 +82,7 @@ class ActorCritic(nn.Module):
         self.obs_shape = tuple(obs_shape)
         self.actor = nn.Sequential(obs_encoder(self.obs_shape, config.width), nn.Linear(config.width, num_actions))
         self.critic = nn.Sequential(obs_encoder(self.obs_shape, config.width), nn.Linear(config.width, 1))
+        self.register_buffer("return_scale", torch.zeros(()))  # S; a buffer, so the checkpoint keeps it
 
     def forward(self, obs):
         """obs (..., *obs_shape) -> action logits (..., A), values (...)."""
@@ -104,17 +109,21 @@ class ActorCritic(nn.Module):
         logits, values = self(batch["obs"])  # (B, H + 1, A), (B, H + 1)
         logits, bootstrap = logits[:, :-1], values.detach()
         returns = lambda_returns(batch["rewards"], bootstrap, batch["ends"], c.gamma, c.lambda_)  # (B, H)
-        weight = still_running(batch["ends"])
-        weight = weight / weight.sum()  # a mean over the steps that happened
+        running = still_running(batch["ends"])  # (B, H)
+        weight = running / running.sum()  # a mean over the steps that happened
+        if self.training:
+            low, high = torch.quantile(returns[running > 0], torch.tensor([0.05, 0.95], device=returns.device))
+            self.return_scale.lerp_(high - low, 1 - c.return_scale_decay)
+        advantages = (returns - bootstrap[:, :-1]) / self.return_scale.clamp(min=1.0)  # (B, H)
         log_probs = F.log_softmax(logits.float(), -1)  # (B, H, A)
         chosen = log_probs.gather(-1, batch["actions"].unsqueeze(-1)).squeeze(-1)  # (B, H)
         entropy = -(log_probs.exp() * log_probs).sum(-1)  # (B, H)
-        actor = -(weight * chosen * (returns - bootstrap[:, :-1])).sum()
+        actor = -(weight * chosen * advantages).sum()
         critic = (weight * (values[:, :-1] - returns) ** 2).sum()
         entropy = (weight * entropy).sum()
-        imagined_return = (batch["rewards"] * still_running(batch["ends"])).sum(1).mean()  # logged only
+        imagined_return = (batch["rewards"] * running).sum(1).mean()  # logged only
         return {"loss": actor + critic - c.entropy_weight * entropy, "actor": actor, "critic": critic,
-                "entropy": entropy, "imagined_return": imagined_return}
+                "entropy": entropy, "imagined_return": imagined_return, "return_scale": self.return_scale.clone()}
 
 
 def policy_view(tokenizer, obs):

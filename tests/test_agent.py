@@ -110,6 +110,22 @@ def test_a_policy_trained_on_fixed_imagined_returns_prefers_the_rewarded_action(
     assert actor_critic.act(obs[:, 0], should_sample=False).float().mean() == 1.0
 
 
+def test_advantages_are_scaled_by_the_moving_range_of_the_returns():
+    torch.manual_seed(0)
+    actor_critic = ActorCritic(ActorCriticConfig(width=16, gamma=0.5, lambda_=1.0, return_scale_decay=0.5), (4,), 2)
+    # a one-step trajectory per row: G = r, rewards 0 ... 300, so the returns' 5-95% range is 270
+    batch = {"obs": torch.randn(301, 2, 4), "actions": torch.zeros(301, 1, dtype=torch.long),
+             "rewards": torch.arange(301.0).unsqueeze(1), "ends": torch.ones(301, 1, dtype=torch.bool)}
+    terms = actor_critic.compute_loss(batch)
+    assert torch.isclose(terms["return_scale"], torch.tensor(135.0))  # 0 moved half way to 270
+    actor_critic.compute_loss(batch)
+    assert torch.isclose(actor_critic.return_scale, torch.tensor(202.5))
+    assert "return_scale" in actor_critic.state_dict()  # resumes with the checkpoint
+    actor_critic.eval()
+    actor_critic.compute_loss(batch)  # evaluation leaves it alone
+    assert torch.isclose(actor_critic.return_scale, torch.tensor(202.5))
+
+
 def test_the_loop_runs_and_reports_real_returns(capsys):
     metrics, lines = run_script(train_agent.main, QUICK + ["--max-iters", "2"], capsys)
     assert metrics["epoch"] == 2 and metrics["env_steps"] == 240
