@@ -3,8 +3,9 @@ How train_wm.py measures a world model on the held-out episodes, and the picture
 (OUT_DIR/imagination.png), with a baseline IRIS does not report:
 - each head's accuracy and cross-entropy over consecutive segments of every held-out episode,
   and the accuracy on the rare steps plain accuracy hides (a nonzero reward, an episode's end);
-- open-loop imagination (WorldModelEnv): from held-out observations, --horizon steps with
-  the real actions, compared at each step with the real future and with copying the start
+- open-loop imagination (WorldModelEnv; latent_wm.py's LatentWorldModelEnv for a latent world model,
+  whose "obs" logits are its decoder's, reading the predicted latent): from held-out observations,
+  --horizon steps with the real actions, compared at each step with the real future and with copying the start
   observation ("nothing changes"), as token accuracy and as error in observation units.
 The picture needs Pillow only, imported where it is drawn.
 """
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 from common import UserError
 from data_wm import segments
+from latent_wm import LatentWorldModel, LatentWorldModelEnv
 from worldmodel import WorldModelEnv
 
 
@@ -73,7 +75,8 @@ def imagine(world_model, tokenizer, val, scale, args, run):
         raise UserError(f"no held-out episode has more than --horizon {H} steps: lower --horizon, or raise "
                         "--collect-steps or --val-fraction")
     starts = valid[torch.linspace(0, len(valid) - 1, min(args.num_imagine, len(valid))).long()]
-    env = WorldModelEnv(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
+    imagined_env = LatentWorldModelEnv if isinstance(world_model, LatentWorldModel) else WorldModelEnv
+    env = imagined_env(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
     obs, info = env.reset(val["obs"][starts].to(run.device))
     real_tokens = val["obs_tokens"][starts]
     imagined = [obs.cpu()]

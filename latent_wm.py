@@ -12,8 +12,10 @@ Zhang et al. 2023: one token per frame from a VAE's latent).
     dynamics   [w_d(z_1), a_1, w_d(z_2), a_2, ...]           causal          at each a_t: z_{t+1}, reward, end
 
 The VAE head is vae.VAEComponent (BigVAE's `f` pooling scores, `w_e`, `w_d`); the posterior is
-BigVAE's N(mu, I), so its KL to N(0, I) is |mu|^2 / 2 (small weight, BigVAE's sin^2 warm-up), and
-training samples z = mu + noise * eps with the noise ramped in (vae.noise_scale, vae.kl_weight).
+BigVAE's N(mu, I), so its KL to N(0, I) is |mu|^2 / 2 (small weight, BigVAE's sin^2 warm-up). The
+decoder trains on z = mu + noise * eps, after a plain autoencoder phase and with the noise ramped in
+(vae.noise_scale, vae.kl_weight), so it learns to read latents that are off by some noise, as
+predicted ones are; the dynamics read the posterior means, as imagination feeds them the prior's.
 The heads are worldmodel.Head: the dynamics heads read the action positions of 2-token blocks,
 exactly as IRIS's read the action position of its (K + 1)-token blocks, also inside a KV cache.
 
@@ -71,7 +73,8 @@ class LatentWorldModelConfig:
     rep_weight: float = 0.1  # the same KL with the prior held fixed: trains the encoder (DreamerV3: 0.1)
     kl_max: float = 0.01  # weight of the posterior's KL to N(0, I), |mu|^2 / 2, after warm-up (BigVAE: 0.01)
     kl_iters: int = 500  # steps of its sin^2 warm-up (BigVAE: 5000, for a run 10x longer)
-    noise_ramp_iters: int = 500  # the posterior's unit noise grows from 0 to full over the first steps
+    ae_iters: int = 300  # first steps: a plain autoencoder, z = mu, no KL (vae.py; the text VAE's main lever)
+    noise_ramp_iters: int = 500  # then the posterior's unit noise grows from 0 to full over these steps
 
     @property
     def max_tokens(self) -> int:
@@ -80,7 +83,7 @@ class LatentWorldModelConfig:
     @property
     def vae(self) -> VAEConfig:
         """The schedules' settings in vae.py's terms (noise_scale, kl_weight): BigVAE's N(mu, I)."""
-        return VAEConfig(latent_size=self.latent_size, posterior="bigvae", z_memory=0,
+        return VAEConfig(latent_size=self.latent_size, posterior="bigvae", z_memory=0, ae_iters=self.ae_iters,
                          noise_ramp_iters=self.noise_ramp_iters, kl_schedule="cosine", kl_max=self.kl_max,
                          kl_iters=self.kl_iters)
 
@@ -156,7 +159,8 @@ class LatentWorldModel(nn.Module):
     def dynamics_inputs(self, z, actions):
         """Latents (B, L, D) and actions (B, L) -> the dynamics pass's input (B, 2L, C):
         w_d(z_1), a_1, w_d(z_2), a_2, ..."""
-        return torch.stack([self.head.w_d(z), self.action_table(actions)], 2).flatten(1, 2)  # (B, L, 2, C) -> (B, 2L, C)
+        pairs = torch.stack([self.head.w_d(z), self.action_table(actions)], 2)  # (B, L, 2, C)
+        return pairs.flatten(1, 2)  # (B, 2L, C)
 
     def forward(self, embeds, cache=None, keep_last=None):
         """The dynamics pass (WorldModel.forward's contract, on inputs made by dynamics_inputs):
@@ -174,13 +178,12 @@ class LatentWorldModel(nn.Module):
 
     # --- training ----------------------------------------------------------------------------
 
-    def segment(self, batch, noise):
-        """Encode a batch of segments and run the dynamics over it: (mu (B, L, D), z (B, L, D), heads)."""
+    def segment(self, batch):
+        """Encode a batch of segments and run the dynamics over their posterior means: (mu (B, L, D), heads)."""
         obs_tokens = batch["obs_tokens"]  # (B, L, K)
         B, L, K = obs_tokens.shape
         mu = self.encode(obs_tokens.flatten(0, 1)).view(B, L, -1)  # (B*L, D) -> (B, L, D)
-        z = VAE.sample(mu, None, noise)
-        return mu, z, self(self.dynamics_inputs(z, batch["actions"]))
+        return mu, self(self.dynamics_inputs(mu, batch["actions"]))
 
     def next_obs_logits(self, batch, predicted):
         """The decoder's logits for each real next observation from the latent predicted for it, and
@@ -192,7 +195,7 @@ class LatentWorldModel(nn.Module):
     def logits_and_labels(self, batch: dict) -> dict:
         """As WorldModel's, for eval_wm.py: name -> (logits (N, classes), labels (N,)); "obs" are the next
         observations' tokens decoded (teacher-forced) from the latents the dynamics predict, z = mu."""
-        _, _, out = self.segment(batch, noise=0.0)
+        _, out = self.segment(batch)
         labels = compute_labels(batch["obs_tokens"], batch["rewards"], batch["ends"], batch["mask_padding"])
         logits, tokens = self.next_obs_logits(batch, out["latent"])
         pairs = {"obs": (logits.flatten(0, 1), tokens.flatten())}
@@ -205,8 +208,9 @@ class LatentWorldModel(nn.Module):
         cfg = self.config
         K = cfg.tokens_per_obs
         mask = batch["mask_padding"]  # (B, L)
-        mu, z, out = self.segment(batch, noise_scale(step, cfg.vae))
-        rec = F.cross_entropy(self.decode_logits(z[mask], batch["obs_tokens"][mask]).flatten(0, 1),
+        mu, out = self.segment(batch)
+        z = VAE.sample(mu[mask], None, noise_scale(step, cfg.vae))  # (N, D), the real steps
+        rec = F.cross_entropy(self.decode_logits(z, batch["obs_tokens"][mask]).flatten(0, 1),
                               batch["obs_tokens"][mask].flatten())
         if cfg.next_latent == "kl":  # KL(N(mu_{t+1}, I) || N(pred_t, I)) = |mu_{t+1} - pred_t|^2 / 2, balanced
             target, predicted = mu[:, 1:], out["latent"][:, :-1]  # (B, L - 1, D)
@@ -215,7 +219,8 @@ class LatentWorldModel(nn.Module):
             next_term = masked_mean(cfg.dyn_weight * kl_dyn + cfg.rep_weight * kl_rep, mask[:, 1:]) / K
         else:
             logits, tokens = self.next_obs_logits(batch, out["latent"])
-            next_term = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum") / max(1, tokens.numel())
+            next_term = (F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum")
+                         / max(1, tokens.numel()))  # 0, not NaN, when no next step is real
         labels = compute_labels(batch["obs_tokens"], batch["rewards"], batch["ends"], mask)
         reward, end = (F.cross_entropy(out[name].flatten(0, 1), labels[name].flatten(), ignore_index=-100)
                        for name in ("reward", "end"))
@@ -284,6 +289,7 @@ def iris_sized_lm(args, config):
     """A GPT-2-shaped transformer at IRIS's world-model size (--width, --num-layers, --num-heads,
     --dropout), random and trained whole: --backbone iris. Its token table is never read."""
     return GPT2LMHeadModel(GPT2Config(n_layer=args.num_layers, n_head=args.num_heads, n_embd=args.width, vocab_size=1,
+                                      bos_token_id=0, eos_token_id=0,
                                       n_positions=max(config.max_tokens, config.tokens_per_obs),
                                       resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout))
 

@@ -15,6 +15,10 @@ With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrai
     python train_wm.py --backbone lm --model mistral --load-8bit --offload   # one small GPU
     python experiments/compare_wm.py                       # the README's comparison table
 
+With the VAE's latent as the state (latent_wm.py: one LM, encoder/decoder/dynamics adapters, 2 tokens a step):
+    python train_wm.py --state latent                     # a GPT-2-shaped transformer sized by --width etc.
+    python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32   # a frozen LM + 3 adapters
+
 Steps, as IRIS (Micheli et al. 2023) with the agent left out:
 1. collect --collect-steps transitions with a uniformly random policy (seeded), split by
    episode into train and held-out (the last --val-fraction of the episodes);
@@ -47,6 +51,7 @@ DATA_KEYS = ("env", "seed", "collect_steps", "val_fraction", "num_bins", "fsq_le
              "tokenizer_lr", "tokenizer_batch_size")
 MODEL_KEYS = ("backbone", "segment_steps", "width", "num_layers", "num_heads", "dropout", "model", "embeddings",
               "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit")
+LATENT_KEYS = ("state", "latent_size", "next_latent")  # the latent world model's (train_wm.py only)
 LM_FLAGS = ("model", "embeddings", "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit",
             "offload", "grad_checkpoint")  # they configure the LM backbone, so need --backbone lm
 
@@ -73,6 +78,15 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     g.add_argument("--num-imagine", type=positive_int, default=256, help="held-out starts imagined from "
                    "(default: %(default)s)")
+    g = parser.add_argument_group("the state (latent_wm.py)")
+    g.add_argument("--state", default="tokens", choices=["tokens", "latent"], help="tokens: IRIS, K observation "
+                   "tokens + an action per step; latent: one VAE latent per step, one LM with encoder, decoder and "
+                   "dynamics adapters (default: %(default)s)")
+    g.add_argument("--latent-size", type=positive_int, default=64, help="--state latent: size of z (default: "
+                   "%(default)s)")
+    g.add_argument("--next-latent", default="kl", choices=["kl", "decode"], help="--state latent: how the next "
+                   "latent is learned: kl, the dynamics prior's KL to the next posterior; decode, the decoder's "
+                   "cross-entropy of the next observation (default: %(default)s)")
     return check_world_model_args(parser, parse(parser, argv))
 
 
@@ -148,6 +162,13 @@ def check_backbone_flags(args):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
 
 
+def check_state_flags(args):
+    """The latent world model's flags need --state latent (checked once a resumed run took its state)."""
+    given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in args.explicit]
+    if args.state == "tokens" and given:
+        raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
+
+
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before the heavy imports below
 
@@ -156,6 +177,7 @@ import torch
 import lora
 from data_wm import add_episode_bounds, collect, make_env, segments, split
 from eval_wm import evaluate
+from latent_wm import LatentWorldModelConfig, latent_world_model
 from lm_backbone import lm_world_model, should_save_base
 from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
 from trainer import (TRAIN_KEYS, adopt_config, check_out_dir, finish, load_checkpoint, load_optimizer, make_optimizer,
@@ -171,7 +193,7 @@ def start_or_resume(args):
     state = {"kind": "wm", "step": 0}
     if args.resume is not None:
         state = load_checkpoint(args.resume, "wm")
-        adopt_config(args, state, DATA_KEYS + MODEL_KEYS, args.resume)
+        adopt_config(args, state, DATA_KEYS + MODEL_KEYS + LATENT_KEYS, args.resume)
         adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if args.eval_only and "world_model" not in state:
             raise UserError(f"{args.resume} stopped while training the tokenizer and has no world model "
@@ -180,10 +202,11 @@ def start_or_resume(args):
             raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
     check_backbone_flags(args)
+    check_state_flags(args)
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
-    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}}
+    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS + LATENT_KEYS}}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
         other = load_checkpoint(args.tokenizer_from, "wm")
         differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
@@ -278,6 +301,14 @@ def build_world_model(args, tokenizer, env, run):
     return WorldModel(config, backbone).to(run.device)
 
 
+def build_latent_world_model(args, tokenizer, env, run):
+    """latent_wm.py's world model: the --backbone iris shape from scratch, or the --model LM with adapters."""
+    config = LatentWorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
+                                    num_actions=int(env.action_space.n), max_steps=args.segment_steps,
+                                    latent_size=args.latent_size, next_latent=args.next_latent)
+    return latent_world_model(args, config, run.device, run.is_main)
+
+
 def segment_batches(data, tokenizer, args, run):
     """get_batch(index) for trainer.train: --batch-size segments from random starts in data."""
     num_tokens = args.batch_size * args.segment_steps * (tokenizer.tokens_per_obs + 1)
@@ -293,15 +324,22 @@ def segment_batches(data, tokenizer, args, run):
 
 def saved_state(world_model, args):
     """What a checkpoint keeps: all but a frozen pretrained LM's own weights, which reload from
-    --model (an IRIS world model has no backbone.lm. weights, so all of it is kept)."""
-    return lora.saved_state(world_model, "backbone.lm.", should_save_base(args))
+    --model (an IRIS world model has no backbone.lm. weights, so all of it is kept; the latent one's
+    --backbone iris transformer trains from scratch, so it is kept too)."""
+    return lora.saved_state(world_model, "backbone.lm.", save_base(args))
+
+
+def save_base(args):
+    """Whether the LM's own weights go into the checkpoint: lm_backbone.should_save_base, and always
+    for --backbone iris (where only latent_wm.py's transformer from scratch has such weights)."""
+    return args.backbone == "iris" or should_save_base(args)
 
 
 def restore(world_model, optimizer, state, args):
     """Load a resumed run's world model and optimizer; returns the step to start from."""
     if "world_model" not in state:
         return 0
-    lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", should_save_base(args), args.resume)
+    lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", save_base(args), args.resume)
     load_optimizer(optimizer, state["optimizer"])
     return state["step"]
 
@@ -331,12 +369,16 @@ def main(argv=None):
     metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
 
     torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before
-    world_model = build_world_model(args, tokenizer, env, run)
+    if args.state == "latent":
+        world_model = build_latent_world_model(args, tokenizer, env, run)
+    else:
+        world_model = build_world_model(args, tokenizer, env, run)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     start_step = restore(world_model, optimizer, state, args)
     num_trainable = sum(p.numel() for p in world_model.parameters() if p.requires_grad)
     if run.is_main:
-        print(f"world model ({args.backbone} backbone{'' if args.model is None else f', {args.model}'}): "
+        model = "" if args.model is None else f", {args.model}"
+        print(f"world model ({args.state} state, {args.backbone} backbone{model}): "
               f"{num_trainable / 1e6:.2f}M trainable of {sum(p.numel() for p in world_model.parameters()) / 1e6:.2f}M"
               f" parameters, {tokenizer.tokens_per_obs} tokens per observation, vocabulary {tokenizer.vocab_size}")
 

@@ -1,0 +1,221 @@
+"""Tests for latent_wm.py (one LM with encoder, decoder and dynamics adapters; the VAE's latent as
+the world model's state) and its train_wm.py path (--state latent). Small models built here."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import lora
+import train_wm
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
+from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
+
+K, V, A, L, D = 4, 16, 3, 5, 8  # tokens per observation, their vocabulary, actions, steps, latent size
+CONFIG = LatentWorldModelConfig(tokens_per_obs=K, obs_vocab_size=V, num_actions=A, max_steps=L, latent_size=D)
+TOKENS_AS_OBS = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)  # obs that are tokens already
+
+
+def make_model(lm=None, **config):
+    torch.manual_seed(0)
+    lm = tiny_gpt2() if lm is None else lm
+    return LatentWorldModel(LatentWorldModelConfig(**{**vars(CONFIG), **config}), lm, r=4, alpha=8.0)
+
+
+@torch.no_grad()
+def as_if_trained(model):
+    """Nonzero adapters (a fresh one adds nothing, B being zero), so that each one matters."""
+    for p in lora.lora_parameters(model.backbone.lm):
+        p.normal_(0, 0.05)
+    return model
+
+
+def make_batch(batch_size=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask_padding = torch.ones(batch_size, L, dtype=torch.bool)
+    mask_padding[0, 3:] = False  # an episode that ends inside the segment
+    return {"obs_tokens": torch.randint(V, (batch_size, L, K), generator=g),
+            "actions": torch.randint(A, (batch_size, L), generator=g),
+            "rewards": torch.randint(-1, 2, (batch_size, L), generator=g).float(),
+            "ends": torch.rand(batch_size, L, generator=g) < 0.3, "mask_padding": mask_padding}
+
+
+@torch.no_grad()
+def test_dynamics_and_decoder_are_causal():
+    """Changing step t's latent or action leaves every head before step t unchanged; changing an
+    observation's last token leaves the decoder's earlier predictions unchanged."""
+    model = as_if_trained(make_model()).eval()
+    z, actions = torch.randn(2, L, D), torch.randint(A, (2, L))
+    before = model(model.dynamics_inputs(z, actions))
+    t = 2
+    z2, actions2 = z.clone(), actions.clone()
+    z2[:, t] += 1.0
+    actions2[:, t] = (actions[:, t] + 1) % A
+    after = model(model.dynamics_inputs(z2, actions2))
+    for name in ("latent", "reward", "end"):
+        assert before[name].shape[:2] == (2, L)
+        assert torch.equal(before[name][:, :t], after[name][:, :t]), name
+        assert not torch.allclose(before[name][:, t], after[name][:, t]), name
+    tokens = torch.randint(V, (2, K))
+    changed = tokens.clone()
+    changed[:, -1] = (tokens[:, -1] + 1) % V
+    a, b = model.decode_logits(z[:, 0], tokens), model.decode_logits(z[:, 0], changed)
+    assert torch.equal(a, b)  # the last token is a target only, never an input
+    changed[:, 1] = (tokens[:, 1] + 1) % V
+    b = model.decode_logits(z[:, 0], changed)
+    assert torch.equal(a[:, :2], b[:, :2]) and not torch.allclose(a[:, 2:], b[:, 2:])
+
+
+@pytest.mark.parametrize("make_lm", [tiny_gpt2, tiny_mistral], ids=["gpt2", "mistral"])
+@torch.no_grad()
+def test_encoder_is_bidirectional_within_an_observation(make_lm):
+    """The last token of an observation changes the first position's hidden state and the pooled latent."""
+    model = as_if_trained(make_model(make_lm())).eval()
+    tokens = torch.randint(V, (2, K))
+    changed = tokens.clone()
+    changed[:, -1] = (tokens[:, -1] + 1) % V
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    first = [model.run_adapter("encoder", model.obs_table(x), mask=mask)[:, 0] for x in (tokens, changed)]
+    assert not torch.allclose(*first)
+    assert not torch.allclose(model.encode(tokens), model.encode(changed))
+    # the same LM without the mask (the decoder's and the dynamics' causal pass) does not see ahead
+    causal = [model.run_adapter("encoder", model.obs_table(x))[:, 0] for x in (tokens, changed)]
+    assert torch.equal(*causal)
+
+
+@pytest.mark.parametrize("should_decode", [True, False])
+def test_cached_imagination_equals_recomputation(should_decode):
+    """One 2-token dynamics pass per step through the KV cache gives what recomputing the whole
+    context gives, across a context rebuild (3 * L steps from a context of L)."""
+    model = as_if_trained(make_model()).eval()
+    start = torch.randint(V, (4, K))
+    actions = torch.randint(A, (3 * L, 4))
+    runs = []
+    for should_use_cache in (True, False):
+        env = LatentWorldModelEnv(model, TOKENS_AS_OBS, should_use_cache=should_use_cache,
+                                  generator=torch.Generator().manual_seed(0), should_decode=should_decode)
+        obs, info = env.reset(start)
+        assert torch.equal(obs, start) and info["latent"].shape == (4, D)
+        steps = [env.step(action) for action in actions]
+        runs.append(steps)
+    for cached, recomputed in zip(*runs):
+        obs, reward, terminated, truncated, info = cached
+        assert torch.allclose(info["latent"], recomputed[4]["latent"], atol=1e-5)
+        assert torch.equal(reward, recomputed[1]) and torch.equal(terminated, recomputed[2])
+        assert not truncated.any() and set(reward.tolist()) <= {-1.0, 0.0, 1.0}
+        if should_decode:
+            assert obs.shape == (4, K) and torch.equal(obs, recomputed[0]) and torch.equal(obs, info["obs_tokens"])
+        else:
+            assert obs is None and "obs_tokens" not in info
+
+
+@pytest.mark.parametrize("next_latent", ["kl", "decode"])
+def test_only_the_adapters_and_heads_get_gradients(next_latent):
+    """A frozen base: its weights get no gradient and no graph; each of the three adapters, the VAE
+    head, the tables and the heads do."""
+    model = as_if_trained(make_model(next_latent=next_latent))
+    terms = model.compute_loss(make_batch(), step=100)
+    assert set(terms) == {"loss", "rec", "next", "reward", "end", "kl", "beta"}
+    terms["loss"].backward()
+    for name, p in model.named_parameters():
+        if lora.is_lora_key(name) or not name.startswith("backbone.lm."):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    adapters = {name.split(".lora_A.")[1].split(".")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    assert adapters == {"encoder", "decoder", "dynamics"}
+
+
+def test_the_loss_overfits_one_batch():
+    model = make_model()
+    model.train()
+    batch = make_batch(batch_size=4)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(200):
+        terms = model.compute_loss(batch, step=0)
+        losses.append(terms["loss"].item())
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+    model.eval()
+    with torch.no_grad():  # the next observations decoded from the predicted latents are learned too
+        logits, labels = model.logits_and_labels(batch)["obs"]
+    assert (logits.argmax(-1) == labels).float().mean() > 0.9
+
+
+# ----------------------------------------------------------------------------- train_wm.py --state latent
+
+TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
+        "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu", "--state", "latent",
+        "--latent-size", "8"]
+CARTPOLE = TINY + ["--collect-steps", "600", "--segment-steps", "6"]
+LM = ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4"]  # tiny (random weights) frozen + three adapters
+EVAL = ["--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def train_and_reload(out, argv, capsys):
+    """A 3-step run into out, then --eval-only on its checkpoint: the same held-out numbers. Returns
+    the checkpoint's world model."""
+    metrics, lines = run_script(train_wm.main, argv + ["--max-iters", "3", "--eval-interval", "3", "--out-dir", out],
+                                capsys)
+    assert any("latent state" in line and "M trainable of" in line for line in lines)
+    assert any(line.startswith("step 3/3 |") and "rec " in line and "next " in line for line in lines)
+    for key in ("val_obs_acc", "val_obs_ce", "val_reward_acc", "val_end_acc", "imag_err_h1", "copy_err_h1",
+                "imag_acc_h5", "imag_err_h5", "imagined_steps_per_s"):
+        assert key in metrics, key
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["config"]["state"] == "latent" and state["config"]["latent_size"] == 8
+    again, _ = run_script(train_wm.main, ["--eval-only", "--resume", out, *EVAL], capsys)
+    for key in ("val_obs_ce", "val_end_acc", "imag_err_h5"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    return state["world_model"]
+
+
+@pytest.mark.parametrize("backbone", [[], LM], ids=["iris", "lm"])
+def test_train_wm_state_latent_trains_evaluates_and_reloads(tmp_path, capsys, backbone):
+    """IRIS's size from scratch, and tiny (random weights): the whole transformer is saved."""
+    state = train_and_reload(str(tmp_path / "run"), CARTPOLE + backbone, capsys)
+    assert any(k.startswith("backbone.lm.") and not lora.is_lora_key(k) for k in state)
+
+
+def test_train_wm_state_latent_on_a_frozen_lm_saves_only_its_adapters(tmp_path, capsys, saved_model_dir):
+    """A pretrained GPT-2 / Mistral (saved here), frozen: the checkpoint holds the three adapters, not
+    the base, and --eval-only rebuilds the same model from --model and the checkpoint."""
+    state = train_and_reload(str(tmp_path / "run"), CARTPOLE + LM + ["--model", saved_model_dir], capsys)
+    lm_keys = [k for k in state if k.startswith("backbone.lm.")]
+    assert lm_keys and all(lora.is_lora_key(k) for k in lm_keys)
+    assert {k.split(".lora_A.")[1].split(".")[0] for k in lm_keys if ".lora_A." in k} == {"encoder", "decoder",
+                                                                                          "dynamics"}
+
+
+@pytest.mark.parametrize("backbone", [[], LM + ["--next-latent", "decode"]], ids=["iris", "lm-decode"])
+def test_train_wm_state_latent_resume_is_exact(tmp_path, capsys, monkeypatch, backbone):
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    argv = CARTPOLE + backbone + ["--max-iters", "4", "--eval-interval", "2"]
+    run_script(train_wm.main, argv + ["--out-dir", straight], capsys)
+    crash_at_step_2_then_resume(train_wm, argv, crashed, monkeypatch, capsys)
+    a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 4 and a["world_model"].keys() == b["world_model"].keys()
+    for name, tensor in a["world_model"].items():
+        assert torch.equal(tensor, b["world_model"][name]), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latent-size", "8"], "--latent-size configure(s) the latent world model: add --state latent"),
+    (["--next-latent", "decode"], "--next-latent configure(s) the latent world model"),
+    (["--state", "latent", "--latent-size", "0"], "--latent-size: 0 is out of range"),
+    (["--state", "latent", "--next-latent", "mse"], "invalid choice: 'mse'"),
+    (["--state", "latent", "--lora-r", "4"], "--lora-r configure(s) the LM backbone"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
+    assert message in run_script_error(train_wm.main, argv, capsys)
+    assert not os.path.exists("out-wm")
