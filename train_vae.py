@@ -34,9 +34,10 @@ from trainer import add_common_args
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
-MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "posterior", "z_memory", "lora_r", "lora_alpha",
-              "decoder_init")
-SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights")
+MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "lora_r",
+              "lora_alpha", "decoder_init")
+SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
+                 "word_dropout")
 
 
 def parse_args(argv=None):
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     g = parser.add_argument_group("model (vae.py)")
     g.add_argument("--latent-size", type=positive_int, default=768, help="size of z (BigVAE: 768; default: "
                    "%(default)s)")
+    g.add_argument("--pool-queries", type=positive_int, default=1, help="attention-pooling queries; their pooled "
+                   "states are concatenated before w_e (BigVAE: 1; default: %(default)s)")
     g.add_argument("--posterior", default="bigvae", choices=["bigvae", "diagonal"], help="bigvae: N(mu, I); "
                    "diagonal: N(mu, diag(exp(logvar))) as Optimus and AdaVAE (default: %(default)s)")
     g.add_argument("--z-memory", type=nonneg_int, default=1, help="also give z to every layer as this many "
@@ -80,6 +83,9 @@ def parse_args(argv=None):
                    "length (cyclical), after --ae-iters (default: the rest of the run)")
     g.add_argument("--free-bits", type=nonneg_float, default=0.0, help="KL floor per latent dimension in nats "
                    "(default: off)")
+    g.add_argument("--word-dropout", type=fraction, default=0.0, help="in training, blank this share of the "
+                   "decoder's teacher-forced tokens, so it must read them from z (Bowman et al. 2016; default: "
+                   "%(default)s)")
     g.add_argument("--edge-weights", action="store_true", help="BigVAE's loss weights 0.05 / 0.15 on the first "
                    "/ last 8 target tokens")
     add_memory_args(parser)
@@ -173,9 +179,13 @@ def main(argv=None):
                                    args.context, should_keep_prefix)
         return textdata.to_device(batch, run.device)
 
-    def save(step):
+    history = [] if state is None else state.get("history", [])  # every evaluation: experiments/vae_curve.py
+    last_eval = {}
+
+    def save(step):  # the trainer saves right after each evaluation
+        history.append({"step": step, **last_eval})
         config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}}
-        save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step,
+        save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
 
     if run.is_main:
@@ -183,9 +193,12 @@ def main(argv=None):
         print(f"{args.model}: {num_params:,} trainable parameters, {len(train_stream):,} training / "
               f"{len(val_stream):,} held-out tokens, {run.world_size} process(es)")
 
+    minutes_before = history[-1]["minutes"] if history else 0.0  # a resumed run's clock goes on
+
     def evaluate_now():
-        return {**evaluate(model, val_batches, should_print=run.is_main),
-                "minutes": round((time.time() - t_start) / 60, 2)}
+        last_eval.update(evaluate(model, val_batches, should_print=run.is_main),
+                         minutes=round(minutes_before + (time.time() - t_start) / 60, 2))
+        return dict(last_eval)
 
     metrics = train(model, optimizer, get_batch, evaluate_now, args, run, 0 if state is None else state["step"], save)
     if run.is_main:

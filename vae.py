@@ -40,6 +40,7 @@ from lm import cache_kwarg, hidden_size
 @dataclass
 class VAEConfig:
     latent_size: int = 768  # size of z (BigVAE: 768)
+    pool_queries: int = 1  # attention-pooling queries, their pooled states concatenated before w_e (BigVAE: 1)
     posterior: str = "bigvae"  # "bigvae": N(mu, I); "diagonal": N(mu, diag(exp(logvar)))
     z_memory: int = 1  # z also as this many keys/values in every layer (Optimus: 1); 0: BigVAE's soft token only
     lora_r: int = 32  # adapter rank (BigVAE: 32)
@@ -55,6 +56,8 @@ class VAEConfig:
     edge_weights: bool = False  # BigVAE's token weights: 0.05 on the first 8, 0.15 on the last 8 targets
     prefix_slots: int = 0  # positions kept for the prefix: the target sits at the same positions with or
     #                        without one (0: a prefix shifts the target's positions)
+    word_dropout: float = 0.0  # in training, share of the decoder's teacher-forced target tokens blanked to a zero
+    #                            embedding, so it must read them from z (Bowman et al. 2016; 0: off)
 
 
 POSTERIORS = ("bigvae", "diagonal")
@@ -142,25 +145,29 @@ class ZMemory(DynamicCache):
 class VAEComponent(nn.Module):
     """BigVAE's head: `f` scores positions for pooling, `w_e` maps the pooled state to mu,
     `w_d` maps z to one soft token; plus `w_logvar` (diagonal posterior) and `w_memory`
-    (z as a key/value per layer) when chosen."""
+    (z as a key/value per layer) when chosen.
+    With Q = cfg.pool_queries > 1, `f` scores every position Q times and the Q pooled states are
+    concatenated (B, Q * C) before `w_e`. BigVAE pools once: on a 4096-wide Mistral one pooled state
+    is wider than z, but on a 128-wide model it would hold z to 128 of its dimensions."""
 
     def __init__(self, width, cfg, memory_size=0):
         super().__init__()
-        self.f = nn.Linear(width, 1)
-        self.w_e = nn.Linear(width, cfg.latent_size)
+        Q = cfg.pool_queries
+        self.f = nn.Linear(width, Q)
+        self.w_e = nn.Linear(Q * width, cfg.latent_size)
         self.w_d = nn.Linear(cfg.latent_size, width)
         nn.init.orthogonal_(self.w_e.weight)  # as BigVAE: orthogonal w_e, w_d starts as its transpose
-        with torch.no_grad():
-            self.w_d.weight.copy_(self.w_e.weight.T)
-        self.w_logvar = nn.Linear(width, cfg.latent_size) if cfg.posterior == "diagonal" else None
+        with torch.no_grad():  # (Q > 1: the mean of the Q blocks of the transpose)
+            self.w_d.weight.copy_(self.w_e.weight.T.view(Q, width, cfg.latent_size).mean(0))
+        self.w_logvar = nn.Linear(Q * width, cfg.latent_size) if cfg.posterior == "diagonal" else None
         self.w_memory = nn.Linear(cfg.latent_size, memory_size) if memory_size else None
         # per-dimension RMS of posterior samples, measured on held-out text; sample_prior scales by it
         self.register_buffer("latent_rms", torch.ones(()))
 
     def pool(self, hidden, mask):
-        """Attention pooling over the real positions: (B, T, C), (B, T) -> (B, C)."""
-        scores = self.f(hidden).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
-        return torch.einsum("bt,btc->bc", scores.softmax(-1), hidden)
+        """Attention pooling over the real positions: (B, T, C), (B, T) -> (B, Q * C)."""
+        scores = self.f(hidden).masked_fill(~mask[..., None], float("-inf"))  # (B, T, Q)
+        return torch.einsum("btq,btc->bqc", scores.softmax(1), hidden).flatten(1)  # (B, Q, C) -> (B, Q * C)
 
 
 # -----------------------------------------------------------------------------
@@ -252,16 +259,20 @@ class VAE(nn.Module):
             raise ValueError(f"a prefix of {prefix_len} tokens does not fit prefix_slots={self.cfg.prefix_slots}")
         return (1 if self.head.w_memory is not None else 0) + max(0, self.cfg.prefix_slots - prefix_len)
 
-    def decoder_inputs(self, z, prefix_ids=None, ids=None):
-        """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C)."""
+    def decoder_inputs(self, z, prefix_ids=None, ids=None, keep=None):
+        """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C). keep (B, T) bool: ids' tokens to
+        show; the others become zero vectors (word dropout)."""
         embed = self.base.get_input_embeddings()
         parts = [self.head.w_d(z)[:, None].to(embed.weight.dtype)]
-        parts += [embed(x) for x in (prefix_ids, ids) if x is not None and x.shape[1] > 0]
+        if prefix_ids is not None and prefix_ids.shape[1] > 0:
+            parts.append(embed(prefix_ids))
+        if ids is not None and ids.shape[1] > 0:
+            parts.append(embed(ids) if keep is None else embed(ids) * keep[..., None])
         return torch.cat(parts, 1)
 
-    def forward(self, z, target_ids, prefix_ids=None):
-        """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V)."""
-        embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1])
+    def forward(self, z, target_ids, prefix_ids=None, keep=None):
+        """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V). keep: see decoder_inputs."""
+        embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1], keep)
         memory = ({**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None
                   else {"use_cache": False})
         start = self.first_position(prefix_ids)
@@ -285,7 +296,10 @@ class VAE(nn.Module):
         cfg, target = self.cfg, batch["target_ids"]
         mu, logvar = self.encode(batch["input_ids"], batch.get("input_mask"))
         noise = noise_scale(step, cfg)
-        logits = self(self.sample(mu, logvar, noise), target, batch.get("prefix_ids"))
+        keep = None
+        if self.training and cfg.word_dropout > 0:
+            keep = torch.rand(target[:, :-1].shape, device=target.device) >= cfg.word_dropout  # (B, T - 1)
+        logits = self(self.sample(mu, logvar, noise), target, batch.get("prefix_ids"), keep)
         ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         weights = token_weights(target.shape[1], cfg.edge_weights, target.device)
         rec = (ce * weights).sum() / (weights.sum() * target.shape[0])  # weighted mean over tokens

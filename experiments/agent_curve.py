@@ -19,8 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this repository's modules
 
 from common import UserError, make_parser, run_cli  # noqa: E402
-
-COLORS = ["red", "blue", "green", "orange", "purple", "gray"]
+from experiments.plot import draw  # noqa: E402
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # by degrees of freedom
 
 
@@ -75,42 +74,16 @@ def summarise(label, dirs, target):
             "steps_to_target": [first_reaching(r["history"], target) for r in runs]}
 
 
-def draw(groups, path):
-    from PIL import Image, ImageDraw
-
-    W, H, left, bottom, top, right = 640, 400, 60, 40, 30, 20
-    xs = [p["env_steps"] for g in groups for p in g["points"]]
-    ys = [v for g in groups for p in g["points"] for v in (p["mean"] - p["ci95"], p["mean"] + p["ci95"])]
-    x_hi, y_lo, y_hi = max(xs), min(0.0, min(ys)), max(ys)
-    span = (y_hi - y_lo) or 1.0
-
-    def at(x, y):
-        return (left + (W - left - right) * x / x_hi, H - bottom - (H - top - bottom) * (y - y_lo) / span)
-
-    image = Image.new("RGB", (W, H), "white")
-    canvas = ImageDraw.Draw(image)
-    canvas.rectangle([left, top, W - right, H - bottom], outline="lightgray")
-    for k in range(5):
-        x, y = x_hi * k / 4, y_lo + span * k / 4
-        canvas.text((at(x, y_lo)[0] - 15, H - bottom + 5), f"{x:.0f}", fill="black")
-        canvas.text((5, at(0, y)[1] - 6), f"{y:.0f}", fill="black")
-    canvas.text((W // 2 - 60, H - 18), "real env steps", fill="black")
-    for i, g in enumerate(groups):
-        color = COLORS[i % len(COLORS)]
-        upper = [at(p["env_steps"], p["mean"] + p["ci95"]) for p in g["points"]]
-        lower = [at(p["env_steps"], p["mean"] - p["ci95"]) for p in g["points"]]
-        canvas.line(upper, fill=color, width=1)
-        canvas.line(lower, fill=color, width=1)
-        canvas.line([at(p["env_steps"], p["mean"]) for p in g["points"]], fill=color, width=3)
-        canvas.text((left + 10, top + 5 + 14 * i), f"{g['label']} ({len(g['seeds'])} seeds)", fill=color)
-    canvas.text((left, 8), f"{groups[0]['env']}: held-out return, mean and 95% interval over seeds", fill="black")
-    image.save(path)
+def draw_groups(groups, path):
+    series = [{"label": f"{g['label']} ({len(g['seeds'])} seeds)",
+               "points": [(p["env_steps"], p["mean"], p["ci95"]) for p in g["points"]]} for g in groups]
+    draw(series, path, "real env steps", f"{groups[0]['env']}: held-out return, mean and 95% interval over seeds")
 
 
 def main(argv=None):
     args = parse_args(argv)
     groups = [summarise(group[0], group[1:], args.target) for group in args.runs]
-    draw(groups, args.out)
+    draw_groups(groups, args.out)
     print(json.dumps({"picture": args.out, "groups": groups}))
 
 

@@ -259,3 +259,22 @@ def test_the_scripts_answer_help_without_loading_transformers():
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "--wm-iters" in done.stdout and "--backbone" in done.stdout
     assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
+
+
+def test_history_and_its_curve(trained, tmp_path, capsys):
+    """Every evaluation is kept in the checkpoint; experiments/vae_curve.py draws it and prints its points."""
+    from experiments import vae_curve
+
+    history = trainer.load_checkpoint(trained, "vae")["history"]
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[0]["minutes"] <= history[1]["minutes"] and all(0 <= h["val_acc"] <= 1 for h in history)
+    picture = tmp_path / "curve.png"
+    out, _ = run_script(vae_curve.main, [trained, "--out", str(picture)], capsys)
+    assert [p["val_acc_shuffled"] for p in out["points"]] == [h["val_acc_shuffled"] for h in history]
+    from PIL import Image
+    assert Image.open(picture).size == (640, 400)
+    state = trainer.load_checkpoint(trained, "vae")  # a checkpoint without history: one line
+    del state["history"]
+    os.makedirs(tmp_path / "old")
+    torch.save(state, tmp_path / "old" / "ckpt.pt")
+    assert "no evaluation history" in run_error(vae_curve.main, [str(tmp_path / "old")], capsys)

@@ -50,6 +50,45 @@ def test_padding_does_not_change_mu(base):
     assert torch.allclose(mu, mu_p[:1], atol=1e-5) and torch.allclose(logvar, logvar_p[:1], atol=1e-5)
 
 
+def test_pooling_with_several_queries_by_hand():
+    """Q queries: each is a softmax over the real positions of its own scores; the Q pooled states
+    are concatenated, query-major, and padding changes nothing. Q = 1 is BigVAE's pooling."""
+    from vae import VAEComponent
+    torch.manual_seed(0)
+    head = VAEComponent(4, VAEConfig(latent_size=6, pool_queries=3))
+    hidden, mask = torch.randn(2, 5, 4), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = head.pool(hidden, mask)
+    assert pooled.shape == (2, 3 * 4)
+    for b in range(2):
+        n = int(mask[b].sum())
+        for q in range(3):
+            scores = hidden[b, :n] @ head.f.weight[q] + head.f.bias[q]  # (n,)
+            expected = (scores.softmax(0)[:, None] * hidden[b, :n]).sum(0)  # (C,)
+            assert torch.allclose(pooled[b, 4 * q:4 * q + 4], expected, atol=1e-6)
+    # w_d starts as the mean of w_e's transposed blocks: for Q = 1 exactly BigVAE's transpose
+    assert torch.allclose(head.w_d.weight, head.w_e.weight.T.view(3, 4, 6).mean(0))
+    one = VAEComponent(4, VAEConfig(latent_size=6))
+    assert torch.equal(one.w_d.weight, one.w_e.weight.T)
+
+
+def test_word_dropout_blanks_teacher_forced_tokens_in_training_only():
+    """Blanked inputs are zero vectors (the soft token stays); at p = 1 the decoder sees none of the
+    target, so two targets give the same logits; in eval mode nothing is blanked."""
+    vae = make_vae("mistral", word_dropout=1.0, ae_iters=10**6)  # z = mu, no noise; Mistral has no dropout
+    z, a, b = torch.randn(2, 16), ids([1, 2, 3, 4], [5, 6, 7, 8]), ids([9, 9, 9, 9], [0, 1, 0, 1])
+    none = torch.zeros(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        embeds = vae.decoder_inputs(z, None, a[:, :-1], none)
+        assert embeds[:, 1:].abs().sum() == 0 and embeds[:, 0].abs().sum() > 0
+        assert torch.allclose(vae(z, a, keep=none), vae(z, b, keep=none))
+        batch = {"input_ids": a, "target_ids": a}
+        plain = make_vae("mistral", ae_iters=10**6)  # the same weights, no word dropout
+        assert torch.allclose(vae.eval().compute_loss(batch, 0)["loss"], plain.compute_loss(batch, 0)["loss"])
+        mu, _ = vae.encode(a)
+        blanked = F.cross_entropy(vae(mu, a, keep=none).flatten(0, 1), a.flatten())
+        assert torch.allclose(vae.train().compute_loss(batch, 0)["loss"], blanked, atol=1e-6)
+
+
 def test_kl_matches_closed_form():
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
@@ -171,10 +210,10 @@ def test_slerp_and_interpolate():
     assert texts == vae.detokenize(vae.generate(torch.randn(3, vae.cfg.latent_size) * 1.28, 5))
 
 
-@pytest.mark.parametrize("z_memory", [True, False])
-def test_overfits_one_batch(z_memory):
+@pytest.mark.parametrize("z_memory, pool_queries", [(1, 1), (0, 1), (4, 4)])
+def test_overfits_one_batch(z_memory, pool_queries):
     """The whole model learns to reconstruct 4 spans exactly, teacher-forced and greedy."""
-    vae = make_vae(z_memory=z_memory, ae_iters=10**6)  # autoencoder: z = mu
+    vae = make_vae(z_memory=z_memory, pool_queries=pool_queries, ae_iters=10**6)  # autoencoder: z = mu
     vae.train()
     torch.manual_seed(0)
     span = torch.randint(0, 256, (4, 12))
