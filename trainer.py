@@ -36,7 +36,7 @@ from common import UserError, add_machine_args, batch_seed, nonneg_float, nonneg
 def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
     """The flags every training script has, with the same names and meanings (has_model False:
     no --model, for a script whose base comes from another checkpoint; unit: what --max-iters
-    and --eval-interval count)."""
+    and --eval-interval count; lr_text: --lr's default in words, where the script sets it later)."""
     d = dict(model="tiny", out_dir="out", max_iters=1000, eval_interval=250, batch_size=16, lr=3e-4,
              warmup_iters=50, grad_accum=1, grad_clip=1.0, weight_decay=0.0, log_interval=10)
     d.update(defaults)
@@ -53,7 +53,8 @@ def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
                    "%(default)s)")
     g.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="sequences per micro-batch per "
                    "process (default: %(default)s)")
-    g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: %(default)s)")
+    g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: "
+                   f"{d.get('lr_text', '%(default)s')})")
     g.add_argument("--warmup-iters", type=nonneg_int, default=d["warmup_iters"],
                    help="linear lr warm-up steps; cosine decay to lr/10 after (default: %(default)s)")
     g.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],

@@ -278,3 +278,11 @@ def test_history_and_its_curve(trained, tmp_path, capsys):
     os.makedirs(tmp_path / "old")
     torch.save(state, tmp_path / "old" / "ckpt.pt")
     assert "no evaluation history" in run_error(vae_curve.main, [str(tmp_path / "old")], capsys)
+
+
+def test_learning_rate_defaults_per_base(base_dir):
+    """tiny's CPU value for tiny models, BigVAE's 1e-4 for any pretrained base; a given --lr wins."""
+    assert train_vae.parse_args([]).lr == train_vae.TINY_LR == 1e-3
+    assert train_vae.parse_args(["--model", "tiny-bpe"]).lr == 1e-3
+    assert train_vae.parse_args(["--model", base_dir]).lr == train_vae.PRETRAINED_LR == 1e-4
+    assert train_vae.parse_args(["--model", base_dir, "--lr", "3e-4"]).lr == 3e-4
