@@ -36,20 +36,27 @@ from trainer import add_common_args
 # settings, then the schedules
 MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "lora_r",
               "lora_alpha", "decoder_init")
-TINY_LR, PRETRAINED_LR = 1e-3, 1e-4  # tiny trains fully on a CPU; a frozen pretrained base: BigVAE's
+# per-base defaults (README, "The text VAE"): tiny trains fully on a CPU, on spans short enough to
+# learn in minutes, with word dropout; a frozen pretrained base starts from BigVAE's settings
+TINY_DEFAULTS = dict(lr=1e-3, context=32, word_dropout=0.3)
+PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
                  "word_dropout")
+
+
+def per_base(key):
+    return f"{TINY_DEFAULTS[key]:g} for tiny, {PRETRAINED_DEFAULTS[key]:g} for a pretrained base"
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base starts from BigVAE's lr
     add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=10000, eval_interval=1250, batch_size=16,
-                    lr=None, lr_text=f"{TINY_LR:g} for tiny, {PRETRAINED_LR:g} (BigVAE) for a pretrained base",
+                    lr=None, lr_text=per_base("lr"),
                     warmup_iters=100)
     g = add_data_args(parser)
-    g.add_argument("--context", type=positive_int, default=64, help="tokens in the encoded span, and in the "
-                   "prefix before it (BigVAE: 64; default: %(default)s)")
+    g.add_argument("--context", type=positive_int, default=None, help="tokens in the encoded span, and in the "
+                   f"prefix before it (BigVAE: 64; default: {per_base('context')})")
     g.add_argument("--iw-samples", type=positive_int, default=32, help="posterior samples per span for the "
                    "importance-weighted NLL at the end and in --eval-only (Optimus: 100; default: %(default)s)")
     g.add_argument("--prefix-drop", type=fraction, default=0.5, help="share of batches without the prefix "
@@ -85,15 +92,16 @@ def parse_args(argv=None):
                    "length (cyclical), after --ae-iters (default: the rest of the run)")
     g.add_argument("--free-bits", type=nonneg_float, default=0.0, help="KL floor per latent dimension in nats "
                    "(default: off)")
-    g.add_argument("--word-dropout", type=fraction, default=0.0, help="in training, blank this share of the "
+    g.add_argument("--word-dropout", type=fraction, default=None, help="in training, blank this share of the "
                    "decoder's teacher-forced tokens, so it must read them from z (Bowman et al. 2016; default: "
-                   "%(default)s)")
+                   f"{per_base('word_dropout')})")
     g.add_argument("--edge-weights", action="store_true", help="BigVAE's loss weights 0.05 / 0.15 on the first "
                    "/ last 8 target tokens")
     add_memory_args(parser)
     args = parse(parser, argv)
-    if args.lr is None:  # a resumed run takes its checkpoint's instead (trainer.open_run)
-        args.lr = TINY_LR if args.model in TINY_MODELS else PRETRAINED_LR
+    defaults = TINY_DEFAULTS if args.model in TINY_MODELS else PRETRAINED_DEFAULTS
+    for k, v in defaults.items():  # a resumed run takes its checkpoint's values instead (adopt_config)
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if args.ae_iters is None:
         args.ae_iters = args.max_iters // 2
     rest = max(1, args.max_iters - args.ae_iters)
@@ -146,6 +154,8 @@ def saved_state(vae, args):
 def load_vae(args, run, state):
     """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
     adopt_config(args, state, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
+    if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
+        args.word_dropout = 0.0
     vae = build(args, run)
     lora.load_saved_state(vae, state["model"], "base.", args.model in TINY_MODELS, args.resume)
     return vae

@@ -280,9 +280,26 @@ def test_history_and_its_curve(trained, tmp_path, capsys):
     assert "no evaluation history" in run_error(vae_curve.main, [str(tmp_path / "old")], capsys)
 
 
-def test_learning_rate_defaults_per_base(base_dir):
-    """tiny's CPU value for tiny models, BigVAE's 1e-4 for any pretrained base; a given --lr wins."""
-    assert train_vae.parse_args([]).lr == train_vae.TINY_LR == 1e-3
-    assert train_vae.parse_args(["--model", "tiny-bpe"]).lr == 1e-3
-    assert train_vae.parse_args(["--model", base_dir]).lr == train_vae.PRETRAINED_LR == 1e-4
-    assert train_vae.parse_args(["--model", base_dir, "--lr", "3e-4"]).lr == 3e-4
+def test_defaults_per_base(base_dir):
+    """tiny's CPU values for tiny models, BigVAE's (lr 1e-4, 64-token spans, no word dropout) for any
+    pretrained base; a given flag wins."""
+    keys = ("lr", "context", "word_dropout")
+    for argv in ([], ["--model", "tiny-bpe"]):
+        args = train_vae.parse_args(argv)
+        assert {k: getattr(args, k) for k in keys} == train_vae.TINY_DEFAULTS
+    args = train_vae.parse_args(["--model", base_dir])
+    assert {k: getattr(args, k) for k in keys} == train_vae.PRETRAINED_DEFAULTS == dict(lr=1e-4, context=64,
+                                                                                          word_dropout=0.0)
+    args = train_vae.parse_args(["--model", base_dir, "--lr", "3e-4", "--context", "8", "--word-dropout", "0.5"])
+    assert (args.lr, args.context, args.word_dropout) == (3e-4, 8, 0.5)
+
+
+def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_path):
+    """A config saved without the key had no word dropout: a resumed run keeps none (the per-base
+    default, 0.3 for tiny, would change the run), unless the flag is given."""
+    state = trainer.load_checkpoint(trained, "vae")
+    del state["config"]["word_dropout"]
+    for argv, expected in (([], 0.0), (["--word-dropout", "0.2"], 0.2)):
+        args = train_vae.parse_args(["--resume", trained, "--device", "cpu"] + argv)
+        train_vae.load_vae(args, trainer.setup(args), state)
+        assert args.word_dropout == expected
