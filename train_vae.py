@@ -4,8 +4,8 @@ Train the text VAE (vae.py) on a base LM and evaluate it on held-out text. BigVA
 and options from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022): z as a key/value in
 every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 
-    python train_vae.py                               # tiny model, default corpus, CPU: ~15 min on 2 cores
-    python train_vae.py --max-iters 200               # a quick look: ~45 s
+    python train_vae.py                               # tiny model, default corpus, CPU: ~17 min on 2 cores
+    python train_vae.py --max-iters 500               # a quick look: ~45 s
     python train_vae.py --model gpt2                  # GPT-2 small, frozen, + two LoRA adapters (GPU)
     python train_vae.py --model gpt2 --data my.txt    # your own UTF-8 text file
     python train_vae.py --eval-only --resume out-vae [--data FILE]
@@ -17,7 +17,8 @@ The data (textdata.py): windows of 2 x --context tokens; the first half is `pref
 second the span that is encoded and reconstructed. As BigVAE, the prefix is dropped for half
 the batches (--prefix-drop; per batch, so a batch without it is also shorter), and during the
 autoencoder phase (--ae-iters) for all: with the prefix in view a small decoder learns to
-predict from it and ignores z (README, "The text VAE").
+predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 32 bytes and its decoder
+trains with word dropout (per-base defaults below).
 `tiny`'s base trains too (it has nothing pretrained to protect; --freeze-base stops it): its
 checkpoint holds everything. Any other base is frozen; only the adapters and the VAE head
 train and are saved, and the base reloads from --model. A resumed run takes the model's
@@ -51,7 +52,7 @@ def per_base(key):
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base starts from BigVAE's lr
-    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=10000, eval_interval=1250, batch_size=16,
+    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=17500, eval_interval=2500, batch_size=16,
                     lr=None, lr_text=per_base("lr"),
                     warmup_iters=100)
     g = add_data_args(parser)
