@@ -84,6 +84,26 @@ def test_encoder_is_bidirectional_within_an_observation(make_lm):
     assert torch.equal(*causal)
 
 
+@torch.no_grad()
+def test_each_pass_runs_its_own_adapter():
+    """Changing one adapter changes its pass only: the encoder's mu, the decoder's logits, the dynamics' heads."""
+    model = as_if_trained(make_model()).eval()
+    tokens, z, actions = torch.randint(V, (2, K)), torch.randn(2, L, D), torch.randint(A, (2, L))
+
+    def passes():
+        return {"encoder": model.encode(tokens), "decoder": model.decode_logits(z[:, 0], tokens),
+                "dynamics": model(model.dynamics_inputs(z, actions))["latent"]}
+
+    before = passes()
+    for adapter in before:
+        for p in lora.lora_parameters(model.backbone.lm, adapter):
+            p.add_(0.1)
+        after = passes()
+        for name in before:
+            assert torch.equal(before[name], after[name]) != (name == adapter), (adapter, name)
+        before = after
+
+
 @pytest.mark.parametrize("should_decode", [True, False])
 def test_cached_imagination_equals_recomputation(should_decode):
     """One 2-token dynamics pass per step through the KV cache gives what recomputing the whole
