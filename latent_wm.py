@@ -52,9 +52,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora
 import offload
-from common import UserError
-from lm import cache_kwarg, hidden_size, num_positions
-from lm_backbone import LMBackbone, LMCache, lm_token_tables, randomized
+from lm import cache_kwarg, hidden_size
+from lm_backbone import LMBackbone, LMCache, lm_and_tables
 from vae import VAE, VAEComponent, VAEConfig, bidirectional_mask, kl_weight, noise_scale
 from worldmodel import Head, WorldModelEnv, compute_labels, init_weights
 
@@ -298,21 +297,11 @@ def latent_world_model(args, config, device, should_print):
     """The latent world model (LatentWorldModelConfig `config`) from train_wm.py's flags: --backbone iris,
     a GPT-2-shaped transformer from scratch (every weight trains, plus the adapters); --backbone lm, the
     --model LM pretrained or --lm-init random, frozen + the three adapters or --train-base, with the
-    tables --embeddings picks, placed as the memory flags ask (as lm_backbone.lm_world_model)."""
+    tables --embeddings picks (lm_backbone.lm_and_tables), placed as the memory flags ask."""
     if args.backbone == "iris":
         world_model = LatentWorldModel(config, iris_sized_lm(args, config), should_train_base=True)
         return world_model.to(device)
-    base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
-    if args.lm_init == "random":
-        base = randomized(base)  # drawn from --seed
-    longest = max(config.max_tokens, config.tokens_per_obs)
-    if longest > num_positions(base):
-        raise UserError(f"the latent world model needs {longest} positions, more than the LM's "
-                        f"{num_positions(base)}: lower --segment-steps")
-    tables = None
-    if args.embeddings != "iris":
-        tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
-                                 should_train=args.embeddings == "lm-trained")
+    base, tables = lm_and_tables(args, config, device, max(config.max_tokens, config.tokens_per_obs))
     world_model = LatentWorldModel(config, base, tables, r=args.lora_r, alpha=args.lora_alpha,
                                    should_train_base=args.train_base)
     tokens_per_step = args.batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)

@@ -104,20 +104,26 @@ def randomized(lm):
     return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
 
 
-def lm_world_model(args, config, device, should_print):
-    """The world model (WorldModelConfig `config`) around the --model LM, as train_wm.py's flags
-    ask: pretrained or --lm-init random, frozen + the dynamics adapter or --train-base, with the
-    tables --embeddings picks, placed on `device` as the memory flags ask (offload.py)."""
+def lm_and_tables(args, config, device, num_tokens):
+    """The --model LM as train_wm.py's flags ask (pretrained or --lm-init random), checked to take
+    num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
     base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
     if args.lm_init == "random":
         base = randomized(base)  # drawn from --seed (trainer.setup seeded torch)
-    if config.max_tokens > num_positions(base):
-        raise UserError(f"--segment-steps {config.max_steps} makes {config.max_tokens} tokens, more than the "
-                        f"LM's {num_positions(base)} positions: lower --segment-steps")
+    if num_tokens > num_positions(base):
+        raise UserError(f"--segment-steps {config.max_steps} needs {num_tokens} positions, more than the LM's "
+                        f"{num_positions(base)}: lower --segment-steps")
     tables = None
     if args.embeddings != "iris":
         tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
                                  should_train=args.embeddings == "lm-trained")
+    return base, tables
+
+
+def lm_world_model(args, config, device, should_print):
+    """The world model (WorldModelConfig `config`) around the --model LM (lm_and_tables): frozen +
+    the dynamics adapter or --train-base, placed on `device` as the memory flags ask (offload.py)."""
+    base, tables = lm_and_tables(args, config, device, config.max_tokens)
     backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
     world_model = WorldModel(config, backbone, tables)
     offload.place(world_model, base, args, device, args.batch_size * config.max_tokens, should_print)
