@@ -1,5 +1,5 @@
 # The two quick-start commands; each sets up the virtual environment first (once).
-#   make demo    train the text VAE on the tiny model, offline, on the CPU (~17 min on 2 cores)
+#   make demo    train the text VAE on the tiny model, offline, on the CPU (~14 min on 2 cores)
 #   make test    the test suite (~2 min on 2 cores), exactly what CI runs
 # Your own environment instead: see README.md, "Install".
 
