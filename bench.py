@@ -7,7 +7,6 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
     python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
-    python bench.py imagine-latent      # the same for latent_wm.py (2 tokens a step): decoded, latent only, recompute
     python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
                                         # CartPole steps, loss, backward, update), cache vs recompute, both backbones
     python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
@@ -26,7 +25,7 @@ import json
 
 from common import make_parser, parse, positive_int
 
-BENCHMARK_NAMES = ["agent", "imagine", "imagine-latent", "lora", "mistral-estimate", "mistral-memory", "vae"]
+BENCHMARK_NAMES = ["agent", "imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
 
 
 def parse_args(argv=None):
@@ -38,9 +37,9 @@ def parse_args(argv=None):
                         "%(default)s)")
     parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
                         "%(default)s; mistral-memory: use 128)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, imagine-latent, agent, "
+    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, agent, "
                         "mistral-memory: cuda or cpu (default: cuda if available)")
-    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, imagine-latent, agent: the LM "
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM "
                         "backbone's shape, tiny's or GPT-2 small's (random weights; default: %(default)s)")
     parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
                         "to run the same code on a CPU")
@@ -190,31 +189,39 @@ def bench_vae(args):
 
 
 def bench_imagine(args):
-    """Imagined env steps/s of WorldModelEnv with the KV cache vs recomputing the whole
-    context for every token (what a world model without a real KV cache does), for each backbone:
-    IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads) and the
-    LM backbone (lm_backbone.py, the LM's real KV cache) on tiny's shape, or GPT-2 small's
-    with --lm gpt2. IRIS's Pong token shapes (16 obs tokens + 1 action per step, vocabulary
-    512, 6 actions, a 20-step context); random weights: speed does not depend on training.
-    One observation then 19 imagined steps fill the 20-step context (339 of 340 tokens)
-    without a rebuild, so both ways compute the same logits."""
+    """Imagined steps/s of the token world model (worldmodel.py) and the latent one (latent_wm.py),
+    side by side in one run, with the KV cache and recomputing the context every step.
+    Token model: IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads)
+    and the LM backbone (lm_backbone.py, the LM's real KV cache) on tiny's shape, or GPT-2 small's
+    with --lm gpt2. Latent model: a GPT-2-shaped transformer of IRIS's size and the LM's shape, each
+    step one 2-token dynamics pass, decoding the observation (16 cached decoder passes) or not
+    ("latent_only"). IRIS's Pong token shapes (16 obs tokens + 1 action per step, vocabulary 512,
+    6 actions, a 20-step context); random weights: speed does not depend on training. One
+    observation then 19 imagined steps fill the context without a rebuild, so both ways compute
+    the same logits."""
     from types import SimpleNamespace
 
+    import lm
+    from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
     from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
+    latent_config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     backbones = world_model_backbones(args)
+    iris_shape = SimpleNamespace(width=128, num_layers=3, num_heads=4, dropout=0.1)
+    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
+    lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": GPT2LMHeadModel(lm_config)}
     # observations that are tokens already: the timing is the world model, not a pixel decoder
     tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
     num_steps = config.max_steps - 1
     start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
     actions = torch.randint(config.num_actions, (num_steps, args.batch_size), device=device)
 
-    def imagine(world_model, should_use_cache):
+    def imagine(env_class, world_model, should_use_cache, **kwargs):
         def fn():
-            env = WorldModelEnv(world_model, tokens_as_obs, should_use_cache=should_use_cache,
-                                generator=torch.Generator(device).manual_seed(0))
+            env = env_class(world_model, tokens_as_obs, should_use_cache=should_use_cache,
+                            generator=torch.Generator(device).manual_seed(0), **kwargs)
             env.reset(start)
             for action in actions:
                 env.step(action)
@@ -223,56 +230,19 @@ def bench_imagine(args):
     out = {"bench": "imagine", "device": str(device), "batch_size": args.batch_size,
            "context_steps": config.max_steps}
     for name, backbone in backbones.items():
-        world_model = WorldModel(config, backbone).to(device).eval()
-        seconds = alternate({"kv_cache": imagine(world_model, True), "recompute": imagine(world_model, False)},
+        tokens = WorldModel(config, backbone).to(device).eval()
+        latent = LatentWorldModel(latent_config, lms[name]).to(device).eval()
+        seconds = alternate({"tokens_kv_cache": imagine(WorldModelEnv, tokens, True),
+                             "tokens_recompute": imagine(WorldModelEnv, tokens, False),
+                             "latent_kv_cache": imagine(LatentWorldModelEnv, latent, True, should_decode=True),
+                             "latent_only_kv_cache": imagine(LatentWorldModelEnv, latent, True, should_decode=False),
+                             "latent_recompute": imagine(LatentWorldModelEnv, latent, False, should_decode=True)},
                             args.steps)
         steps_per_s = {way: args.batch_size * num_steps / s for way, s in seconds.items()}
-        out[name] = {"kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
-                     "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
-                     "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
-        print(name, out[name], file=sys.stderr, flush=True)
-    return out
-
-
-def bench_imagine_latent(args):
-    """bench_imagine for latent_wm.py's world model at the same shapes (16 obs tokens, vocabulary 512,
-    6 actions, 20-step context) and sizes (a GPT-2-shaped transformer of width 128, 3 layers, 4 heads,
-    and the LM's shape): imagined steps/s with the KV cache, decoding each observation (16 cached
-    decoder passes a step) or not (the latent only: one 2-token dynamics pass a step), and recomputing
-    the context every step (decoded). 19 steps from one observation fill the 40-token context."""
-    from types import SimpleNamespace
-
-    import lm
-    from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
-    torch.manual_seed(0)
-    iris_shape = SimpleNamespace(width=128, num_layers=3, num_heads=4, dropout=0.1)
-    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
-    lms = {"iris": iris_sized_lm(iris_shape, config), f"lm_{args.lm}": GPT2LMHeadModel(lm_config)}
-    tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
-    num_steps = config.max_steps - 1
-    start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
-    actions = torch.randint(config.num_actions, (num_steps, args.batch_size), device=device)
-
-    def imagine(world_model, should_use_cache, should_decode):
-        def fn():
-            env = LatentWorldModelEnv(world_model, tokens_as_obs, should_use_cache=should_use_cache,
-                                      generator=torch.Generator(device).manual_seed(0), should_decode=should_decode)
-            env.reset(start)
-            for action in actions:
-                env.step(action)
-        return fn
-
-    out = {"bench": "imagine-latent", "device": str(device), "batch_size": args.batch_size,
-           "context_steps": config.max_steps}
-    for name, base in lms.items():
-        world_model = LatentWorldModel(config, base).to(device).eval()
-        seconds = alternate({"kv_cache": imagine(world_model, True, True),
-                             "kv_cache_latent_only": imagine(world_model, True, False),
-                             "recompute": imagine(world_model, False, True)}, args.steps)
-        out[name] = {f"{way}_steps_per_s": round(args.batch_size * num_steps / s, 1) for way, s in seconds.items()}
+        out[name] = {**{f"{way}_steps_per_s": round(v, 1) for way, v in steps_per_s.items()},
+                     "tokens_kv_cache_speedup": round(steps_per_s["tokens_kv_cache"] / steps_per_s["tokens_recompute"], 2),
+                     "latent_vs_tokens": round(steps_per_s["latent_kv_cache"] / steps_per_s["tokens_kv_cache"], 2),
+                     "latent_only_vs_tokens": round(steps_per_s["latent_only_kv_cache"] / steps_per_s["tokens_kv_cache"], 2)}
         print(name, out[name], file=sys.stderr, flush=True)
     return out
 
@@ -448,7 +418,7 @@ def bench_mistral_estimate(args):
 
 
 BENCHMARKS = {"agent": bench_agent, "lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine,
-              "imagine-latent": bench_imagine_latent, "mistral-memory": bench_mistral_memory,
+              "mistral-memory": bench_mistral_memory,
               "mistral-estimate": bench_mistral_estimate}
 assert sorted(BENCHMARKS) == BENCHMARK_NAMES  # the names parse_args offers, before these functions exist
 

@@ -40,7 +40,7 @@ when should_decode is on (eval_wm.py needs it; an agent reading latents need not
     python train_wm.py --state latent                                  # CartPole, GPT-2-shaped, from scratch
     python train_wm.py --state latent --backbone lm                    # tiny LM + three adapters
     python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32   # a frozen LM + adapters
-    python bench.py imagine-latent                                     # imagined steps/s, cache vs recompute
+    python bench.py imagine                                            # imagined steps/s beside the token model
 """
 
 from dataclasses import dataclass
