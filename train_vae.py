@@ -18,7 +18,7 @@ second the span that is encoded and reconstructed. As BigVAE, the prefix is drop
 the batches (--prefix-drop; per batch, so a batch without it is also shorter), and during the
 autoencoder phase (--ae-iters) for all: with the prefix in view a small decoder learns to
 predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 32 bytes and its decoder
-trains with word dropout (per-base defaults below).
+trains with word dropout (TINY_DEFAULTS below; a pretrained base has BigVAE's).
 `tiny`'s base trains too (it has nothing pretrained to protect; --freeze-base stops it): its
 checkpoint holds everything. Any other base is frozen; only the adapters and the VAE head
 train and are saved, and the base reloads from --model. A resumed run takes the model's
@@ -28,7 +28,8 @@ settings from its checkpoint. The last line printed is one JSON object of the ru
 import json
 import time
 
-from common import TINY_MODELS, fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int, run_cli
+from common import (TINY_MODELS, fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int,
+                    run_cli)
 from offload import add_memory_args
 from textdata import add_data_args
 from trainer import add_common_args
