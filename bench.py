@@ -239,10 +239,11 @@ def bench_imagine(args):
                              "latent_recompute": imagine(LatentWorldModelEnv, latent, False, should_decode=True)},
                             args.steps)
         steps_per_s = {way: args.batch_size * num_steps / s for way, s in seconds.items()}
+        ratio = {"tokens_kv_cache_speedup": ("tokens_kv_cache", "tokens_recompute"),
+                 "latent_vs_tokens": ("latent_kv_cache", "tokens_kv_cache"),
+                 "latent_only_vs_tokens": ("latent_only_kv_cache", "tokens_kv_cache")}
         out[name] = {**{f"{way}_steps_per_s": round(v, 1) for way, v in steps_per_s.items()},
-                     "tokens_kv_cache_speedup": round(steps_per_s["tokens_kv_cache"] / steps_per_s["tokens_recompute"], 2),
-                     "latent_vs_tokens": round(steps_per_s["latent_kv_cache"] / steps_per_s["tokens_kv_cache"], 2),
-                     "latent_only_vs_tokens": round(steps_per_s["latent_only_kv_cache"] / steps_per_s["tokens_kv_cache"], 2)}
+                     **{k: round(steps_per_s[a] / steps_per_s[b], 2) for k, (a, b) in ratio.items()}}
         print(name, out[name], file=sys.stderr, flush=True)
     return out
 
