@@ -133,5 +133,5 @@ def lm_world_model(args, config, device, should_print):
 def should_save_base(args):
     """Whether a checkpoint must keep the LM's own weights: when they train, or are random
     (--lm-init random, or tiny, which has no pretrained weights); a frozen pretrained LM
-    reloads from --model."""
-    return args.train_base or args.lm_init == "random" or args.model in TINY_MODELS
+    reloads from --model. --backbone iris: nothing pretrained (latent_wm.py's transformer trains from scratch)."""
+    return args.backbone == "iris" or args.train_base or args.lm_init == "random" or args.model in TINY_MODELS

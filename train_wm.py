@@ -325,21 +325,15 @@ def segment_batches(data, tokenizer, args, run):
 def saved_state(world_model, args):
     """What a checkpoint keeps: all but a frozen pretrained LM's own weights, which reload from
     --model (an IRIS world model has no backbone.lm. weights, so all of it is kept; the latent one's
-    --backbone iris transformer trains from scratch, so it is kept too)."""
-    return lora.saved_state(world_model, "backbone.lm.", save_base(args))
-
-
-def save_base(args):
-    """Whether the LM's own weights go into the checkpoint: lm_backbone.should_save_base, and always
-    for --backbone iris (where only latent_wm.py's transformer from scratch has such weights)."""
-    return args.backbone == "iris" or should_save_base(args)
+    --backbone iris transformer trains from scratch, so it is kept too: lm_backbone.should_save_base)."""
+    return lora.saved_state(world_model, "backbone.lm.", should_save_base(args))
 
 
 def restore(world_model, optimizer, state, args):
     """Load a resumed run's world model and optimizer; returns the step to start from."""
     if "world_model" not in state:
         return 0
-    lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", save_base(args), args.resume)
+    lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", should_save_base(args), args.resume)
     load_optimizer(optimizer, state["optimizer"])
     return state["step"]
 
