@@ -19,8 +19,7 @@ import torch.nn as nn
 
 from common import UserError
 from data_wm import segments
-from latent_wm import LatentWorldModel, LatentWorldModelEnv
-from worldmodel import WorldModelEnv
+from latent_wm import imagination_env
 
 
 @torch.no_grad()
@@ -75,8 +74,7 @@ def imagine(world_model, tokenizer, val, scale, args, run):
         raise UserError(f"no held-out episode has more than --horizon {H} steps: lower --horizon, or raise "
                         "--collect-steps or --val-fraction")
     starts = valid[torch.linspace(0, len(valid) - 1, min(args.num_imagine, len(valid))).long()]
-    imagined_env = LatentWorldModelEnv if isinstance(world_model, LatentWorldModel) else WorldModelEnv
-    env = imagined_env(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
+    env = imagination_env(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
     obs, info = env.reset(val["obs"][starts].to(run.device))
     real_tokens = val["obs_tokens"][starts]
     imagined = [obs.cpu()]

@@ -282,6 +282,12 @@ class LatentWorldModelEnv(WorldModelEnv):
             self._feed(embeds)
 
 
+def imagination_env(world_model, tokenizer, **kwargs):
+    """The env that imagines in world_model: LatentWorldModelEnv for a latent one, else WorldModelEnv."""
+    env_class = LatentWorldModelEnv if isinstance(world_model, LatentWorldModel) else WorldModelEnv
+    return env_class(world_model, tokenizer, **kwargs)
+
+
 # ----------------------------------------------------------------------------- building it from flags
 
 def iris_sized_lm(args, config):

@@ -104,10 +104,26 @@ def randomized(lm):
     return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
 
 
+def first_layers(lm, num_layers):
+    """The LM cut to its first num_layers transformer layers, in place; the final norm stays, so the
+    body's output is the norm of what the full LM's layer num_layers gives. A CPU-sized pretrained
+    transformer: its lower layers with everything they learned, not a smaller model trained apart."""
+    body = lm.base_model
+    name = "h" if hasattr(body, "h") else "layers"  # GPT-2's blocks, or Llama's / Mistral's layers
+    layers = getattr(body, name)
+    if num_layers > len(layers):
+        raise UserError(f"--lm-layers {num_layers}: the LM has only {len(layers)} layers")
+    setattr(body, name, layers[:num_layers])
+    lm.config.num_hidden_layers = num_layers  # so --lm-init random draws the cut shape, and caches size to it
+    return lm
+
+
 def lm_and_tables(args, config, device, num_tokens):
-    """The --model LM as train_wm.py's flags ask (pretrained or --lm-init random), checked to take
-    num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
+    """The --model LM as train_wm.py's flags ask (pretrained or --lm-init random, its first --lm-layers),
+    checked to take num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
     base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
+    if args.lm_layers is not None:
+        base = first_layers(base, args.lm_layers)
     if args.lm_init == "random":
         base = randomized(base)  # drawn from --seed (trainer.setup seeded torch)
     if num_tokens > num_positions(base):

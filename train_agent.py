@@ -9,6 +9,7 @@ model's imagination (agent.py), with the world model of train_wm.py.
     python train_agent.py --env ALE/Pong-v5 --max-iters 2 --collect-steps 500 --tokenizer-iters 50 \
         --wm-iters 10 --ac-iters 2 --ac-batch-size 8 --eval-episodes 1 --out-dir out-agent-pong   # smoke
     python train_agent.py --backbone lm --model out-lm/base --out-dir out-agent-lm   # an LM world model
+    python train_agent.py --state latent --out-dir out-agent-latent   # practise in latent_wm.py's world model
     python train_agent.py --resume out-agent --max-iters 30   # continue the loop up to epoch 30
     python train_agent.py --resume out-agent --eval-only      # play the held-out episodes again
     python experiments/agent_curve.py --runs iris out-agent   # the picture: held-out return vs real steps
@@ -23,11 +24,13 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
    its tokenizer again every epoch, which changes every stored observation's tokens under the
    world model; here they keep their meaning;
 3. train the world model --wm-iters steps on segments from all the real data so far (the world
-   model's flags, --batch-size, --lr, --warmup-iters, --weight-decay and --grad-clip are
-   train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
+   model's flags, --state among them, --batch-size, --lr, --warmup-iters, --weight-decay and
+   --grad-clip are train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
 4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
    steps imagined from real observations drawn from the data (agent.py). IRIS waits a few
-   epochs before the first; here it trains from the first epoch on;
+   epochs before the first; here it trains from the first epoch on. With --state latent the
+   world model imagines in latent space and decodes each imagined observation for the policy,
+   which reads observations either way: only the world model differs between the two;
 5. every --eval-interval epochs: play --eval-episodes real episodes on held-out seeds (never
    collected from) with the greedy and with the sampled policy; print; checkpoint.
 Every random draw is a function of --seed and the epoch or step, each stream with a seed of its
@@ -101,9 +104,9 @@ from agent import ActorCritic, ActorCriticConfig, imagine, play, policy_view
 from data_wm import collect, make_env
 from trainer import (adopt_config, check_out_dir, finish, format_seconds, load_checkpoint, load_optimizer,
                      make_optimizer, save_checkpoint, setup, train, train_config)
-from train_wm import (build_world_model, check_backbone_flags, make_tokenizer, obs_scale, prepare_tokenizer, restore,
+from latent_wm import imagination_env
+from train_wm import (build_world_model, check_model_flags, make_tokenizer, obs_scale, prepare_tokenizer, restore,
                       saved_state, segment_batches, tokenize)
-from worldmodel import WorldModelEnv
 
 
 def start_or_resume(args):
@@ -119,7 +122,7 @@ def start_or_resume(args):
                             "above it to continue, or --eval-only to evaluate it")
         if args.eval_only and "actor_critic" not in state:
             raise UserError(f"{args.resume} has no trained agent yet; resume it without --eval-only")
-    check_backbone_flags(args)
+    check_model_flags(args)
     env = make_env(args.env)
     if args.tokenizer_iters is None:
         args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
@@ -235,7 +238,7 @@ def main(argv=None):
                          schedule=warmup_then_constant)
         # 4. the actor-critic, in imagination
         world_model.eval()
-        wm_env = WorldModelEnv(world_model, tokenizer)
+        wm_env = imagination_env(world_model, tokenizer)
 
         def imagined_batch(index):  # train() seeded torch's generator from (seed, index) just before
             starts = torch.randint(len(data["obs"]), (args.ac_batch_size,))

@@ -11,6 +11,7 @@ it on held-out episodes against the copy-last-observation baseline.
 With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help the world model?"):
     python pretrain_lm.py                                 # a tiny LM pretrained on text, offline (out-lm)
     python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen
+    python train_wm.py --backbone lm --model smollm2 --lm-layers 2 --num-bins 32   # SmolLM2's first 2 layers (CPU)
     python train_wm.py --backbone lm --model gpt2          # GPT-2 small, frozen, + a LoRA adapter
     python train_wm.py --backbone lm --model mistral --load-8bit --offload   # one small GPU
     python experiments/compare_wm.py                       # the README's comparison table
@@ -49,11 +50,11 @@ from trainer import add_common_args
 # observation tokenizer (a run reusing another's tokenizer must match these too), then the model
 DATA_KEYS = ("env", "seed", "collect_steps", "val_fraction", "num_bins", "fsq_levels", "tokenizer_iters",
              "tokenizer_lr", "tokenizer_batch_size")
+LATENT_KEYS = ("state", "latent_size", "next_latent")  # the state: tokens (IRIS) or a latent (latent_wm.py)
 MODEL_KEYS = ("backbone", "segment_steps", "width", "num_layers", "num_heads", "dropout", "model", "embeddings",
-              "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit")
-LATENT_KEYS = ("state", "latent_size", "next_latent")  # the latent world model's (train_wm.py only)
-LM_FLAGS = ("model", "embeddings", "lm_init", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit",
-            "offload", "grad_checkpoint")  # they configure the LM backbone, so need --backbone lm
+              "lm_init", "lm_layers", "train_base", "lora_r", "lora_alpha", "load_8bit", "load_4bit") + LATENT_KEYS
+LM_FLAGS = ("model", "embeddings", "lm_init", "lm_layers", "train_base", "lora_r", "lora_alpha", "load_8bit",
+            "load_4bit", "offload", "grad_checkpoint")  # they configure the LM backbone, so need --backbone lm
 
 
 open_fraction = number(float, lambda v: 0 < v < 1, "a number between 0 and 1, both excluded")
@@ -78,15 +79,6 @@ def parse_args(argv=None):
                    "(default: %(default)s)")
     g.add_argument("--num-imagine", type=positive_int, default=256, help="held-out starts imagined from "
                    "(default: %(default)s)")
-    g = parser.add_argument_group("the state (latent_wm.py)")
-    g.add_argument("--state", default="tokens", choices=["tokens", "latent"], help="tokens: IRIS, K observation "
-                   "tokens + an action per step; latent: one VAE latent per step, one LM with encoder, decoder and "
-                   "dynamics adapters (default: %(default)s)")
-    g.add_argument("--latent-size", type=positive_int, default=64, help="--state latent: size of z (default: "
-                   "%(default)s)")
-    g.add_argument("--next-latent", default="kl", choices=["kl", "decode"], help="--state latent: how the next "
-                   "latent is learned: kl, the dynamics prior's KL to the next posterior; decode, the decoder's "
-                   "cross-entropy of the next observation (default: %(default)s)")
     return check_world_model_args(parser, parse(parser, argv))
 
 
@@ -100,6 +92,15 @@ def add_world_model_args(parser):
     g.add_argument("--backbone", default="iris", choices=["iris", "lm"], help="the transformer inside the world "
                    "model: iris = IRIS's minGPT, sized by --width, --num-layers, --num-heads; lm = the --model "
                    "LM, fed embeddings, with a LoRA adapter (default: %(default)s)")
+    g = parser.add_argument_group("the state (latent_wm.py)")
+    g.add_argument("--state", default="tokens", choices=["tokens", "latent"], help="tokens: IRIS, K observation "
+                   "tokens + an action per step; latent: one VAE latent per step, one LM with encoder, decoder and "
+                   "dynamics adapters (default: %(default)s)")
+    g.add_argument("--latent-size", type=positive_int, default=64, help="--state latent: size of z (default: "
+                   "%(default)s)")
+    g.add_argument("--next-latent", default="kl", choices=["kl", "decode"], help="--state latent: how the next "
+                   "latent is learned: kl, the dynamics prior's KL to the next posterior; decode, the decoder's "
+                   "cross-entropy of the next observation (default: %(default)s)")
     g = parser.add_argument_group("the world model")
     g.add_argument("--segment-steps", type=at_least_2, default=20, help="steps per training segment, and the "
                    "world model's context in steps (IRIS: 20; default: %(default)s)")
@@ -118,6 +119,8 @@ def add_world_model_args(parser):
     g.add_argument("--lm-init", default="pretrained", choices=["pretrained", "random"], help="random: the "
                    "same architecture with fresh random weights, the control for pretraining (default: "
                    "%(default)s)")
+    g.add_argument("--lm-layers", type=positive_int, default=None, help="keep only the LM's first N layers (and "
+                   "its final norm): its lower layers as pretrained, at a CPU's cost (default: all)")
     g.add_argument("--train-base", action="store_true", help="train every weight of the LM too (with "
                    "--lm-init random: the LM's architecture trained from scratch); default: frozen + LoRA")
     g.add_argument("--lora-r", type=positive_int, default=16, help="rank of the dynamics adapter (default: "
@@ -149,8 +152,9 @@ def check_world_model_args(parser, args):
     return args
 
 
-def check_backbone_flags(args):
-    """LM flags need --backbone lm; --backbone lm without --model takes tiny; no quantized random LM."""
+def check_model_flags(args):
+    """Checked once a resumed run took its settings: LM flags need --backbone lm (which without --model
+    takes tiny), no quantized random LM, and the latent world model's flags need --state latent."""
     if args.backbone == "iris":
         given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in args.explicit]
         if given:
@@ -160,10 +164,6 @@ def check_backbone_flags(args):
         args.model = "tiny"
     if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
-
-
-def check_state_flags(args):
-    """The latent world model's flags need --state latent (checked once a resumed run took its state)."""
     given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in args.explicit]
     if args.state == "tokens" and given:
         raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
@@ -193,7 +193,7 @@ def start_or_resume(args):
     state = {"kind": "wm", "step": 0}
     if args.resume is not None:
         state = load_checkpoint(args.resume, "wm")
-        adopt_config(args, state, DATA_KEYS + MODEL_KEYS + LATENT_KEYS, args.resume)
+        adopt_config(args, state, DATA_KEYS + MODEL_KEYS, args.resume)
         adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if args.eval_only and "world_model" not in state:
             raise UserError(f"{args.resume} stopped while training the tokenizer and has no world model "
@@ -201,12 +201,11 @@ def start_or_resume(args):
         if not args.eval_only and "world_model" in state and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
-    check_backbone_flags(args)
-    check_state_flags(args)
+    check_model_flags(args)
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
-    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS + LATENT_KEYS}}
+    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
         other = load_checkpoint(args.tokenizer_from, "wm")
         differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
@@ -291,22 +290,18 @@ def obs_scale(obs):
 
 
 def build_world_model(args, tokenizer, env, run):
-    """IRIS's transformer, or an LM (lm_backbone.py) with the tables --embeddings picks."""
-    config = WorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
-                              num_actions=int(env.action_space.n), max_steps=args.segment_steps)
+    """--state tokens: IRIS's transformer, or an LM (lm_backbone.py) with the tables --embeddings picks;
+    --state latent: latent_wm.py's, the --backbone iris shape from scratch or the --model LM with adapters."""
+    shapes = dict(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
+                  num_actions=int(env.action_space.n), max_steps=args.segment_steps)
+    if args.state == "latent":
+        config = LatentWorldModelConfig(**shapes, latent_size=args.latent_size, next_latent=args.next_latent)
+        return latent_world_model(args, config, run.device, run.is_main)
     if args.backbone == "lm":
-        return lm_world_model(args, config, run.device, run.is_main)
+        return lm_world_model(args, WorldModelConfig(**shapes), run.device, run.is_main)
     backbone = Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers,
                                              num_heads=args.num_heads, dropout=args.dropout))
-    return WorldModel(config, backbone).to(run.device)
-
-
-def build_latent_world_model(args, tokenizer, env, run):
-    """latent_wm.py's world model: the --backbone iris shape from scratch, or the --model LM with adapters."""
-    config = LatentWorldModelConfig(tokens_per_obs=tokenizer.tokens_per_obs, obs_vocab_size=tokenizer.vocab_size,
-                                    num_actions=int(env.action_space.n), max_steps=args.segment_steps,
-                                    latent_size=args.latent_size, next_latent=args.next_latent)
-    return latent_world_model(args, config, run.device, run.is_main)
+    return WorldModel(WorldModelConfig(**shapes), backbone).to(run.device)
 
 
 def segment_batches(data, tokenizer, args, run):
@@ -363,10 +358,7 @@ def main(argv=None):
     metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
 
     torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before
-    if args.state == "latent":
-        world_model = build_latent_world_model(args, tokenizer, env, run)
-    else:
-        world_model = build_world_model(args, tokenizer, env, run)
+    world_model = build_world_model(args, tokenizer, env, run)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     start_step = restore(world_model, optimizer, state, args)
     num_trainable = sum(p.numel() for p in world_model.parameters() if p.requires_grad)

@@ -8,6 +8,8 @@ repository from any directory; output paths are relative to the current director
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~30 min
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1 --lm-dir tiny --max-iters 20 \
         --collect-steps 3000          # a check of the pipeline (an untrained tiny LM): ~2 min
+    python experiments/compare_wm.py --envs CartPole-v1 --lm-dir smollm2 --lm-layers 2 \
+        --rows pretrained random scratch --table results/compare_wm_smollm2.md   # SmolLM2's first 2 layers
     python experiments/compare_wm.py ... -- --batch-size 16   # flags after -- go to every train_wm.py run
 
 The times are the README's run on a 2-core CPU, each run on one thread: ~2 min pretraining the
@@ -21,7 +23,9 @@ Rows (every train_wm.py flag not named here is the same in every row):
     LM random, frozen       the same architecture with random weights, frozen, + LoRA
     LM from scratch         the same architecture, random weights, every weight trained
     copy                    "nothing changes": the last real observation, repeated
-Offline there are no GPT-2 weights; with them, `--lm-dir gpt2` puts GPT-2 in the LM rows.
+`--lm-dir smollm2` puts a real pretrained LM in the LM rows offline (SmolLM2-135M, lm.py), and
+`--lm-layers N` its first N layers (all 30 take ~9 s an update on a 2-core CPU); `--rows` picks
+the LM rows. With network or cached weights, `--lm-dir gpt2` puts GPT-2 there.
 
 Same data: every row collects with the same --seed, and Pong's frame tokenizer is trained
 once (by the IRIS row) and reused (--tokenizer-from). The vocabularies are sized so that
@@ -57,16 +61,21 @@ ENVS = {  # env: (flags that size its data and vocabulary the same for every row
 }
 
 
-def rows(lm_dir):
-    lm = ["--backbone", "lm", "--model", lm_dir]
-    return {
-        "IRIS": ["--backbone", "iris"],
-        "LM pretrained, IRIS tables": lm,
-        "LM pretrained, LM table frozen": lm + ["--embeddings", "lm-frozen"],
-        "LM pretrained, LM table trained": lm + ["--embeddings", "lm-trained"],
-        "LM random, frozen": lm + ["--lm-init", "random"],
-        "LM from scratch": lm + ["--lm-init", "random", "--train-base"],
-    }
+ROWS = {  # --rows key: (the table's row name, its flags beyond --backbone lm --model LM)
+    "pretrained": ("LM pretrained, IRIS tables", []),
+    "table-frozen": ("LM pretrained, LM table frozen", ["--embeddings", "lm-frozen"]),
+    "table-trained": ("LM pretrained, LM table trained", ["--embeddings", "lm-trained"]),
+    "random": ("LM random, frozen", ["--lm-init", "random"]),
+    "scratch": ("LM from scratch", ["--lm-init", "random", "--train-base"]),
+}
+
+
+def rows(args):
+    """{row name: train_wm.py flags}: IRIS's (always: the tokenizer and the time come from it), then --rows."""
+    lm = ["--backbone", "lm", "--model", args.lm_dir]
+    if args.lm_layers is not None:
+        lm += ["--lm-layers", str(args.lm_layers)]
+    return {"IRIS": ["--backbone", "iris"], **{ROWS[key][0]: lm + ROWS[key][1] for key in args.rows}}
 
 
 def finished(log_path, command):
@@ -145,12 +154,12 @@ def compare(env, seed, args):
     def path(name):  # "LM random, frozen" -> OUT_DIR/<env>/seed<S>/LM-random_frozen
         return os.path.join(env_dir, name.replace(", ", "_").replace(" ", "-"))
 
-    for name, flags in rows(args.lm_dir).items():
+    for name, flags in rows(args).items():
         slug = path(name)
         results[name] = train_wm(common + flags + (tokenizer if name != "IRIS" else []), slug, slug + ".log")
         print(f"{env} | seed {seed} | {name} | {json.dumps(results[name])}", flush=True)
     iris = results["IRIS"]
-    for name, flags in rows(args.lm_dir).items():  # the same optimisation time as IRIS
+    for name, flags in rows(args).items():  # the same optimisation time as IRIS
         if name == "IRIS":
             continue
         iters = max(1, round(args.max_iters * results[name]["train_tokens_per_s"] / iris["train_tokens_per_s"]))
@@ -171,6 +180,10 @@ def main(argv=None):
     parser.add_argument("--collect-steps", type=positive_int, default=None, help="override each env's data size")
     parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: a directory (made by "
                         "pretrain_lm.py when missing) or a Hugging Face id (default: %(default)s)")
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="the LM rows to run; "
+                        "IRIS's always runs (default: all)")
+    parser.add_argument("--lm-layers", type=positive_int, default=None, help="the LM rows keep the LM's first N "
+                        "layers (train_wm.py --lm-layers; default: all)")
     parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="passed to every run (default: %(default)s)")
     parser.add_argument("--table", default=None, help="also write the tables (markdown) to this file, e.g. "

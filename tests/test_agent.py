@@ -136,14 +136,17 @@ def test_the_loop_runs_and_reports_real_returns(capsys):
     assert state["kind"] == "agent" and len(state["history"]) == 2 and len(state["data"]["actions"]) == 240
 
 
-def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys):
-    argv = QUICK + ["--max-iters", "3"]
+@pytest.mark.parametrize("state", ["tokens", "latent"])
+def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state):
+    """--state latent: the agent practises in latent_wm.py's world model (LatentWorldModelEnv), same loop."""
+    argv = QUICK + ["--max-iters", "3", "--state", state]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    run_script(train_agent.main, argv + ["--out-dir", straight], capsys)
+    metrics, _ = run_script(train_agent.main, argv + ["--out-dir", straight], capsys)
+    assert ("wm_train_next" in metrics) == (state == "latent")  # the latent world model's loss terms
     crash_at_step_2_then_resume(train_agent, argv, crashed, monkeypatch, capsys)
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 3
+    assert a["step"] == b["step"] == 3 and a["config"]["state"] == state
     for part in ("world_model", "actor_critic", "data"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), (part, name)
@@ -181,6 +184,7 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
     (["--gamma", "1.5"], "--gamma"),
     (["--segment-steps", "1"], "--segment-steps"),
     (["--lora-r", "4"], "--backbone lm"),
+    (["--latent-size", "8"], "add --state latent"),
     (["--resume", "nowhere"], "no checkpoint"),
 ])
 def test_bad_input_is_one_line(argv, says, capsys):

@@ -31,9 +31,9 @@ def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(subprocess, "run", run_here)
     args = argparse.Namespace(max_iters=1, collect_steps=600, lm_dir="tiny", out_dir=str(tmp_path), device="cpu",
-                              train_wm_flags=TINY)
+                              train_wm_flags=TINY, rows=list(compare_wm.ROWS), lm_layers=None)
     results = compare_wm.compare("CartPole-v1", 1, args)
-    assert len(results) == 2 * len(compare_wm.rows("tiny")) - 1  # each LM row twice: same updates, same time
+    assert len(results) == 2 * len(compare_wm.rows(args)) - 1  # each LM row twice: same updates, same time
     iris = results["IRIS"]
     for name, m in results.items():
         assert m["tokenizer_err"] == iris["tokenizer_err"], name  # one tokenizer, one data set
@@ -61,3 +61,12 @@ def test_flags_after_a_double_dash_go_to_every_run(tmp_path, monkeypatch):
                      "--", "--batch-size", "4"])
     assert seen == [["--batch-size", "4"]]
     assert (tmp_path / "tables.md").read_text() == "\n"  # the (here empty) tables, written
+
+
+def test_rows_and_lm_layers_pick_and_cut_the_lm_rows_only():
+    args = argparse.Namespace(lm_dir="smollm2", rows=["pretrained", "scratch"], lm_layers=2)
+    assert compare_wm.rows(args) == {
+        "IRIS": ["--backbone", "iris"],
+        "LM pretrained, IRIS tables": ["--backbone", "lm", "--model", "smollm2", "--lm-layers", "2"],
+        "LM from scratch": ["--backbone", "lm", "--model", "smollm2", "--lm-layers", "2", "--lm-init", "random",
+                            "--train-base"]}

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import latent_wm
 import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
@@ -217,10 +218,19 @@ def test_train_wm_state_latent_on_a_frozen_lm_saves_only_its_adapters(tmp_path, 
 
 
 @pytest.mark.parametrize("backbone", [[], LM + ["--next-latent", "decode"]], ids=["iris", "lm-decode"])
-def test_train_wm_state_latent_resume_is_exact(tmp_path, capsys, monkeypatch, backbone):
+@pytest.mark.parametrize("should_add_noise", [False, True], ids=["autoencoder-phase", "noise-and-kl"])
+def test_train_wm_state_latent_resume_is_exact(tmp_path, capsys, monkeypatch, backbone, should_add_noise):
+    """Also with the posterior's noise and the KL term on from the first step (in a real run they start
+    after the autoencoder phase): the noise draws come from each step's seed, so a resumed run draws the same."""
+    if should_add_noise:
+        calls = []
+        monkeypatch.setattr(latent_wm, "noise_scale", lambda step, cfg: calls.append(step) or 1.0)
+        monkeypatch.setattr(latent_wm, "kl_weight", lambda step, cfg: 0.01)
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     argv = CARTPOLE + backbone + ["--max-iters", "4", "--eval-interval", "2"]
     run_script(train_wm.main, argv + ["--out-dir", straight], capsys)
+    if should_add_noise:
+        assert sorted(set(calls)) == [0, 1, 2, 3]  # every step sampled z with full noise
     crash_at_step_2_then_resume(train_wm, argv, crashed, monkeypatch, capsys)
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)

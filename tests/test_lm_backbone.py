@@ -7,7 +7,7 @@ import torch
 import lora
 import offload
 from conftest import tiny_gpt2, tiny_mistral
-from lm_backbone import LMBackbone, lm_token_tables
+from lm_backbone import LMBackbone, first_layers, lm_token_tables
 from common import UserError
 from worldmodel import WorldModel, WorldModelConfig, interleave
 
@@ -114,3 +114,20 @@ def test_lm_token_tables_are_rows_of_the_lm_table():
     assert trained.weight.requires_grad and trained.weight.data_ptr() != table.data_ptr()
     with pytest.raises(UserError, match="fewer than the 300 observation"):
         lm_token_tables(lm, 300, 3)
+
+
+@LMS
+def test_first_layers_are_the_lm_s_own_lower_layers(make_lm):
+    """--lm-layers N: the cut LM's output is the full LM's hidden state after layer N, through its final norm."""
+    torch.manual_seed(0)
+    full = make_lm()
+    cut = first_layers(make_lm().requires_grad_(False).eval(), 1)
+    cut.load_state_dict(full.state_dict(), strict=False)  # the same weights; the cut one lacks layer 2's
+    embeds = torch.randn(2, 7, full.config.hidden_size)
+    with torch.no_grad():
+        hidden = full.base_model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[1]
+        final_norm = full.base_model.ln_f if hasattr(full.base_model, "ln_f") else full.base_model.norm
+        assert torch.allclose(cut.base_model(inputs_embeds=embeds).last_hidden_state, final_norm(hidden), atol=1e-5)
+    assert cut.config.num_hidden_layers == 1 and full.config.num_hidden_layers == 2
+    with pytest.raises(UserError, match="--lm-layers 3: the LM has only 2 layers"):
+        first_layers(make_lm(), 3)

@@ -2,6 +2,7 @@
 of steps. Every test runs in its own tmp directory, so the default --out-dir out-wm lands there."""
 
 import os
+import re
 import sys
 
 import pytest
@@ -148,6 +149,21 @@ def test_lm_backbone_random_or_trained_base_is_saved(tmp_path, capsys, saved_mod
     assert base.keys() == pretrained.keys()
     matrices = [k for k in base if (".h." in k or ".layers." in k) and base[k].dim() == 2]  # the decoder layers
     assert matrices and not any(torch.equal(base[k], pretrained[k]) for k in matrices)
+
+
+def test_lm_layers_trains_the_cut_lm_and_reloads_it_cut(tmp_path, capsys, saved_model_dir):
+    """--lm-layers 1 of a saved 2-layer LM, frozen: the checkpoint holds adapters for layer 0 only, and
+    --eval-only cuts the reloaded LM the same way (the same metrics)."""
+    out = str(tmp_path / "run")
+    argv = CARTPOLE + LM_BACKBONE + ["--model", saved_model_dir, "--lm-layers", "1"]
+    metrics, _ = run_main(argv + ["--max-iters", "2", "--eval-interval", "2", "--out-dir", out], capsys)
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    layers = {re.search(r"\.(?:h|layers)\.(\d+)\.", k).group(1) for k in state["world_model"] if ".lora_A." in k}
+    assert layers == {"0"} and state["config"]["lm_layers"] == 1
+    again, _ = run_main(["--eval-only", "--resume", out, *EVAL], capsys)
+    for key in ("val_obs_ce", "imag_err_h5"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    assert "--lm-layers 5: the LM has only 2 layers" in run_error(argv[:-1] + ["5"], capsys)
 
 
 def test_collection_is_a_function_of_the_seed():
