@@ -1,11 +1,13 @@
 """
 The text VAE's learning curve: held-out token accuracy with the text's own z (z = mu) and with
-another text's z (shuffled) against minutes of training, from a train_vae.py checkpoint (its
-`history`, one entry per evaluation). The gap between the two lines is what z carries. The last
-line printed is one JSON object with the points.
+another text's z (shuffled) against minutes or steps of training, from train_vae.py checkpoints
+(their `history`, one entry per evaluation). The gap between a run's two lines is what z carries.
+Several runs share one picture (LABEL=DIR names a run's lines). The last line printed is one JSON
+object with the points.
 
     python train_vae.py                                                     # the default run, out-vae/
     python experiments/vae_curve.py out-vae --out assets/vae_curve.png
+    python experiments/vae_curve.py SmolLM2=out-smol tiny=out-tiny --x step --out bases.png   # bases side by side
 """
 
 import json
@@ -20,7 +22,9 @@ from experiments.plot import draw  # noqa: E402
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("run", help="the --out-dir of a train_vae.py run")
+    parser.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="the --out-dir of each train_vae.py run")
+    parser.add_argument("--x", choices=["minutes", "step"], default="minutes", help="the x axis: minutes of "
+                        "training, or optimizer steps (runs on different bases at equal steps; default: %(default)s)")
     parser.add_argument("--out", default="vae_curve.png", help="where the picture goes (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -29,15 +33,21 @@ def main(argv=None):
     args = parse_args(argv)
     from trainer import load_checkpoint
 
-    history = load_checkpoint(args.run, "vae").get("history", [])
-    if not history:
-        raise UserError(f"{args.run} holds no evaluation history (written by train_vae.py since its curve "
-                        "existed); run train_vae.py into it")
-    series = [{"label": label, "points": [(h["minutes"], h[key], 0.0) for h in history]}
-              for label, key in (("z = mu (the text's own)", "val_acc"), ("z of another text", "val_acc_shuffled"))]
-    draw(series, args.out, "minutes of training", "text VAE: held-out token accuracy", y_digits=2)
-    print(json.dumps({"picture": args.out, "points": [{k: h[k] for k in ("step", "minutes", "val_acc",
-                      "val_acc_shuffled", "val_char_similarity", "val_exact")} for h in history]}))
+    series, points = [], {}
+    for run in args.runs:
+        label, _, path = run.rpartition("=")
+        history = load_checkpoint(path, "vae").get("history", [])
+        if not history:
+            raise UserError(f"{path} holds no evaluation history (written by train_vae.py since its curve "
+                            "existed); run train_vae.py into it")
+        prefix = f"{label}: " if label else ("" if len(args.runs) == 1 else f"{path}: ")
+        series += [{"label": prefix + name, "points": [(h[args.x], h[key], 0.0) for h in history]}
+                   for name, key in (("z = mu (the text's own)", "val_acc"), ("z of another text", "val_acc_shuffled"))]
+        points[label or path] = [{k: h[k] for k in ("step", "minutes", "val_acc", "val_acc_shuffled",
+                                                   "val_char_similarity", "val_exact")} for h in history]
+    x_label = "minutes of training" if args.x == "minutes" else "optimizer steps"
+    draw(series, args.out, x_label, "text VAE: held-out token accuracy", y_digits=2)
+    print(json.dumps({"picture": args.out, "points": points}))
 
 
 if __name__ == "__main__":

@@ -270,9 +270,12 @@ def test_history_and_its_curve(trained, tmp_path, capsys):
     assert history[0]["minutes"] <= history[1]["minutes"] and all(0 <= h["val_acc"] <= 1 for h in history)
     picture = tmp_path / "curve.png"
     out, _ = run_script(vae_curve.main, [trained, "--out", str(picture)], capsys)
-    assert [p["val_acc_shuffled"] for p in out["points"]] == [h["val_acc_shuffled"] for h in history]
+    assert [p["val_acc_shuffled"] for p in out["points"][trained]] == [h["val_acc_shuffled"] for h in history]
     from PIL import Image
     assert Image.open(picture).size == (640, 400)
+    out, _ = run_script(vae_curve.main, [f"a={trained}", f"b={trained}", "--x", "step", "--out", str(picture)],
+                        capsys)  # two runs, at equal steps
+    assert list(out["points"]) == ["a", "b"] and [p["step"] for p in out["points"]["b"]] == [2, 4]
     state = trainer.load_checkpoint(trained, "vae")  # a checkpoint without history: one line
     del state["history"]
     os.makedirs(tmp_path / "old")
