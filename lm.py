@@ -182,25 +182,16 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
         model = GPT2LMHeadModel(config).to(torch_dtype)
         tokenizer = tokenizer if should_load_tokenizer else None
     else:
-        path = smollm2_file() if name == "smollm2" else MODEL_ALIASES.get(name, name)
-        check_local(path)
-        extra, gguf_file = {}, None
-        if path.endswith(".gguf"):  # a GGUF file: from_pretrained reads it from its folder
-            path, gguf_file = os.path.split(os.path.abspath(path))
-            extra["gguf_file"] = gguf_file
+        config, path, gguf_file = load_config(name)
+        extra = {} if gguf_file is None else {"gguf_file": gguf_file}
         if quantize is not None:  # quantized weights are placed on their device while loading
             extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
         try:
-            config = AutoConfig.from_pretrained(path, gguf_file=gguf_file)
             # reading a GGUF draws a progress bar of its own (raw tqdm): keep a script's output its own lines
             with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot load model '{path}' ({str(e).splitlines()[0][:120]}); without network only models "
-                "already in the Hugging Face cache load: use --model tiny, or a local directory saved with "
-                "save_pretrained"
-            ) from e
+            raise cannot_load(path, e) from e
         tokenizer = None
         if should_load_tokenizer:
             try:
@@ -210,6 +201,31 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
                                 f"({str(e).splitlines()[0][:100]}); save the tokenizer beside it "
                                 "(lm.save_base does), or use a model that has one") from e
     return (model if quantize is not None else model.to(device)).eval(), tokenizer
+
+
+def load_config(name):
+    """(config, path, gguf_file) of a --model that is not tiny, reading no weights: a GGUF file is
+    read from its folder (path), by its name (gguf_file; else None)."""
+    path = smollm2_file() if name == "smollm2" else MODEL_ALIASES.get(name, name)
+    check_local(path)
+    gguf_file = None
+    if path.endswith(".gguf"):
+        path, gguf_file = os.path.split(os.path.abspath(path))
+    try:
+        return AutoConfig.from_pretrained(path, gguf_file=gguf_file), path, gguf_file
+    except (OSError, ValueError) as e:
+        raise cannot_load(path, e) from e
+
+
+def num_layers(name):
+    """Transformer layers of --model `name`, from its config alone."""
+    return TINY_CONFIG["n_layer"] if name in TINY_MODELS else load_config(name)[0].num_hidden_layers
+
+
+def cannot_load(path, error):
+    return UserError(f"cannot load model '{path}' ({str(error).splitlines()[0][:120]}); without network only models "
+                     "already in the Hugging Face cache load: use --model tiny, or a local directory saved with "
+                     "save_pretrained")
 
 
 def smollm2_file():

@@ -107,14 +107,11 @@ def randomized(lm):
 def first_layers(lm, num_layers):
     """The LM cut to its first num_layers transformer layers, in place; the final norm stays, so the
     body's output is the norm of what the full LM's layer num_layers gives. A CPU-sized pretrained
-    transformer: its lower layers with everything they learned, not a smaller model trained apart."""
-    body = lm.base_model
-    name = "h" if hasattr(body, "h") else "layers"  # GPT-2's blocks, or Llama's / Mistral's layers
-    layers = getattr(body, name)
-    if num_layers > len(layers):
-        raise UserError(f"--lm-layers {num_layers}: the LM has only {len(layers)} layers")
-    setattr(body, name, layers[:num_layers])
-    lm.config.num_hidden_layers = num_layers  # so --lm-init random draws the cut shape, and caches size to it
+    transformer: its lower layers with everything they learned, not a smaller model trained apart.
+    (train_wm.check_model_flags has checked num_layers against the LM's config.)"""
+    del offload.decoder_layers(lm)[num_layers:]
+    # the config follows, so that --lm-init random draws the cut shape and offload.py finds the layers
+    lm.config.num_hidden_layers = num_layers
     return lm
 
 

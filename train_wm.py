@@ -83,8 +83,8 @@ def parse_args(argv=None):
 
 
 def add_world_model_args(parser):
-    """The flags of the environment, the world model, its LM backbone and the observation
-    tokenizer; train_agent.py has them too."""
+    """The flags of the environment, the state (tokens or a latent), the world model, its LM backbone
+    and the observation tokenizer; train_agent.py has them too."""
     g = parser.add_argument_group("what to model")
     g.add_argument("--env", default="CartPole-v1", help="Gymnasium id with a Discrete action space and a "
                    "vector or RGB-frame Box observation, e.g. CartPole-v1, Acrobot-v1, ALE/Pong-v5 "
@@ -153,8 +153,9 @@ def check_world_model_args(parser, args):
 
 
 def check_model_flags(args):
-    """Checked once a resumed run took its settings: LM flags need --backbone lm (which without --model
-    takes tiny), no quantized random LM, and the latent world model's flags need --state latent."""
+    """Checked once a resumed run took its settings, before anything is written: LM flags need --backbone
+    lm (which without --model takes tiny), no quantized random LM, --lm-layers within the LM's, and the
+    latent world model's flags need --state latent."""
     if args.backbone == "iris":
         given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in args.explicit]
         if given:
@@ -164,6 +165,9 @@ def check_model_flags(args):
         args.model = "tiny"
     if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
+    if args.lm_layers is not None and args.lm_layers > lm.num_layers(args.model):  # before a tokenizer trains
+        raise UserError(f"--lm-layers {args.lm_layers}: --model {args.model} has {lm.num_layers(args.model)} "
+                        "layers; give that many or fewer")
     given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in args.explicit]
     if args.state == "tokens" and given:
         raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
@@ -174,6 +178,7 @@ if __name__ == "__main__":
 
 import torch
 
+import lm
 import lora
 from data_wm import add_episode_bounds, collect, make_env, segments, split
 from eval_wm import evaluate

@@ -9,7 +9,8 @@ repository from any directory; output paths are relative to the current director
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1 --lm-dir tiny --max-iters 20 \
         --collect-steps 3000          # a check of the pipeline (an untrained tiny LM): ~2 min
     python experiments/compare_wm.py --envs CartPole-v1 --lm-dir smollm2 --lm-layers 2 \
-        --rows pretrained random scratch --table results/compare_wm_smollm2.md   # SmolLM2's first 2 layers
+        --rows pretrained random scratch --out-dir out-compare-smollm2 \
+        --table results/compare_wm_smollm2.md   # SmolLM2's first 2 layers: a directory of its own
     python experiments/compare_wm.py ... -- --batch-size 16   # flags after -- go to every train_wm.py run
 
 The times are the README's run on a 2-core CPU, each run on one thread: ~2 min pretraining the
@@ -25,7 +26,7 @@ Rows (every train_wm.py flag not named here is the same in every row):
     copy                    "nothing changes": the last real observation, repeated
 `--lm-dir smollm2` puts a real pretrained LM in the LM rows offline (SmolLM2-135M, lm.py), and
 `--lm-layers N` its first N layers (all 30 take ~9 s an update on a 2-core CPU); `--rows` picks
-the LM rows. With network or cached weights, `--lm-dir gpt2` puts GPT-2 there.
+the LM rows. Runs are found by row name in --out-dir: give each LM its own. With network or cached weights, `--lm-dir gpt2` puts GPT-2 there.
 
 Same data: every row collects with the same --seed, and Pong's frame tokenizer is trained
 once (by the IRIS row) and reused (--tokenizer-from). The vocabularies are sized so that

@@ -22,7 +22,8 @@ from experiments.plot import draw  # noqa: E402
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="the --out-dir of each train_vae.py run")
+    parser.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="the --out-dir of each train_vae.py run; "
+                        "LABEL= names its lines (a run on its own needs none)")
     parser.add_argument("--x", choices=["minutes", "step"], default="minutes", help="the x axis: minutes of "
                         "training, or optimizer steps (runs on different bases at equal steps; default: %(default)s)")
     parser.add_argument("--out", default="vae_curve.png", help="where the picture goes (default: %(default)s)")
@@ -35,7 +36,9 @@ def main(argv=None):
 
     series, points = [], {}
     for run in args.runs:
-        label, _, path = run.rpartition("=")
+        label, _, path = run.partition("=") if "=" in run and not os.path.isdir(run) else ("", "", run)
+        if (label or path) in points:
+            raise UserError(f"two runs are named {label or path}: give each its own LABEL=")
         history = load_checkpoint(path, "vae").get("history", [])
         if not history:
             raise UserError(f"{path} holds no evaluation history (written by train_vae.py since its curve "

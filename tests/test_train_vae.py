@@ -261,7 +261,7 @@ def test_the_scripts_answer_help_without_loading_transformers():
     assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
 
 
-def test_history_and_its_curve(trained, tmp_path, capsys):
+def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch):
     """Every evaluation is kept in the checkpoint; experiments/vae_curve.py draws it and prints its points."""
     from experiments import vae_curve
 
@@ -273,9 +273,14 @@ def test_history_and_its_curve(trained, tmp_path, capsys):
     assert [p["val_acc_shuffled"] for p in out["points"][trained]] == [h["val_acc_shuffled"] for h in history]
     from PIL import Image
     assert Image.open(picture).size == (640, 400)
-    out, _ = run_script(vae_curve.main, [f"a={trained}", f"b={trained}", "--x", "step", "--out", str(picture)],
-                        capsys)  # two runs, at equal steps
-    assert list(out["points"]) == ["a", "b"] and [p["step"] for p in out["points"]["b"]] == [2, 4]
+    drawn = []
+    monkeypatch.setattr(vae_curve, "draw", lambda series, path, x_label, *a, **k: drawn.append((series, x_label)))
+    out, _ = run_script(vae_curve.main, [f"a={trained}", f"b={trained}", "--x", "step"], capsys)  # equal steps
+    series, x_label = drawn[0]
+    assert list(out["points"]) == ["a", "b"] and x_label == "optimizer steps"
+    assert [s["label"].split(":")[0] for s in series] == ["a", "a", "b", "b"]
+    assert all([x for x, _, _ in s["points"]] == [2, 4] for s in series)
+    assert "two runs are named a" in run_error(vae_curve.main, [f"a={trained}", f"a={trained}"], capsys)
     state = trainer.load_checkpoint(trained, "vae")  # a checkpoint without history: one line
     del state["history"]
     os.makedirs(tmp_path / "old")

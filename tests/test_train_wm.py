@@ -163,7 +163,9 @@ def test_lm_layers_trains_the_cut_lm_and_reloads_it_cut(tmp_path, capsys, saved_
     again, _ = run_main(["--eval-only", "--resume", out, *EVAL], capsys)
     for key in ("val_obs_ce", "imag_err_h5"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
-    assert "--lm-layers 5: the LM has only 2 layers" in run_error(argv[:-1] + ["5"], capsys)
+    err = run_error(argv[:-1] + ["5"] + ["--out-dir", str(tmp_path / "bad")], capsys)
+    assert f"--lm-layers 5: --model {saved_model_dir} has 2 layers; give that many or fewer" in err
+    assert not os.path.exists(tmp_path / "bad")  # refused before anything was written
 
 
 def test_collection_is_a_function_of_the_seed():
