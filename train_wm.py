@@ -165,9 +165,11 @@ def check_model_flags(args):
         args.model = "tiny"
     if args.lm_init == "random" and (args.load_8bit or args.load_4bit):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
-    if args.lm_layers is not None and args.lm_layers > lm.num_layers(args.model):  # before a tokenizer trains
-        raise UserError(f"--lm-layers {args.lm_layers}: --model {args.model} has {lm.num_layers(args.model)} "
-                        "layers; give that many or fewer")
+    if args.lm_layers is not None:  # checked before a tokenizer trains and a checkpoint is written
+        num_layers = lm.num_layers(args.model)
+        if args.lm_layers > num_layers:
+            raise UserError(f"--lm-layers {args.lm_layers}: --model {args.model} has {num_layers} layers; give "
+                            "that many or fewer")
     given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in args.explicit]
     if args.state == "tokens" and given:
         raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
