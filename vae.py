@@ -314,11 +314,14 @@ class VAE(nn.Module):
     # --- generation (no autograd graph: nothing here needs gradients) -------------------------
 
     @torch.no_grad()
-    def generate(self, z, num_tokens, prefix_ids=None, temperature=0.0):
+    def generate(self, z, num_tokens, prefix_ids=None, temperature=0.0, should_stop_at_eos=True):
         """Decode num_tokens tokens from z with the KV cache: greedy at temperature 0, else
         Gumbel-max sampling argmax(logits + temperature * gumbel) (= softmax(logits / T)).
-        After an end-of-text token a row keeps emitting it. Returns (B, num_tokens)."""
+        After an end-of-text token a row keeps emitting it, unless should_stop_at_eos is False:
+        a training window is cut from a stream where end-of-text only separates documents, so
+        reconstructing one decodes on past it. Returns (B, num_tokens)."""
         cache, eos = self.memory(z, DynamicCache), self.eos_id
+        stop = eos if should_stop_at_eos else -1  # -1: no token id, so no row is ever done
         done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         out_ids = []
         embeds = self.decoder_inputs(z, prefix_ids)
@@ -331,7 +334,7 @@ class VAE(nn.Module):
             for i in range(num_tokens):
                 logits = out.logits[:, -1].float()
                 next_id = gumbel_max(logits, temperature).masked_fill(done, eos)
-                done |= next_id == eos
+                done |= next_id == stop
                 out_ids.append(next_id)
                 if i + 1 == num_tokens or done.all():
                     break

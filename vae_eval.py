@@ -10,7 +10,8 @@ each likelihood is of the span given its prefix.
 - accuracy / cross-entropy, teacher-forced, with z = mu and with z of another example
   (`_shuffled`): the gap is what z carries;
 - greedy reconstruction from z = mu: exact match and character similarity
-  (1 - Levenshtein distance / the longer length);
+  (1 - Levenshtein distance / the longer length); decoded on past end-of-text, which in a
+  window of the stream only separates two documents;
 - ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one sample of z, per token and per example;
 - importance-weighted NLL (Burda et al. 2016): -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)),
   z_k ~ q(z|x); it bounds -log p(x) from above, tighter as K grows; and its perplexity;
@@ -105,7 +106,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
             sums[k] = sums.get(k, 0.0) + v
         num_tokens, num_spans = num_tokens + target.numel(), num_spans + B
         if is_full or i < 2:  # greedy decoding from z = mu
-            greedy = model.generate(mu, T, prefix)
+            greedy = model.generate(mu, T, prefix, should_stop_at_eos=False)  # windows of a stream: on past end-of-text
             exact += (greedy == target).all(1).tolist()
             pairs = list(zip(model.detokenize(target), model.detokenize(greedy)))
             similarity += [char_similarity(a, b) for a, b in pairs]

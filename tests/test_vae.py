@@ -149,6 +149,23 @@ def test_generation_builds_no_graph_and_matches_teacher_forcing():
     assert torch.equal(logits.argmax(-1), out)
 
 
+def test_reconstruction_of_a_stream_window_decodes_past_end_of_text():
+    torch.manual_seed(0)
+    vae = make_vae()
+    with torch.no_grad():
+        vae.base.transformer.wpe.weight.normal_(std=1.0)  # positions that differ: greedy does not repeat one token
+    z = torch.randn(2, 16)
+    free = vae.generate(z, 8, should_stop_at_eos=False)
+    with torch.no_grad():
+        assert torch.equal(vae(z, free).argmax(-1), free)  # every token is the teacher-forced argmax
+    vae.eos_id = int(free[0, 2])  # as if row 0's third token ended a document
+    first = int((free[0] == vae.eos_id).nonzero()[0])
+    assert (free[0, first + 1:] != vae.eos_id).any()  # the row goes on to other tokens after it
+    stopped = vae.generate(z, 8)
+    assert torch.equal(stopped[0, :first + 1], free[0, :first + 1]) and (stopped[0, first + 1:] == vae.eos_id).all()
+    assert torch.equal(vae.generate(z, 8, should_stop_at_eos=False), free)
+
+
 @pytest.mark.parametrize("base", ["gpt2", "mistral"])
 def test_target_positions_do_not_depend_on_the_prefix(base):
     vae = make_vae(base, prefix_slots=4, z_memory=False)
