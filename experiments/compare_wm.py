@@ -8,9 +8,10 @@ repository from any directory; output paths are relative to the current director
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~30 min
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1 --lm-dir tiny --max-iters 20 \
         --collect-steps 3000          # a check of the pipeline (an untrained tiny LM): ~2 min
-    python experiments/compare_wm.py --envs CartPole-v1 --lm-dir smollm2 --lm-layers 2 \
-        --rows pretrained random scratch --out-dir out-compare-smollm2 \
-        --table results/compare_wm_smollm2.md   # SmolLM2's first 2 layers: a directory of its own
+    python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337 1 2 --lm-dir smollm2 \
+        --lm-layers 2 --out-dir out-compare-smollm2   # SmolLM2's first 2 layers: a directory of its own
+    python experiments/compare_wm.py --envs ALE/Pong-v5 --lm-dir smollm2 --lm-layers 2 \
+        --rows pretrained random scratch --out-dir out-compare-smollm2   # both: results/compare_wm_smollm2.md
     python experiments/compare_wm.py ... -- --batch-size 16   # flags after -- go to every train_wm.py run
 
 The times are the README's run on a 2-core CPU, each run on one thread: ~2 min pretraining the
