@@ -321,7 +321,6 @@ class VAE(nn.Module):
         a training window is cut from a stream where end-of-text only separates documents, so
         reconstructing one decodes on past it. Returns (B, num_tokens)."""
         cache, eos = self.memory(z, DynamicCache), self.eos_id
-        stop = eos if should_stop_at_eos else -1  # -1: no token id, so no row is ever done
         done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
         out_ids = []
         embeds = self.decoder_inputs(z, prefix_ids)
@@ -334,7 +333,8 @@ class VAE(nn.Module):
             for i in range(num_tokens):
                 logits = out.logits[:, -1].float()
                 next_id = gumbel_max(logits, temperature).masked_fill(done, eos)
-                done |= next_id == stop
+                if should_stop_at_eos:
+                    done |= next_id == eos
                 out_ids.append(next_id)
                 if i + 1 == num_tokens or done.all():
                     break
