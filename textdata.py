@@ -102,6 +102,15 @@ def split_streams(docs, tokenizer, window, name):
     return streams
 
 
+def held_out_paragraphs(docs, tokenizer, num_paragraphs, max_tokens):
+    """num_paragraphs held-out documents of at most max_tokens tokens, evenly spread over the held-out
+    side (the documents split_streams holds out): token lists, for whole-paragraph reconstruction."""
+    held_out = [ids for i, doc in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+                for ids in [tokenizer.encode(doc)] if 0 < len(ids) <= max_tokens]
+    step = max(1, len(held_out) // num_paragraphs) if num_paragraphs else 1
+    return held_out[::step][:num_paragraphs]
+
+
 def windows(stream, starts, length):
     """(B, length) windows of the stream at `starts`."""
     return torch.stack([stream[s:s + length] for s in starts.tolist()])

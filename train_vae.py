@@ -36,7 +36,7 @@ from trainer import add_common_args
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
-MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "lora_r",
+MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "soft_tokens", "lora_r",
               "lora_alpha", "decoder_init")
 # per-base defaults (README, "The text VAE"): tiny trains fully on a CPU, on spans short enough to
 # learn in minutes, with word dropout; a frozen pretrained base starts from BigVAE's settings
@@ -61,6 +61,9 @@ def parse_args(argv=None):
                    f"prefix before it (BigVAE: 64; default: {per_base('context')})")
     g.add_argument("--iw-samples", type=positive_int, default=32, help="posterior samples per span for the "
                    "importance-weighted NLL at the end and in --eval-only (Optimus: 100; default: %(default)s)")
+    g.add_argument("--eval-paragraphs", type=nonneg_int, default=16, help="whole held-out paragraphs of at most 256 "
+                   "tokens reconstructed in chained spans at the end and in --eval-only (0: none; default: "
+                   "%(default)s)")
     g.add_argument("--prefix-drop", type=fraction, default=0.5, help="share of batches without the prefix "
                    "(BigVAE: half; default: %(default)s)")
     g = parser.add_argument_group("model (vae.py)")
@@ -72,6 +75,8 @@ def parse_args(argv=None):
                    "diagonal: N(mu, diag(exp(logvar))) as Optimus and AdaVAE (default: %(default)s)")
     g.add_argument("--z-memory", type=nonneg_int, default=1, help="also give z to every layer as this many "
                    "keys/values (Optimus: 1); 0 is BigVAE's soft token alone (default: %(default)s)")
+    g.add_argument("--soft-tokens", type=positive_int, default=1, help="input embeddings made from z by w_d before "
+                   "the text (BigVAE: 1; ICAE's memory slots: several; default: %(default)s)")
     g.add_argument("--lora-r", type=positive_int, default=32, help="LoRA rank of both adapters (BigVAE: 32; "
                    "default: %(default)s)")
     g.add_argument("--lora-alpha", type=positive_float, default=8.0, help="LoRA alpha; scale = alpha / r "
@@ -125,7 +130,7 @@ from lm import num_positions
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
                      train_config)
 from vae import VAE, VAEConfig
-from vae_eval import evaluate
+from vae_eval import evaluate, evaluate_paragraphs
 
 
 def should_train_base(args):
@@ -136,7 +141,7 @@ def should_train_base(args):
 def build(args, run):
     """The VAE over the --model base, placed on the device as the memory flags ask."""
     base, tokenizer = offload.load_with_memory_flags(args, run.device, should_train_base(args))
-    needed = 2 * args.context + (args.z_memory > 0)  # memory slot, soft token, prefix, span but its last token
+    needed = 2 * args.context + args.soft_tokens - 1 + (args.z_memory > 0)  # memory slot, soft tokens, prefix, span but its last token
     if needed > num_positions(base):
         raise UserError(f"--context {args.context} needs {needed} positions, more than the {num_positions(base)} "
                         f"of {args.model}: use --context {(num_positions(base) - 1) // 2} or less")
@@ -174,9 +179,12 @@ def main(argv=None):
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
     val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, args.context, i % 2 == 0), run.device)
                    for i, s in enumerate(starts)]  # fixed held-out windows; half the batches keep the prefix
+    paragraphs = textdata.held_out_paragraphs(docs, model.tokenizer, args.eval_paragraphs, 256)
+
     def evaluate_all():  # every metric of vae_eval.py: the end of a run, and --eval-only
         model.eval()
-        return evaluate(model, val_batches, args.iw_samples, should_train_base(args), should_print=run.is_main)
+        metrics = evaluate(model, val_batches, args.iw_samples, should_train_base(args), should_print=run.is_main)
+        return {**metrics, **(evaluate_paragraphs(model, paragraphs, args.context) if paragraphs else {})}
 
     if args.eval_only:
         print(json.dumps({**evaluate_all(), "step": state["step"]}))

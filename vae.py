@@ -43,6 +43,7 @@ class VAEConfig:
     pool_queries: int = 1  # attention-pooling queries, their pooled states concatenated before w_e (BigVAE: 1)
     posterior: str = "bigvae"  # "bigvae": N(mu, I); "diagonal": N(mu, diag(exp(logvar)))
     z_memory: int = 1  # z also as this many keys/values in every layer (Optimus: 1); 0: BigVAE's soft token only
+    soft_tokens: int = 1  # input embeddings made from z by w_d, before the text (BigVAE: 1; ICAE: memory slots)
     lora_r: int = 32  # adapter rank (BigVAE: 32)
     lora_alpha: float = 8.0  # adapter scale is alpha / r (BigVAE: 8)
     decoder_init: str = "bigvae"  # "bigvae": w_d starts as w_e's transpose; "lm": the decoder starts as the LM
@@ -152,13 +153,15 @@ class VAEComponent(nn.Module):
 
     def __init__(self, width, cfg, memory_size=0):
         super().__init__()
-        Q = cfg.pool_queries
+        Q, K = cfg.pool_queries, cfg.soft_tokens
         self.f = nn.Linear(width, Q)
         self.w_e = nn.Linear(Q * width, cfg.latent_size)
-        self.w_d = nn.Linear(cfg.latent_size, width)
+        self.w_d = nn.Linear(cfg.latent_size, K * width)
         nn.init.orthogonal_(self.w_e.weight)  # as BigVAE: orthogonal w_e, w_d starts as its transpose
-        with torch.no_grad():  # (Q > 1: the mean of the Q blocks of the transpose)
-            self.w_d.weight.copy_(self.w_e.weight.T.view(Q, width, cfg.latent_size).mean(0))
+        with torch.no_grad():  # (Q = K: block k of w_d reads what pooling query k wrote; else the mean block)
+            w_t = self.w_e.weight.T.view(Q, width, cfg.latent_size)  # (Q, C, D)
+            self.w_d.weight.copy_((w_t if K == Q else w_t.mean(0, keepdim=True).expand(K, -1, -1)).flatten(0, 1))
+        self.K = K
         self.w_logvar = nn.Linear(Q * width, cfg.latent_size) if cfg.posterior == "diagonal" else None
         self.w_memory = nn.Linear(cfg.latent_size, memory_size) if memory_size else None
         # per-dimension RMS of posterior samples, measured on held-out text; sample_prior scales by it
@@ -168,6 +171,12 @@ class VAEComponent(nn.Module):
         """Attention pooling over the real positions: (B, T, C), (B, T) -> (B, Q * C)."""
         scores = self.f(hidden).masked_fill(~mask[..., None], float("-inf"))  # (B, T, Q)
         return torch.einsum("btq,btc->bqc", scores.softmax(1), hidden).flatten(1)  # (B, Q, C) -> (B, Q * C)
+
+    def soft_tokens(self, z, w_d=None):
+        """z -> the K soft tokens the decoder reads before the text: (B, D) -> (B, K, C).
+        w_d: the projection to use (default: the head's; the router has its own copy)."""
+        w_d = self.w_d if w_d is None else w_d
+        return w_d(z).view(z.shape[0], self.K, -1)  # (B, K * C) -> (B, K, C)
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +212,7 @@ class VAE(nn.Module):
         ~13x it) and z's keys/values are zero. The decoder then starts at the LM's own loss (README);
         z's path opens as w_d and w_memory move, as LoRA's zero B opens an adapter."""
         self.head.w_d.weight.zero_()
-        self.head.w_d.bias.copy_(self.base.get_input_embeddings().weight[self.eos_id])
+        self.head.w_d.bias.copy_(self.base.get_input_embeddings().weight[self.eos_id].repeat(self.cfg.soft_tokens))
         if self.head.w_memory is not None:
             self.head.w_memory.weight.zero_()
             self.head.w_memory.bias.zero_()
@@ -263,7 +272,7 @@ class VAE(nn.Module):
         """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C). keep (B, T) bool: ids' tokens to
         show; the others become zero vectors (word dropout)."""
         embed = self.base.get_input_embeddings()
-        parts = [self.head.w_d(z)[:, None].to(embed.weight.dtype)]
+        parts = [self.head.soft_tokens(z).to(embed.weight.dtype)]
         if prefix_ids is not None and prefix_ids.shape[1] > 0:
             parts.append(embed(prefix_ids))
         if ids is not None and ids.shape[1] > 0:
@@ -359,15 +368,33 @@ class VAE(nn.Module):
         return ids, mask
 
     def detokenize(self, ids):
+        """(B, T) ids, or a list of token lists -> texts, end-of-text tokens left out."""
         eos = self.tokenizer.eos_id
-        return [self.tokenizer.decode([i for i in row if i != eos]) for row in ids.tolist()]
+        return [self.tokenizer.decode([i for i in row if i != eos]) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
     @torch.no_grad()
+    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True):
+        """A token list of any length back through z (greedy at temperature 0), span by span as BigVAE
+        chains spans: each span of `span` tokens is encoded alone (z = mu) and decoded after the
+        previous decoded tokens as its prefix. The last span is the text's last `span` tokens, overlapping the one
+        before it, so every span the encoder reads is as long as the ones it trained on."""
+        device = self.head.w_e.weight.device
+        starts = [0] if len(ids) <= span else [*range(0, len(ids) - span, span), len(ids) - span]
+        out = []
+        for start in starts:
+            chunk = torch.tensor([ids[start:start + span]], device=device)  # (1, S)
+            mu, _ = self.encode(chunk)
+            prefix = torch.tensor([out[max(0, start - span):start]], device=device) if start else None  # (1, P)
+            decoded = self.generate(mu, chunk.shape[1], prefix, temperature, should_stop_at_eos)
+            out = out[:start] + decoded[0].tolist()
+        return out
+
     def reconstruct(self, texts, temperature=0.0):
-        """Encode texts (z = mu) and decode them back as long as the longest one."""
+        """Texts back through z; one longer than the trained span (cfg.prefix_slots) in chained spans."""
         ids, mask = self.tokenize(texts)
-        mu, _ = self.encode(ids, mask)
-        return self.detokenize(self.generate(mu, ids.shape[1], temperature=temperature))
+        rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
+        span = self.cfg.prefix_slots
+        return self.detokenize([self.reconstruct_ids(ids, span or len(ids), temperature) for ids in rows])
 
     @torch.no_grad()
     def sample_prior(self, n, num_tokens, temperature=0.0):

@@ -9,9 +9,12 @@ Every figure is on held-out windows (textdata.py); half of them keep their prefi
 each likelihood is of the span given its prefix.
 - accuracy / cross-entropy, teacher-forced, with z = mu and with z of another example
   (`_shuffled`): the gap is what z carries;
-- greedy reconstruction from z = mu: exact match and character similarity
-  (1 - Levenshtein distance / the longer length); decoded on past end-of-text, which in a
-  window of the stream only separates two documents;
+- greedy reconstruction from z = mu: exact match, the exact-prefix fraction (the share of a span's
+  tokens before its first wrong one, ICAE's measure) and character similarity (1 - Levenshtein
+  distance / the longer length); decoded on past end-of-text, which in a window of the stream
+  only separates two documents;
+- whole held-out paragraphs back through z in chained spans (vae.reconstruct_ids, as BigVAE
+  chains them): their exact match and character similarity (`evaluate_paragraphs`);
 - ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one sample of z, per token and per example;
 - importance-weighted NLL (Burda et al. 2016): -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)),
   z_k ~ q(z|x); it bounds -log p(x) from above, tighter as K grows; and its perplexity;
@@ -71,6 +74,12 @@ def char_similarity(a, b):
     return 1.0 - row[-1] / max(len(a), len(b))
 
 
+def exact_prefix_fraction(predicted, target):
+    """The share of each row's tokens before its first wrong one: (B, T), (B, T) -> (B,)."""
+    is_right_so_far = (predicted == target).long().cumprod(1)  # (B, T): 1 up to the first error
+    return is_right_so_far.float().mean(1)
+
+
 def token_log_probs(logits, target):
     """log p of each target token: (B, T, V), (B, T) -> (B, T)."""
     return -F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
@@ -81,7 +90,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     """Held-out metrics (module docstring). num_iw_samples 0: the cheap ones only, with greedy
     decoding on the first two batches; else all of them, greedy on every batch."""
     is_full = num_iw_samples > 0
-    sums, num_tokens, num_spans, mus, logvars, exact, similarity, shown = {}, 0, 0, [], [], [], [], []
+    sums, num_tokens, num_spans, mus, logvars, exact, exact_prefix, similarity, shown = {}, 0, 0, [], [], [], [], [], []
     for i, batch in enumerate(val_batches):
         target, prefix = batch["target_ids"], batch.get("prefix_ids")
         B, T = target.shape
@@ -108,6 +117,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         if is_full or i < 2:  # greedy decoding from z = mu
             greedy = model.generate(mu, T, prefix, should_stop_at_eos=False)  # windows of a stream: on past end-of-text
             exact += (greedy == target).all(1).tolist()
+            exact_prefix += exact_prefix_fraction(greedy, target).tolist()
             pairs = list(zip(model.detokenize(target), model.detokenize(greedy)))
             similarity += [char_similarity(a, b) for a, b in pairs]
             shown += pairs[: max(0, num_shown - len(shown))]
@@ -115,7 +125,8 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     model.head.latent_rms.fill_(math.sqrt(sums["power"] / num_spans))
     metrics = {f"val_{k}": sums[k] / num_tokens for k in ("ce", "acc", "ce_shuffled", "acc_shuffled")}
     metrics.update(val_ppl=math.exp(metrics["val_ce"]), val_ppl_shuffled=math.exp(metrics["val_ce_shuffled"]),
-                   val_exact=sum(exact) / len(exact), val_char_similarity=statistics.median(similarity),
+                   val_exact=sum(exact) / len(exact), val_exact_prefix=sum(exact_prefix) / len(exact_prefix),
+                   val_char_similarity=statistics.median(similarity),
                    val_kl=sums["kl"] / num_spans, val_active_units=int((mu.var(0) > 0.01).sum().item()),
                    val_latent_rms=model.head.latent_rms.item())
     if is_full:
@@ -131,3 +142,16 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         for original, reconstruction in shown:
             print(f"  original: {original!r}\n  greedy:   {reconstruction!r}")
     return metrics
+
+
+@torch.no_grad()
+def evaluate_paragraphs(model, paragraphs, span):
+    """Whole paragraphs (token lists) back through z in chained spans of `span` tokens: the share
+    that comes back exactly, and the median character similarity."""
+    exact, similarity = [], []
+    for ids in paragraphs:
+        original, greedy = model.detokenize([ids, model.reconstruct_ids(ids, span, should_stop_at_eos=False)])
+        exact.append(original == greedy)
+        similarity.append(char_similarity(original, greedy))
+    return {"val_paragraph_exact": sum(exact) / len(exact),
+            "val_paragraph_char_similarity": statistics.median(similarity), "val_paragraphs": len(paragraphs)}

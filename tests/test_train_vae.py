@@ -19,10 +19,10 @@ from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_sc
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
          "--log-interval", "1", "--warmup-iters", "1", "--device", "cpu", "--iw-samples", "2"]
-KEYS = ("val_ce", "val_acc", "val_ce_shuffled", "val_acc_shuffled", "val_exact", "val_kl", "val_active_units",
+KEYS = ("val_ce", "val_acc", "val_ce_shuffled", "val_acc_shuffled", "val_exact", "val_exact_prefix", "val_kl", "val_active_units",
         "val_latent_rms", "val_char_similarity", "val_ppl", "val_ppl_shuffled")
 # vae_eval.py's full set: the end of a run and --eval-only; val_ppl_lm only where the base is frozen
-FULL_KEYS = ("val_iw_nll", "val_iw_ppl", "val_mi", "val_elbo", "val_elbo_per_token", "val_rec_per_token",
+FULL_KEYS = ("val_paragraph_exact", "val_paragraph_char_similarity", "val_iw_nll", "val_iw_ppl", "val_mi", "val_elbo", "val_elbo_per_token", "val_rec_per_token",
              "val_kl_per_token", "val_ppl_lm")
 
 
@@ -64,6 +64,10 @@ def test_documents_split_and_default_corpus(tmp_path):
     train, val = textdata.split_streams(docs, lm.ByteTokenizer(), 8, "test")
     assert bytes(val[val != 256].tolist()).decode() == "document 9document 19"  # every 10th, held out
     assert len(train) + len(val) == sum(len(d) + 1 for d in docs)
+    held_out = textdata.held_out_paragraphs(docs + ["a long held-out document"], lm.ByteTokenizer(), 5, 11)
+    assert held_out == [list(b"document 9"), list(b"document 19")]  # held out and at most 11 tokens; the rest
+    many = [f"doc {i}" for i in range(100)]  # 10 held out: doc 9, doc 19, ..., doc 99
+    assert textdata.held_out_paragraphs(many, lm.ByteTokenizer(), 2, 99) == [list(b"doc 9"), list(b"doc 59")]
     corpus = textdata.stdlib_docstrings()
     assert len(corpus) > 2000 and len("".join(corpus)) > 500_000 and len(set(corpus)) == len(corpus)
 

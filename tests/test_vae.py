@@ -137,8 +137,9 @@ def test_frozen_base_gets_no_gradients():
     assert all(p.grad is not None for p in vae.head.parameters())
 
 
-def test_generation_builds_no_graph_and_matches_teacher_forcing():
-    vae = make_vae(prefix_slots=5)
+@pytest.mark.parametrize("soft_tokens, z_memory", [(1, 1), (3, 1), (3, 0)])
+def test_generation_builds_no_graph_and_matches_teacher_forcing(soft_tokens, z_memory):
+    vae = make_vae(prefix_slots=5, soft_tokens=soft_tokens, z_memory=z_memory)
     for p in lora.lora_parameters(vae.base):
         torch.nn.init.normal_(p, std=0.05)
     z, prefix = torch.randn(2, 16), torch.randint(0, 256, (2, 3))
@@ -164,6 +165,41 @@ def test_reconstruction_of_a_stream_window_decodes_past_end_of_text():
     stopped = vae.generate(z, 8)
     assert torch.equal(stopped[0, :first + 1], free[0, :first + 1]) and (stopped[0, first + 1:] == vae.eos_id).all()
     assert torch.equal(vae.generate(z, 8, should_stop_at_eos=False), free)
+
+
+def test_soft_tokens_are_k_blocks_of_w_d():
+    """K soft tokens: w_d(z) cut into K embeddings, all before the text (the text's logits do not move)."""
+    vae = make_vae(soft_tokens=3, pool_queries=3, z_memory=0)
+    z = torch.randn(2, 16)
+    tokens = vae.head.soft_tokens(z)
+    assert tokens.shape == (2, 3, lm.hidden_size(vae.base))
+    assert torch.equal(tokens.flatten(1), vae.head.w_d(z))
+    assert torch.equal(vae.head.w_d.weight, vae.head.w_e.weight.T)  # Q = K: block k reads what query k wrote
+    inputs = vae.decoder_inputs(z, ids=ids([5, 6], [7, 8]))
+    assert inputs.shape[1] == 3 + 2 and torch.equal(inputs[:, :3], tokens)
+
+
+def test_reconstruct_ids_chains_spans():
+    """A text longer than a span: span by span, each decoded after the decoded tokens before it as its
+    prefix, the last span overlapping the one before (BigVAE's chaining)."""
+    torch.manual_seed(0)
+    vae = make_vae(prefix_slots=4)
+    with torch.no_grad():
+        vae.base.transformer.wpe.weight.normal_(std=1.0)
+    text = list(range(40, 50))  # 10 tokens, spans of 4: starts 0, 4, 6
+
+    def decode(start, prefix):
+        mu = vae.encode(torch.tensor([text[start:start + 4]]))[0]
+        prefix = torch.tensor([prefix]) if prefix else None
+        return vae.generate(mu, 4, prefix, should_stop_at_eos=False)[0].tolist()
+
+    first = decode(0, [])
+    second = first + decode(4, first)
+    expected = second[:6] + decode(6, second[2:6])
+    assert vae.reconstruct_ids(text, 4, should_stop_at_eos=False) == expected and len(expected) == 10
+    short = vae.generate(vae.encode(torch.tensor([text[:3]]))[0], 3)[0].tolist()
+    assert vae.reconstruct_ids(text[:3], 4) == short  # shorter than a span: one span, as long as the text
+    assert vae.reconstruct([bytes(text[:3]).decode()]) == vae.detokenize([short])
 
 
 @pytest.mark.parametrize("base", ["gpt2", "mistral"])
@@ -217,7 +253,8 @@ def test_slerp_and_interpolate():
     assert torch.allclose(mid.norm(dim=-1), a.norm(dim=-1), atol=1e-4)  # stays on the sphere
     vae = make_vae()
     path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
-    assert len(path) == 4 and [path[0], path[-1]] == vae.reconstruct(["hello there", "bye now"])  # the ends: mu
+    ids, mask = vae.tokenize(["hello there", "bye now"])
+    assert len(path) == 4 and [path[0], path[-1]] == vae.detokenize(vae.generate(vae.encode(ids, mask)[0], 11))
     with pytest.raises(ValueError, match="text 2 has no tokens"):  # no position to pool: mu would be NaN
         vae.reconstruct(["hello", ""])
     vae.head.latent_rms.fill_(1.28)  # prior samples are z ~ N(0, rms^2 I), decoded
@@ -227,10 +264,10 @@ def test_slerp_and_interpolate():
     assert texts == vae.detokenize(vae.generate(torch.randn(3, vae.cfg.latent_size) * 1.28, 5))
 
 
-@pytest.mark.parametrize("z_memory, pool_queries", [(1, 1), (0, 1), (4, 4)])
-def test_overfits_one_batch(z_memory, pool_queries):
+@pytest.mark.parametrize("z_memory, pool_queries, soft_tokens", [(1, 1, 1), (0, 1, 1), (4, 4, 1), (0, 4, 4)])
+def test_overfits_one_batch(z_memory, pool_queries, soft_tokens):
     """The whole model learns to reconstruct 4 spans exactly, teacher-forced and greedy."""
-    vae = make_vae(z_memory=z_memory, pool_queries=pool_queries, ae_iters=10**6)  # autoencoder: z = mu
+    vae = make_vae(z_memory=z_memory, pool_queries=pool_queries, soft_tokens=soft_tokens, ae_iters=10**6)  # z = mu
     vae.train()
     torch.manual_seed(0)
     span = torch.randint(0, 256, (4, 12))

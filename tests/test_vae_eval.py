@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from vae_eval import char_similarity, iw_log_likelihood, log_normal, mutual_information
+from vae_eval import (char_similarity, evaluate_paragraphs, exact_prefix_fraction, iw_log_likelihood, log_normal,
+                      mutual_information)
 
 
 def test_log_normal_matches_torch_distributions():
@@ -51,3 +52,29 @@ def test_char_similarity_by_hand():
     assert char_similarity("", "") == 1.0
     assert char_similarity("abc", "") == 0.0
     assert char_similarity("abcd", "abXd") == 0.75
+
+
+def test_exact_prefix_fraction_by_hand():
+    target = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]])
+    predicted = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 4], [9, 2, 3, 4]])  # exact; wrong at 2; wrong at 0
+    assert exact_prefix_fraction(predicted, target).tolist() == [1.0, 0.5, 0.0]  # right after an error counts not
+
+
+class EchoOrNot:
+    """A stand-in VAE whose reconstruction is right for even-length paragraphs and drops the last
+    token of odd-length ones: evaluate_paragraphs' figures are then known by hand."""
+
+    def reconstruct_ids(self, ids, span, should_stop_at_eos=True):
+        assert span == 4 and not should_stop_at_eos
+        return ids if len(ids) % 2 == 0 else ids[:-1]
+
+    def detokenize(self, rows):
+        return [bytes(row).decode() for row in rows]
+
+
+def test_evaluate_paragraphs_by_hand():
+    paragraphs = [list(b"abcd"), list(b"abcdefgh"), list(b"abcde")]
+    metrics = evaluate_paragraphs(EchoOrNot(), paragraphs, 4)
+    assert metrics == {"val_paragraph_exact": 2 / 3, "val_paragraph_char_similarity": 1.0, "val_paragraphs": 3}
+    metrics = evaluate_paragraphs(EchoOrNot(), [list(b"abcde"), list(b"abc"), list(b"abcdefgh")], 4)
+    assert metrics["val_paragraph_exact"] == 1 / 3 and metrics["val_paragraph_char_similarity"] == 0.8  # median
