@@ -281,7 +281,7 @@ def save_peft(model, directory, adapter_names, base_name):
         shutil.rmtree(leftover, ignore_errors=True)
     # peft's A is (r, in) and B (out, r) for Conv1D too, as ours: only the key prefix differs
     adapters = {name: (peft_config(model, name, base_name),
-                       {PEFT_PREFIX + k: v.contiguous() for k, v in adapter_state_dict(model, name).items()})
+                       {PEFT_PREFIX + k: v.cpu().contiguous() for k, v in adapter_state_dict(model, name).items()})
                 for name in adapter_names}
     try:
         for name, (config, weights) in adapters.items():
@@ -307,16 +307,21 @@ def load_peft(model, directory, name):
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
         raise UserError(f"no {PEFT_CONFIG} and {PEFT_WEIGHTS} in {directory}; pass a folder written by "
                         "save_peft or by peft's save_pretrained (safe_serialization=True)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+        r, alpha = config["r"], config["lora_alpha"]
+        weights = load_file(weights_path)
+    except Exception as e:  # bad JSON, no r or lora_alpha, or safetensors' own error
+        cause = " ".join(str(e).split())[:80]  # one line
+        raise UserError(f"cannot read the adapter in {directory} ({type(e).__name__}: {cause}); it is damaged or "
+                        "not a peft LoRA adapter") from e
     plain = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "rank_pattern": {},
              "alpha_pattern": {}, "bias": "none", "modules_to_save": None}  # plain LoRA's settings
     other = [f"{k}={config[k]!r}" for k, v in plain.items() if config.get(k) not in (v, None, {}, [])]
     if other:
         raise UserError(f"{config_path} has {', '.join(other)}; only plain LoRA adapters (peft_type LORA, "
                         "one rank, no DoRA, rsLoRA, biases or extra modules) can be read")
-    r, alpha = config["r"], config["lora_alpha"]
-    weights = load_file(weights_path)
     state = {}
     for key, value in weights.items():
         if not re.fullmatch(rf"{re.escape(PEFT_PREFIX)}.+\.lora_[AB]\.weight", key):
@@ -334,10 +339,11 @@ def load_peft(model, directory, name):
                     targets=[re.escape(n) for n in layer_names])
     else:
         layer = next(iter(existing.values()))
-        if sorted(existing) != layer_names or layer.lora_A[name].out_features != r or layer.scaling[name] != alpha / r:
+        own_r = layer.lora_A[name].out_features
+        if sorted(existing) != layer_names or own_r != r or layer.scaling[name] != alpha / r:
             raise UserError(f"the adapter in {directory} (r={r}, lora_alpha={alpha}, {len(layer_names)} layers) does "
-                            f"not fit adapter '{name}' of this model (r={layer.lora_A[name].out_features}, "
-                            f"alpha={layer.scaling[name] * layer.lora_A[name].out_features}, {len(existing)} layers)")
+                            f"not fit adapter '{name}' of this model (r={own_r}, alpha={layer.scaling[name] * own_r}, "
+                            f"{len(existing)} layers)")
     load_adapter_state_dict(model, name, state)
 
 

@@ -147,6 +147,10 @@ def test_load_peft_refuses_what_it_cannot_read(saved_model_dir, tmp_path):
         json.dump({**config, "use_dora": True}, f)
     with pytest.raises(UserError, match="has use_dora=True; only plain LoRA adapters"):
         lora.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
+    with open(os.path.join(out, "encoder", lora.PEFT_WEIGHTS), "wb") as f:
+        f.write(b"not safetensors")
+    with pytest.raises(UserError, match="cannot read the adapter in .*encoder .*it is damaged or not a peft LoRA"):
+        lora.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
     assert not lora.lora_layers(fresh)  # nothing was added
 
 
@@ -185,3 +189,23 @@ def test_load_bigvae_layout(saved_model_dir, tmp_path):
     narrower = VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=8, lora_r=4, lora_alpha=8, z_memory=0))
     with pytest.raises(UserError, match="does not fit this VAE's head"):
         lora.load_bigvae(narrower, str(tmp_path))
+
+
+@pytest.mark.parametrize("saved_model_dir", ["gpt2"], indirect=True)
+def test_train_vae_writes_its_adapters_in_peft_layout(tmp_path, capsys, text_file, saved_model_dir):
+    """A VAE run on a frozen pretrained base leaves out_dir/peft/{encoder,decoder}: its checkpoint's adapters."""
+    import train_vae
+
+    out = str(tmp_path / "run")
+    train_vae.main(["--model", saved_model_dir, "--data", text_file, "--out-dir", out, "--context", "8",
+                    "--batch-size", "2", "--eval-batches", "1", "--latent-size", "16", "--lora-r", "4",
+                    "--max-iters", "2", "--eval-interval", "2", "--warmup-iters", "1", "--device", "cpu",
+                    "--iw-samples", "1"])
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    fresh, _ = load_base(saved_model_dir)
+    for name in ("encoder", "decoder"):
+        lora.load_peft(fresh, os.path.join(out, "peft", name), name)
+        ckpt = {lora.strip_name(k.removeprefix("base."), name): v
+                for k, v in saved.items() if lora.is_lora_key(k, name)}
+        assert same_tensors(lora.adapter_state_dict(fresh, name), ckpt)
+        assert any(v.abs().sum() > 0 for k, v in ckpt.items() if ".lora_B." in k)  # trained: B moved off zero
