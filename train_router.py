@@ -49,15 +49,17 @@ if __name__ == "__main__":
 import hashlib
 import json
 import math
+import os
 import time
 import types
 
 import torch
 import torch.nn.functional as F
 
+import lora
 import textdata
 import train_vae
-from common import batch_seed
+from common import TINY_MODELS, batch_seed
 from router import Router
 from trainer import (finish, load_checkpoint, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
                      train_config)
@@ -165,6 +167,8 @@ def main(argv=None):
         config = {**train_config(args), "vae": args.vae, "vae_fingerprint": vae_print}
         save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
                                        "optimizer": optimizer.state_dict()})
+        if vae_args.model not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
+            lora.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], vae_args.model)
 
     t_start = time.time()
     print(f"router on {vae_args.model}: {sum(p.numel() for p in params):,} trainable parameters, "

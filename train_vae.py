@@ -26,6 +26,7 @@ settings from its checkpoint. The last line printed is one JSON object of the ru
 """
 
 import json
+import os
 import time
 
 from common import (TINY_MODELS, fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int,
@@ -211,6 +212,8 @@ def main(argv=None):
         config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
+        if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
+            lora.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
 
     if run.is_main:
         num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -229,7 +229,7 @@ def test_a_bad_resume_leaves_the_checkpoint_as_it_was(capsys, text_file, base_di
     fresh = SMALL + ["--model", base_dir, "--data", text_file, "--out-dir", trained]  # no --resume
     assert "already exists; pass --resume" in run_error(train_vae.main, fresh, capsys)
     assert read_bytes(os.path.join(trained, "ckpt.pt")) == before
-    assert sorted(os.listdir(trained)) == ["ckpt.pt"]  # no ckpt.pt.tmp
+    assert sorted(os.listdir(trained)) == ["ckpt.pt", "peft"]  # no ckpt.pt.tmp, no peft.tmp
 
 
 @pytest.mark.parametrize("content, message", [
