@@ -56,7 +56,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-import lora
+import peft_layout
 import textdata
 import train_vae
 from common import TINY_MODELS, batch_seed
@@ -168,7 +168,7 @@ def main(argv=None):
         save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
                                        "optimizer": optimizer.state_dict()})
         if vae_args.model not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
-            lora.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], vae_args.model)
+            peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], vae_args.model)
 
     t_start = time.time()
     print(f"router on {vae_args.model}: {sum(p.numel() for p in params):,} trainable parameters, "

@@ -125,6 +125,7 @@ import torch
 
 import lora
 import offload
+import peft_layout
 import textdata
 from common import UserError, batch_seed
 from lm import num_positions
@@ -213,7 +214,7 @@ def main(argv=None):
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
-            lora.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
+            peft_layout.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
 
     if run.is_main:
         num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,5 +1,5 @@
-"""lora.save_peft / load_peft against peft itself (PeftModel.from_pretrained and save_pretrained),
-on a tiny GPT-2 (Conv1D) and a tiny Mistral (nn.Linear), and lora.load_bigvae on a small folder
+"""peft_layout.save_peft / load_peft against peft itself (PeftModel.from_pretrained and save_pretrained),
+on a tiny GPT-2 (Conv1D) and a tiny Mistral (nn.Linear), and peft_layout.load_bigvae on a small folder
 written the way minihf's BigVAE saves one (peft adapters plus vae.safetensors)."""
 
 import json
@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import lora
+import peft_layout
 from common import UserError
 from conftest import read_bytes
 from lm import load_base
@@ -57,7 +58,7 @@ def peft_lora_state(peft_model, name):
 def test_peft_loads_our_adapters_with_our_logits(saved_model_dir, tmp_path):
     model = ours_with_two_adapters(saved_model_dir)
     out = str(tmp_path / "peft")
-    lora.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
+    peft_layout.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
     assert sorted(os.listdir(out)) == ["decoder", "encoder"]
 
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(saved_model_dir).eval(),
@@ -77,22 +78,22 @@ def test_peft_loads_our_adapters_with_our_logits(saved_model_dir, tmp_path):
 def test_our_peft_folder_reads_back_bitwise(saved_model_dir, tmp_path):
     model = ours_with_two_adapters(saved_model_dir)
     out = str(tmp_path / "peft")
-    lora.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
+    peft_layout.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
 
     fresh, _ = load_base(saved_model_dir)
     for name in ("encoder", "decoder"):  # added by load_peft, with the saved r, alpha and layers
-        lora.load_peft(fresh, os.path.join(out, name), name)
+        peft_layout.load_peft(fresh, os.path.join(out, name), name)
         assert same_tensors(lora.adapter_state_dict(fresh, name), lora.adapter_state_dict(model, name))
         with lora.use_adapter(fresh, name), lora.use_adapter(model, name):
             assert torch.equal(logits(fresh), logits(model))
 
     existing, _ = load_base(saved_model_dir)  # into an adapter that exists: it must fit
     lora.add_adapter(existing, "encoder", r=4, alpha=8)
-    lora.load_peft(existing, os.path.join(out, "encoder"), "encoder")
+    peft_layout.load_peft(existing, os.path.join(out, "encoder"), "encoder")
     assert same_tensors(lora.adapter_state_dict(existing, "encoder"), lora.adapter_state_dict(model, "encoder"))
     lora.add_adapter(existing, "decoder", r=4, alpha=8)
     with pytest.raises(UserError, match=r"\(r=2, lora_alpha=3.0, 2 layers\) does not fit adapter 'decoder'"):
-        lora.load_peft(existing, os.path.join(out, "decoder"), "decoder")
+        peft_layout.load_peft(existing, os.path.join(out, "decoder"), "decoder")
 
 
 def test_reads_what_peft_saves(saved_model_dir, tmp_path):
@@ -105,7 +106,7 @@ def test_reads_what_peft_saves(saved_model_dir, tmp_path):
     theirs.save_pretrained(tmp_path)
 
     ours, _ = load_base(saved_model_dir)
-    lora.load_peft(ours, str(tmp_path / "decoder"), "decoder")
+    peft_layout.load_peft(ours, str(tmp_path / "decoder"), "decoder")
     assert same_tensors(lora.adapter_state_dict(ours, "decoder"), peft_lora_state(theirs, "decoder"))
     with lora.use_adapter(ours, "decoder"):
         torch.testing.assert_close(logits(ours), logits(theirs), rtol=1e-5, atol=1e-5)
@@ -114,43 +115,43 @@ def test_reads_what_peft_saves(saved_model_dir, tmp_path):
 def test_save_peft_replaces_whole_or_leaves_the_old_folder(saved_model_dir, tmp_path, monkeypatch):
     model = ours_with_two_adapters(saved_model_dir)
     out = str(tmp_path / "peft")
-    lora.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
-    before = read_bytes(os.path.join(out, "encoder", lora.PEFT_WEIGHTS))
+    peft_layout.save_peft(model, out, ["encoder", "decoder"], saved_model_dir)
+    before = read_bytes(os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS))
 
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
     randomize(lora.lora_parameters(model, "encoder"), 2)
-    monkeypatch.setattr(lora, "save_file", full_disk)
+    monkeypatch.setattr(peft_layout, "save_file", full_disk)
     with pytest.raises(UserError, match="cannot save .*No space left on device.*the previous one is unchanged"):
-        lora.save_peft(model, out, ["encoder"], saved_model_dir)
-    assert read_bytes(os.path.join(out, "encoder", lora.PEFT_WEIGHTS)) == before
+        peft_layout.save_peft(model, out, ["encoder"], saved_model_dir)
+    assert read_bytes(os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS)) == before
     assert sorted(os.listdir(tmp_path)) == ["peft"]  # no temporary folder left
 
     monkeypatch.undo()
-    lora.save_peft(model, out, ["encoder"], saved_model_dir)  # replaced whole: decoder/ is gone
+    peft_layout.save_peft(model, out, ["encoder"], saved_model_dir)  # replaced whole: decoder/ is gone
     assert os.listdir(out) == ["encoder"]
-    assert read_bytes(os.path.join(out, "encoder", lora.PEFT_WEIGHTS)) != before
+    assert read_bytes(os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS)) != before
 
 
 def test_load_peft_refuses_what_it_cannot_read(saved_model_dir, tmp_path):
     model = ours_with_two_adapters(saved_model_dir)
     out = str(tmp_path / "peft")
-    lora.save_peft(model, out, ["encoder"], saved_model_dir)
+    peft_layout.save_peft(model, out, ["encoder"], saved_model_dir)
     fresh, _ = load_base(saved_model_dir)
     with pytest.raises(UserError, match="no adapter_config.json and adapter_model.safetensors in .*nowhere"):
-        lora.load_peft(fresh, str(tmp_path / "nowhere"), "encoder")
-    config_path = os.path.join(out, "encoder", lora.PEFT_CONFIG)
+        peft_layout.load_peft(fresh, str(tmp_path / "nowhere"), "encoder")
+    config_path = os.path.join(out, "encoder", peft_layout.PEFT_CONFIG)
     with open(config_path) as f:
         config = json.load(f)
     with open(config_path, "w") as f:
         json.dump({**config, "use_dora": True}, f)
     with pytest.raises(UserError, match="has use_dora=True; only plain LoRA adapters"):
-        lora.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
-    with open(os.path.join(out, "encoder", lora.PEFT_WEIGHTS), "wb") as f:
+        peft_layout.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
+    with open(os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS), "wb") as f:
         f.write(b"not safetensors")
     with pytest.raises(UserError, match="cannot read the adapter in .*encoder .*it is damaged or not a peft LoRA"):
-        lora.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
+        peft_layout.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
     assert not lora.lora_layers(fresh)  # nothing was added
 
 
@@ -175,7 +176,7 @@ def test_load_bigvae_layout(saved_model_dir, tmp_path):
 
     cfg = VAEConfig(latent_size=16, lora_r=4, lora_alpha=8, z_memory=0)
     vae = VAE(load_base(saved_model_dir)[0], cfg)
-    lora.load_bigvae(vae, str(tmp_path))
+    peft_layout.load_bigvae(vae, str(tmp_path))
     assert all(torch.equal(vae.head.state_dict()[k], v) for k, v in head.items())
     for name in ("encoder", "decoder"):
         assert same_tensors(lora.adapter_state_dict(vae.base, name), peft_lora_state(theirs, name))
@@ -184,11 +185,11 @@ def test_load_bigvae_layout(saved_model_dir, tmp_path):
             torch.testing.assert_close(logits(vae.base), logits(theirs), rtol=1e-5, atol=1e-5)
 
     with pytest.raises(UserError, match="build the VAE with pool_queries=1, posterior='bigvae', z_memory=0"):
-        lora.load_bigvae(VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=16, lora_r=4, lora_alpha=8)),
+        peft_layout.load_bigvae(VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=16, lora_r=4, lora_alpha=8)),
                          str(tmp_path))
     narrower = VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=8, lora_r=4, lora_alpha=8, z_memory=0))
     with pytest.raises(UserError, match="does not fit this VAE's head"):
-        lora.load_bigvae(narrower, str(tmp_path))
+        peft_layout.load_bigvae(narrower, str(tmp_path))
 
 
 @pytest.mark.parametrize("saved_model_dir", ["gpt2"], indirect=True)
@@ -204,7 +205,7 @@ def test_train_vae_writes_its_adapters_in_peft_layout(tmp_path, capsys, text_fil
     saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
     fresh, _ = load_base(saved_model_dir)
     for name in ("encoder", "decoder"):
-        lora.load_peft(fresh, os.path.join(out, "peft", name), name)
+        peft_layout.load_peft(fresh, os.path.join(out, "peft", name), name)
         ckpt = {lora.strip_name(k.removeprefix("base."), name): v
                 for k, v in saved.items() if lora.is_lora_key(k, name)}
         assert same_tensors(lora.adapter_state_dict(fresh, name), ckpt)
