@@ -114,7 +114,7 @@ def start_or_resume(args):
     takes unless given (a given one that differs is an error; the optimisation ones win)."""
     state = {"kind": "agent", "step": 0, "history": []}
     if args.resume is not None:
-        state = load_checkpoint(args.resume, "agent")
+        state = load_checkpoint(args.resume, "agent", "--resume")
         adopt_config(args, state, DATA_KEYS + MODEL_KEYS + AGENT_KEYS, args.resume)
         adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if not args.eval_only and state["step"] >= args.max_iters:
@@ -171,9 +171,9 @@ def main(argv=None):
     run = setup(args)
     if run.world_size > 1:
         raise UserError("train_agent.py runs in one process: start it with python, not torchrun")
-    state, env = start_or_resume(args)
     if not args.eval_only:
         check_out_dir(args)
+    state, env = start_or_resume(args)
 
     tokenizer = make_tokenizer(env, args).to(run.device)
     if "tokenizer" in state:

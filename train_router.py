@@ -71,11 +71,11 @@ def fingerprint(vae_state):
     return f"{vae_state['config']['model']}@{vae_state['step']}:{hashlib.sha256(w_e).hexdigest()[:16]}"
 
 
-def load_router(vae_dir, run, state=None, router_dir=None, batch_size=1):
-    """The frozen VAE in vae_dir and a router on it, with the weights of a router checkpoint
-    `state` (from router_dir) when given; refuses a VAE with no plain base to guide against, and
-    a router trained on another VAE. Returns (router, the VAE's settings, its fingerprint)."""
-    vae_state = load_checkpoint(vae_dir, "vae")
+def load_router(vae_dir, run, state=None, router_dir=None, batch_size=1, vae_flag=None):
+    """The frozen VAE in vae_dir (given with vae_flag) and a router on it, with the weights of a router
+    checkpoint `state` (from router_dir) when given; refuses a VAE with no plain base to guide against,
+    and a router trained on another VAE. Returns (router, the VAE's settings, its fingerprint)."""
+    vae_state = load_checkpoint(vae_dir, "vae", vae_flag)
     vae_args = train_vae.parse_args(["--resume", vae_dir, "--batch-size", str(batch_size)])
     if train_vae.should_train_base(types.SimpleNamespace(**vae_state["config"])):
         raise UserError(f"the VAE in {vae_dir} trained tiny's base fully, so no plain LM is left to guide "
@@ -137,7 +137,7 @@ def main(argv=None):
     args = parse_args(argv)
     run = setup(args)
     state = open_run(args, "router")
-    router, vae_args, vae_print = load_router(args.vae, run, state, args.resume, args.batch_size)
+    router, vae_args, vae_print = load_router(args.vae, run, state, args.resume, args.batch_size, "--vae")
     tokenizer, span = router.vae.tokenizer, 2 * vae_args.context
     train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,
                                                       "the default corpus" if args.data is None else args.data)

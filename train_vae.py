@@ -208,8 +208,10 @@ def main(argv=None):
     history = [] if state is None else state.get("history", [])  # every evaluation: experiments/vae_curve.py
     last_eval = {}
 
-    def save(step):  # the trainer saves right after each evaluation
-        history.append({"step": step, **last_eval})
+    def save(step):  # the trainer saves right after each evaluation, and on SIGTERM between them
+        if last_eval:  # an evaluation since the last save
+            history.append({"step": step, **last_eval})
+            last_eval.clear()
         config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})

@@ -199,7 +199,7 @@ def start_or_resume(args):
     run's config, and the tokenizer of --tokenizer-from."""
     state = {"kind": "wm", "step": 0}
     if args.resume is not None:
-        state = load_checkpoint(args.resume, "wm")
+        state = load_checkpoint(args.resume, "wm", "--resume")
         adopt_config(args, state, DATA_KEYS + MODEL_KEYS, args.resume)
         adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if args.eval_only and "world_model" not in state:
@@ -214,7 +214,7 @@ def start_or_resume(args):
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
     state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
-        other = load_checkpoint(args.tokenizer_from, "wm")
+        other = load_checkpoint(args.tokenizer_from, "wm", "--tokenizer-from")
         differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
                   if other["config"].get(k) != getattr(args, k)]
         if differ:
@@ -348,8 +348,8 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     run = setup(args)
-    state, env = start_or_resume(args)
     check_out_dir(args)
+    state, env = start_or_resume(args)
 
     t_collect = time.time()
     tokenizer = make_tokenizer(env, args).to(run.device)

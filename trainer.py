@@ -11,6 +11,11 @@ on CUDA only. Distributed runs (torchrun) wrap the
 model in PyTorch's DistributedDataParallel, which all-reduces the gradients in buckets while
 the backward pass still runs (gloo on CPU, nccl on CUDA).
 
+A run holds its --out-dir (common.lock_out_dir) from before its checks to its end. SIGINT and
+SIGTERM end it with one line naming the last intact checkpoint and the command that resumes it
+(common.run_cli); SIGTERM, how clusters preempt a job, first saves the steps finished since the
+last checkpoint. Neither cuts an optimizer step or a checkpoint in two: they wait for its end.
+
 Exact resume: micro-batch i is a pure function of (seed, i), and the random state (noise,
 dropout) is reseeded from (seed, i) before it, so a run resumed from a checkpoint at step k
 computes exactly the numbers an uninterrupted run computes from step k on; and N processes
@@ -19,10 +24,14 @@ with micro-batch B compute what one process computes with --grad-accum N (the sa
 
 import contextlib
 import errno
+import glob
+import hashlib
 import json
 import math
 import os
+import signal
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +39,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from common import UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float, positive_int
+from common import (Interrupted, UserError, add_machine_args, batch_seed, lock_out_dir, nonneg_float, nonneg_int,
+                    note_checkpoint, positive_float, positive_int, release_out_dir, signals_held, standing)
 
 
 def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
@@ -122,35 +132,34 @@ def setup(args):
 
 
 def check_out_dir(args):
-    """Refuse to overwrite another run's checkpoint, and find an unwritable --out-dir now,
-    not at the first checkpoint after minutes of training."""
+    """Hold --out-dir for this run (common.lock_out_dir: a second run into it is refused, an
+    unwritable one found now, not at the first checkpoint after minutes of training); then refuse
+    to overwrite another run's checkpoint, and remove the temporary files a killed run left."""
+    is_main = int(os.environ.get("RANK", 0)) == 0  # torchrun: the main process alone writes
+    if is_main:
+        lock_out_dir(args.out_dir)
     path = os.path.join(args.out_dir, "ckpt.pt")
     if os.path.exists(path) and os.path.abspath(args.out_dir) != os.path.abspath(args.resume or ""):
         raise UserError(f"{path} already exists; pass --resume {args.out_dir} to continue it, "
                         "or choose another --out-dir")
-    probe = os.path.join(args.out_dir, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {args.out_dir} ({e.strerror or e}); choose a writable "
-                        "directory") from e
+    if is_main:  # no other run writes here, so these are a killed one's
+        for tmp in glob.glob(os.path.join(glob.escape(args.out_dir), "*.pt.tmp")):
+            os.remove(tmp)
 
 
 def open_run(args, kind):
-    """Before any slow work: refuse --eval-only without --resume, another run's checkpoint in
-    --out-dir and an unwritable --out-dir; then the checkpoint to continue (None: a fresh run)."""
+    """Before any slow work: refuse --eval-only without --resume, then hold --out-dir and refuse
+    another run's checkpoint in it (check_out_dir); then the checkpoint to continue (None: a fresh run)."""
     if args.eval_only and args.resume is None:
         raise UserError("--eval-only evaluates a checkpoint: pass --resume DIR too")
-    state = load_checkpoint(args.resume, kind) if args.resume is not None else None
+    if not args.eval_only:
+        check_out_dir(args)
+    state = load_checkpoint(args.resume, kind, "--resume") if args.resume is not None else None
     if state is not None:
         adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
         if not args.eval_only and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
-    if not args.eval_only:
-        check_out_dir(args)
     return state
 
 
@@ -166,21 +175,51 @@ KINDS = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)"
 
 
 def save_checkpoint(out_dir, state):
-    """Write out_dir/ckpt.pt atomically: a crash or a full disk mid-write leaves the old
-    checkpoint intact and no temporary file behind."""
+    """Write out_dir/ckpt.pt atomically, with the sha256 of its contents: a crash, a signal or a full
+    disk mid-write leaves the old checkpoint intact and no temporary file behind (SIGKILL leaves
+    one, which the next run in out_dir removes: check_out_dir)."""
     path = os.path.join(out_dir, "ckpt.pt")
+    tmp = os.path.join(out_dir, f"ckpt.{os.getpid()}.pt.tmp")  # one per process
     try:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as a RuntimeError
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise UserError(f"cannot save {path} ({write_failure(e, out_dir)}); the previous checkpoint is "
-                        "unchanged: free some space or choose another --out-dir") from e
+        with signals_held():
+            os.makedirs(out_dir, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save({**state, "sha256": digest(state)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            note_checkpoint(out_dir, state.get("step"))
+    except BaseException as e:  # a signal held back comes here too, after the checkpoint is whole
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer reports a failed write as a RuntimeError
+            raise UserError(f"cannot save {path} ({write_failure(e, out_dir)}); the previous checkpoint is "
+                            "unchanged: free some space or choose another --out-dir") from e
+        raise
+
+
+def digest(state):
+    """The sha256 of a checkpoint's contents, in order: each key, each tensor's dtype, shape and
+    bytes, each plain value's repr. A flipped bit anywhere in them changes it."""
+    h = hashlib.sha256()
+
+    def add(value):
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # (numel * element size,) bytes
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                h.update(repr(k).encode())
+                add(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                add(v)
+        else:
+            h.update(repr(value).encode())
+
+    add({k: v for k, v in state.items() if k != "sha256"})
+    return h.hexdigest()
 
 
 def write_failure(e, out_dir):
@@ -199,21 +238,31 @@ def write_failure(e, out_dir):
     return str(e).splitlines()[0][:120]
 
 
-def load_checkpoint(ckpt_dir, kind):
-    """Load ckpt_dir/ckpt.pt (tensors and plain types only) and check it was written by `kind`'s script."""
+def load_checkpoint(ckpt_dir, kind, flag=None):
+    """Load ckpt_dir/ckpt.pt (tensors and plain types only), check its sha256 and that `kind`'s script
+    wrote it; flag: the flag that named ckpt_dir, for the errors. A checkpoint from before checkpoints
+    had a sha256 loads unchecked."""
     path = os.path.join(ckpt_dir, "ckpt.pt")
+    script, to_flag = KINDS[kind].split()[0], "" if flag is None else f" to {flag}"
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}; pass the --out-dir of an earlier run to --resume")
+        raise UserError(f"no checkpoint at {path}; pass the --out-dir of an earlier {script} run{to_flag}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns, in three lines, before it refuses a plain pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}); it is damaged or not a checkpoint") from e
+    stored = state.pop("sha256", None) if isinstance(state, dict) else None
+    if stored is not None and stored != digest(state):
+        raise UserError(f"{path} is damaged: its contents do not match the sha256 saved with them; resume from "
+                        "a copy of it, or start again")
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or state.get("kind") not in KINDS:
         raise UserError(f"{path} is a torch file but not a checkpoint of this project; pass the --out-dir of "
-                        f"a {KINDS[kind].split()[0]} run")
+                        f"a {script} run{to_flag}")
     if state["kind"] != kind:
-        raise UserError(f"{path} was written by {KINDS[state['kind']]}, not by {KINDS[kind].split()[0]}; "
-                        f"give it to {KINDS[state['kind']].split()[0]}, or resume a {kind} checkpoint")
+        raise UserError(f"{path} was written by {KINDS[state['kind']]}, not by {script}; give it to "
+                        f"{KINDS[state['kind']].split()[0]}, or pass the --out-dir of a {script} run{to_flag}")
+    note_checkpoint(ckpt_dir, state.get("step"))
     return state
 
 
@@ -292,10 +341,17 @@ class LossOf(nn.Module):
         return self.model.compute_loss(batch, step)
 
 
-def stop(what, args):
-    """A diverged run ends before anything is saved."""
+def stop(what, args, run, has_updated=True):
+    """A diverged run ends before anything is saved, with what can cause it: float16 (it overflows,
+    on a CPU most of all), the learning rate only once the optimizer has updated the weights."""
+    if args.dtype == "float16":
+        hint = f"float16 overflows{' on a CPU' if run.device.type == 'cpu' else ''}: use --dtype float32 or bfloat16"
+    elif not has_updated:
+        hint = "it came before any update, so not from --lr: check the data and the model's flags"
+    else:
+        hint = f"lower --lr (now {args.lr:g}) or keep --grad-clip on"
     raise UserError(f"{what}; stopped before saving (the last checkpoint in {args.out_dir}, if any, is unchanged): "
-                    f"lower --lr (now {args.lr:g}) or keep --grad-clip on")
+                    f"{hint}")
 
 
 def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=None, schedule=lr_at):
@@ -304,7 +360,8 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     get_batch(index) -> batch (a dict; "num_tokens" in it feeds the tokens/s figure);
     model.compute_loss(batch, step) -> {"loss": ..., other named terms};
     evaluate() -> {name: float}, run under no_grad on the main process (None: no evaluation);
-    save(step) -> None, called on the main process after each evaluation.
+    save(step) -> None, called on the main process after each evaluation, and on SIGTERM when a step
+    finished since the last save (a cluster preempting the job: resuming loses nothing).
     schedule(step, args) -> lr (default: warm-up then cosine); a param group may carry
     "lr_scale" to train at a multiple of it.
     A loss or gradient that is not finite stops the run (UserError) before anything is saved.
@@ -316,64 +373,78 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
     metrics, sums, num_logged, num_tokens = {}, {}, 0, 0
     total_tokens, eval_seconds = 0, 0.0
     t_start = t_log = time.time()
+    done = saved = start_step  # the steps finished, and the step last saved
     model.train()
-    for step in range(start_step, args.max_iters):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule(step, args) * group.get("lr_scale", 1.0)
-        for micro in range(args.grad_accum):
-            index = (step * args.grad_accum + micro) * run.world_size + run.rank
-            torch.manual_seed(batch_seed(args.seed, index))  # noise and dropout: a function of the micro-batch
-            batch = get_batch(index)
-            should_sync = run.world_size == 1 or micro == args.grad_accum - 1  # all-reduce once per step
-            with contextlib.nullcontext() if should_sync else loss_of.no_sync():
-                with run.autocast():
-                    terms = loss_of(batch, step)
-                (terms["loss"] / args.grad_accum).backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
-            num_tokens += batch.get("num_tokens", 0)
-            total_tokens += batch.get("num_tokens", 0)
-        # after the all-reduce, so that every process sees a non-finite gradient and stops together
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
-        if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
-            stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1}", args)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        num_logged += 1
+    try:
+        for step in range(start_step, args.max_iters):
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(step, args) * group.get("lr_scale", 1.0)
+            for micro in range(args.grad_accum):
+                index = (step * args.grad_accum + micro) * run.world_size + run.rank
+                torch.manual_seed(batch_seed(args.seed, index))  # noise and dropout: a function of the micro-batch
+                batch = get_batch(index)
+                should_sync = run.world_size == 1 or micro == args.grad_accum - 1  # all-reduce once per step
+                with contextlib.nullcontext() if should_sync else loss_of.no_sync():
+                    with run.autocast():
+                        terms = loss_of(batch, step)
+                    (terms["loss"] / args.grad_accum).backward()
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / args.grad_accum
+                num_tokens += batch.get("num_tokens", 0)
+                total_tokens += batch.get("num_tokens", 0)
+            # after the all-reduce, so that every process sees a non-finite gradient and stops together
+            norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else math.inf)
+            if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
+                bad = ", ".join(k for k, v in sums.items() if not math.isfinite(v)) or "the gradient alone"
+                stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1} "
+                     f"(not finite: {bad})", args, run, has_updated=bool(optimizer.state))
+            with signals_held():  # a step is taken whole or not at all
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+            num_logged += 1
+            if save is not None:  # the loop whose checkpoints these are: an interrupted run names its step
+                standing["step"] = done
 
-        done = step + 1
-        if run.is_main and (done % args.log_interval == 0 or done == args.max_iters):
-            now = time.time()
-            avg = {k: v / num_logged for k, v in sums.items()}
-            eta = (now - t_start) / (done - start_step) * (args.max_iters - done)
-            line = f"step {done}/{args.max_iters} | {format_terms(avg)} | lr {schedule(step, args):.2e}"
-            line += f" | {num_tokens * run.world_size / (now - t_log):.0f} tok/s" if num_tokens else ""
-            line += f" | {(now - t_log) / num_logged:.2f} s/step | eta {format_seconds(eta)}"
-            if run.device.type == "cuda":
-                line += f" | peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
-            print(line, flush=True)
-            metrics.update({f"train_{k}": v for k, v in avg.items()})
-            sums, num_logged, num_tokens, t_log = {}, 0, 0, now
+            if run.is_main and (done % args.log_interval == 0 or done == args.max_iters):
+                now = time.time()
+                avg = {k: v / num_logged for k, v in sums.items()}
+                eta = (now - t_start) / (done - start_step) * (args.max_iters - done)
+                line = f"step {done}/{args.max_iters} | {format_terms(avg)} | lr {schedule(step, args):.2e}"
+                line += f" | {num_tokens * run.world_size / (now - t_log):.0f} tok/s" if num_tokens else ""
+                line += f" | {(now - t_log) / num_logged:.2f} s/step | eta {format_seconds(eta)}"
+                if run.device.type == "cuda":
+                    line += f" | peak {torch.cuda.max_memory_allocated(run.device) / 2**30:.2f} GiB"
+                print(line, flush=True)
+                metrics.update({f"train_{k}": v for k, v in avg.items()})
+                sums, num_logged, num_tokens, t_log = {}, 0, 0, now
 
-        if evaluate is not None and (done % args.eval_interval == 0 or done == args.max_iters):
-            t_eval = time.time()
-            if run.is_main:
-                model.eval()
-                with torch.no_grad():
-                    metrics.update(evaluate())
-                model.train()
-                bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
-                if bad:
-                    stop(f"{', '.join(bad)} not finite at step {done}", args)
-                print(f"eval at step {done} | " + format_terms(
-                    {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
-                    flush=True)
-                if save is not None:
-                    save(done)
-            if run.world_size > 1:
-                dist.barrier()
-            t_log += time.time() - t_eval  # the next speed figure leaves evaluation out
-            eval_seconds += time.time() - t_eval
+            if evaluate is not None and (done % args.eval_interval == 0 or done == args.max_iters):
+                t_eval = time.time()
+                if run.is_main:
+                    model.eval()
+                    with torch.no_grad():
+                        metrics.update(evaluate())
+                    model.train()
+                    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+                    if bad:
+                        stop(f"{', '.join(bad)} not finite at step {done}", args, run)
+                    print(f"eval at step {done} | " + format_terms(
+                        {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
+                        flush=True)
+                    if save is not None:
+                        with signals_held():
+                            save(done)
+                            saved = done
+                if run.world_size > 1:
+                    dist.barrier()
+                t_log += time.time() - t_eval  # the next speed figure leaves evaluation out
+                eval_seconds += time.time() - t_eval
+    except Interrupted as e:
+        if e.signum == signal.SIGTERM and save is not None and run.is_main and done > saved:
+            with signals_held():
+                save(done)
+        raise
     metrics["train_seconds"] = round(time.time() - t_start, 1)  # evaluation included
     metrics["steps"] = args.max_iters
     if total_tokens:  # optimisation alone, all steps of this run
@@ -382,9 +453,10 @@ def train(model, optimizer, get_batch, evaluate, args, run, start_step=0, save=N
 
 
 def finish(run, metrics):
-    """The end of a training script: leave the process group; the main process prints the metrics
-    as the run's last line, one JSON object."""
+    """The end of a training script: leave the process group and --out-dir; the main process prints
+    the metrics as the run's last line, one JSON object."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    release_out_dir()
     if run.is_main:
         print(json.dumps(metrics))

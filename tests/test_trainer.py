@@ -3,6 +3,7 @@ stops on a non-finite loss; checkpoints are atomic, checked and survive a full d
 
 import argparse
 import errno
+import math
 import os
 
 import pytest
@@ -107,9 +108,28 @@ def test_a_non_finite_loss_stops_before_anything_is_saved(tmp_path, capsys):
     fit(make_args(tmp_path))
     before = (tmp_path / "ckpt.pt").read_bytes()
     state = trainer.load_checkpoint(tmp_path, "vae")
-    with pytest.raises(UserError, match=r"the (loss|gradient norm) is (nan|inf).* at step [78]; stopped before saving"):
+    with pytest.raises(UserError, match=r"the loss is (nan|inf) and the gradient norm (nan|inf) at step [78] \(not "
+                       r"finite: loss.*\); stopped before saving.*: lower --lr \(now 1e\+30\)"):
         fit(make_args(tmp_path, ["--max-iters", "12", "--lr", "1e30", "--grad-clip", "0"]), start_step=6, state=state)
     assert (tmp_path / "ckpt.pt").read_bytes() == before
+
+
+def test_a_loss_not_finite_before_any_update_does_not_blame_the_lr(tmp_path, monkeypatch):
+    def infinite_kl(self, batch, step):
+        kl = torch.tensor(math.inf)
+        return {"loss": self.linear(batch["x"]).mean() + kl, "kl": kl}  # as --free-bits inf made it
+
+    monkeypatch.setattr(Regression, "compute_loss", infinite_kl)
+    with pytest.raises(UserError, match=r"^the loss is inf and the gradient norm \S+ at step 1 \(not finite: loss, "
+                       r"kl\); stopped before saving .*: it came before any update, so not from --lr: check the data "
+                       r"and the model's flags$"):
+        fit(make_args(tmp_path))
+
+
+def test_a_float16_run_that_diverges_names_float16(tmp_path):
+    with pytest.raises(UserError, match=r"stopped before saving .*: float16 overflows on a CPU: use --dtype float32 "
+                                        r"or bfloat16$"):
+        fit(make_args(tmp_path, ["--dtype", "float16", "--lr", "1e30", "--grad-clip", "0"]))
 
 
 def test_checkpoint_is_atomic_and_checked(tmp_path, monkeypatch):
@@ -224,6 +244,8 @@ def test_run_cli_turns_user_errors_into_exit_code_2(capsys):
     (["--eval-interval", "0"], "--eval-interval: 0 is out of range"),
     (["--log-interval", "0"], "--log-interval: 0 is out of range"),
     (["--lr", "nan"], "--lr: nan is out of range: it must be a number > 0"),
+    (["--lr", "inf"], "--lr: inf is out of range: it must be finite"),
+    (["--grad-clip", "inf"], "--grad-clip: inf is out of range: it must be finite"),
     (["--lr", "x"], "--lr: 'x' is not a number"),
     (["--weight-decay", "-1"], "--weight-decay: -1 is out of range"),
 ])
