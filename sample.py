@@ -131,11 +131,12 @@ def main(argv=None):
     vae = load_vae(args, run, load_checkpoint(args.resume, "vae")).eval()
     num_tokens = args.context if args.num_tokens is None else args.num_tokens
     check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None))
-    # all rows decode at once: estimated as a training step over them (which keeps more), refused if it cannot fit
+    # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
+    # decoding's cache), refused if it cannot fit
     rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None
                   else (args.interp_steps, "--interp-steps") if args.interpolate is not None
                   else (args.sample, "--sample"))
-    check_memory(vae, run.device, rows * (args.context + num_tokens), f"{flag} (now {rows})")
+    check_memory(vae.base, run.device, rows * (args.context + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, args.context),
                                                      args.temperature)}
