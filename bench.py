@@ -23,7 +23,7 @@ slows down or speeds up mid-run affects both alike.
 
 import json
 
-from common import make_parser, parse, positive_int
+from common import make_parser, parse, positive_int, run_cli
 
 BENCHMARK_NAMES = ["agent", "imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
 
@@ -37,8 +37,8 @@ def parse_args(argv=None):
                         "%(default)s)")
     parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
                         "%(default)s; mistral-memory: use 128)")
-    parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="imagine, agent, "
-                        "mistral-memory: cuda or cpu (default: cuda if available)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent, "
+                        "mistral-memory: auto (cuda when available), cpu or cuda (default: %(default)s)")
     parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM "
                         "backbone's shape, tiny's or GPT-2 small's (random weights; default: %(default)s)")
     parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
@@ -60,6 +60,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora
 import offload
+from trainer import pick_device
 
 
 def timed(fn):
@@ -205,7 +206,7 @@ def bench_imagine(args):
     from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
     from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     latent_config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     backbones = world_model_backbones(args)
@@ -270,7 +271,7 @@ def bench_agent(args):
     from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
     from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=64)).to(device)
     tokenizer.fit(torch.randn(1000, 4, device=device))
     config = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=20)
@@ -347,7 +348,8 @@ def vae_step_measurement(kw, mode, device, steps, batch_size, block_size):
     vae.head.to(device)
     lora.mark_only_lora_trainable(base)
     tokens = batch_size * block_size * 2  # the encoder reads the span, the decoder writes it
-    estimate = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
+    estimate = offload.estimate_memory(base, tokens, should_checkpoint, should_offload,
+                                       offload.activation_bytes(device))
     if should_offload:
         offload.offload_layers(base, device)
     if should_checkpoint:
@@ -378,9 +380,27 @@ def vae_step_measurement(kw, mode, device, steps, batch_size, block_size):
             "estimate_gib": round(estimate["total"] / gib, 2)}
 
 
+def meta_vae_base(kw, dtype):
+    """A Mistral-shaped base of config `kw` with the VAE's adapters, only they trainable, on the meta
+    device (no memory, no GPU): what offload.estimate_memory reads."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from vae import VAE, VAEConfig
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(MistralConfig(**kw), dtype=dtype)
+        VAE(base, VAEConfig())
+    lora.mark_only_lora_trainable(base)
+    return base
+
+
 def bench_mistral_memory(args):
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device
     kw = MISTRAL_SCALED_DOWN if args.scaled_down else MISTRAL_7B
+    # the first mode, bf16 (fp32 on a CPU), needs the most: refused here if it cannot fit, before it is built
+    offload.check_memory(meta_vae_base(kw, torch.bfloat16 if device.type == "cuda" else torch.float32), device,
+                         args.batch_size * args.block_size * 2, f"--batch-size (now {args.batch_size}), or add "
+                         "--scaled-down")
     results = {}
     for mode in MEMORY_MODES:
         results[mode] = vae_step_measurement(kw, mode, device, args.steps, args.batch_size, args.block_size)
@@ -397,23 +417,15 @@ def bench_mistral_memory(args):
 
 
 def bench_mistral_estimate(args):
-    """offload.estimate_memory for a Mistral-7B VAE in bf16, built on the meta device (no memory, no GPU)."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    from vae import VAE, VAEConfig
-
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(MistralConfig(**MISTRAL_7B), dtype=torch.bfloat16)
-        VAE(base, VAEConfig())
-    lora.mark_only_lora_trainable(base)
+    """offload.estimate_memory for a Mistral-7B VAE in bf16 (meta_vae_base: any machine)."""
+    base = meta_vae_base(MISTRAL_7B, torch.bfloat16)
     tokens = args.batch_size * args.block_size * 2
     out = {"bench": "mistral-estimate", "batch": [args.batch_size, args.block_size]}
     for mode, should_checkpoint, should_offload in (("bf16", False, False), ("bf16+checkpoint", True, False),
                                                     ("bf16+offload", False, True)):
         e = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
-        out[mode] = {"weights_gib": round(e["weights"] / 2**30, 2),
-                     "trainable_and_optimizer_gib": round(e["trainable_and_optimizer"] / 2**30, 2),
-                     "activations_mib_per_token": round(e["activations_per_token"] / 2**20, 3),
+        out[mode] = {"weights_gib": round(e["weights"] / 2**30, 2), "optimizer_gib": round(e["optimizer"] / 2**30, 2),
+                     "activations_mib_per_token": round(e["activations"] / tokens / 2**20, 3),
                      "total_gib": round(e["total"] / 2**30, 2)}
     return out
 
@@ -423,6 +435,12 @@ BENCHMARKS = {"agent": bench_agent, "lora": bench_lora, "vae": bench_vae, "imagi
               "mistral-estimate": bench_mistral_estimate}
 assert sorted(BENCHMARKS) == BENCHMARK_NAMES  # the names parse_args offers, before these functions exist
 
-if __name__ == "__main__":
-    args = parse_args()
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.device = torch.device(pick_device(args.device))  # --device cuda without a GPU: one line
     print(json.dumps(BENCHMARKS[args.name](args)))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -182,6 +182,10 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
         model = GPT2LMHeadModel(config).to(torch_dtype)
         tokenizer = tokenizer if should_load_tokenizer else None
     else:
+        if quantize is not None and (name == "smollm2" or name.endswith(".gguf")):  # checked before reading it
+            raise UserError(f"--load-{quantize}: transformers cannot quantize the weights of a GGUF file with "
+                            f"bitsandbytes ({name}'s are one, dequantised as they load): drop --load-{quantize}, or "
+                            "give a Hugging Face id or a directory saved with save_pretrained")
         config, path, gguf_file = load_config(name)
         extra = {} if gguf_file is None else {"gguf_file": gguf_file}
         if quantize is not None:  # quantized weights are placed on their device while loading

@@ -25,8 +25,12 @@ compute device (copies are clones), which is how the tests check it.
 
 Every script that loads a base (train_vae.py, sample.py, train_wm.py) takes the same memory
 flags (add_memory_args), loads the base through load_with_memory_flags and puts its model on
-the device through place, at the end of this file.
+the device through place, at the end of this file. place also refuses, in one line, a run whose
+training step would not fit in the device's free memory (check_memory, which the scripts whose
+model has no base to place call themselves).
 """
+
+import os
 
 import torch
 import torch.nn as nn
@@ -34,8 +38,8 @@ import torch.utils.checkpoint
 
 from common import UserError
 
-# lm and lora import transformers (~2 s), so they are imported inside the two functions that use
-# them: a script's --help needs add_memory_args and answers before transformers is loaded
+# lm and lora import transformers (~2 s), so they are imported inside the functions that use them:
+# a script's --help needs add_memory_args and answers before transformers is loaded
 
 
 def decoder_layers(model):
@@ -194,24 +198,83 @@ def move_to(modules, device):
             setattr(module, name, b.to(device))
 
 
-def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False):
-    """A rough GPU memory budget in bytes, printed before training so a run that cannot fit
-    says so early. Activations per token and layer follow Korthikanti et al. 2022 (about
-    34 x width bytes in 16-bit with fused attention); with checkpointing only each layer's
-    input (2 x width bytes) is kept, plus one layer's activations during its re-run."""
-    width, num_layers = model.config.hidden_size, model.config.num_hidden_layers
-    layer_ids = {id(p) for p in decoder_layers(model).parameters()}
-    frozen_outside = sum(p.numel() * p.element_size() for p in model.parameters()
-                         if id(p) not in layer_ids and not p.requires_grad)
-    frozen_layers = sum(p.numel() * p.element_size() for p in decoder_layers(model).parameters()
-                        if not p.requires_grad)
-    weights = frozen_outside + (2 * frozen_layers / num_layers if should_offload else frozen_layers)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16  # fp32 weight, grad, 2 AdamW
-    per_layer_token = 34 * width
-    per_token = (2 * width * num_layers + per_layer_token if should_checkpoint or should_offload
-                 else per_layer_token * num_layers) + 12 * model.config.vocab_size  # + fp32 logits and grads
-    return {"weights": weights, "trainable_and_optimizer": trainable, "activations_per_token": per_token,
-            "total": weights + trainable + per_token * tokens_per_step}
+def activation_bytes(device):
+    """What a training step on `device` keeps per token, in bytes per value of linear_values. Each
+    linear layer's input and output stay for the backward pass (2 bytes each under bf16 autocast on
+    CUDA, 4 in fp32), and on CUDA as much again around them: norms, nonlinearities, dropout masks
+    (Korthikanti et al. 2022 count 17 x width values per GPT block, whose linear layers have 16).
+    On a CPU twice that: unfused kernels' temporaries, and the attention weights that dropout makes
+    the math kernel keep. Measured: Mistral-7B's VAE step on an H100 (README), 26.1 GiB estimated for
+    a 23.7 GiB peak; on a CPU, 1.0x to 1.3x the peak's growth for the tiny VAE, 2.1x and 1.4x for
+    IRIS's world model on CartPole and on Pong frames."""
+    if device.type == "cuda":
+        return 2 * (2 if torch.cuda.is_bf16_supported() else 4)
+    return 4 * 4
+
+
+def linear_values(module):
+    """What the linear layers in `module` (nn.Linear, GPT-2's Conv1D) read and write per token: the
+    sum of their in + out features. LoRA's adapters are left out: the one in use reads its layer's
+    input and adds its rank."""
+    from lora import LoRALayer
+
+    adapters = {id(m) for layer in module.modules() if isinstance(layer, LoRALayer)
+                for m in [*layer.lora_A.values(), *layer.lora_B.values()]}
+    total = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m) not in adapters:
+            total += m.in_features + m.out_features
+        elif type(m).__name__ == "Conv1D":
+            total += m.nx + m.nf
+    return total
+
+
+def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False, value_bytes=4):
+    """The memory of a training step of `model` (any module) over tokens_per_step tokens, in bytes,
+    an estimate that errs high: the weights as stored; for each trainable weight its gradient and
+    AdamW's two moments, in its dtype; activations, linear_values per token at value_bytes each
+    (activation_bytes; the default 4 is CUDA's with bf16). With should_checkpoint or should_offload
+    `model` is an LM whose decoder layers keep only their input (width values), one layer's
+    activations living at a time, during its re-run; offload has two layers' frozen weights on the
+    device at a time."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    per_token = linear_values(model)
+    if should_checkpoint or should_offload:
+        layers = decoder_layers(model)
+        per_token += model.config.hidden_size * len(layers) - linear_values(layers) + linear_values(layers[0])
+    if should_offload:
+        frozen = sum(p.numel() * p.element_size() for p in layers.parameters() if not p.requires_grad)
+        weights -= frozen - 2 * frozen // len(layers)
+    activations = per_token * value_bytes * tokens_per_step
+    return {"weights": weights, "optimizer": optimizer, "activations": activations,
+            "total": weights + optimizer + activations}
+
+
+def free_memory(device):
+    """Bytes free on `device`: CUDA's own count, or the kernel's MemAvailable for the CPU; None
+    where neither can be read (MPS, a system without /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    return None
+
+
+def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False):
+    """Refuse, in one line, a step that would not fit in what `device` has free: the estimate
+    (estimate_memory) less the weights already on the device, which are out of the free memory
+    already. lower: what to lower, e.g. "--batch-size (now 64)". Returns the estimate."""
+    estimate = estimate_memory(model, tokens_per_step, should_checkpoint, should_offload, activation_bytes(device))
+    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
+    needed, free = estimate["total"] - there, free_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"one step would need about {needed / 2**30:.1f} GiB more {device.type} memory (estimated by "
+                        f"offload.estimate_memory), and {free / 2**30:.1f} GiB is free: lower {lower}")
+    return estimate
 
 
 # ----------------------------------------------------------------------------- the flags, shared by both scripts
@@ -251,14 +314,16 @@ def load_with_memory_flags(args, device, should_train_base, should_load_tokenize
 
 def place(model, base, args, device, tokens_per_step, should_print):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
-    memory flags ask: per-layer checkpointing, the memory estimate (CUDA), offload of the base's
-    frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
+    memory flags ask: per-layer checkpointing, the memory check (check_memory: a step over
+    tokens_per_step tokens that cannot fit is refused; the estimate printed on CUDA), offload of the
+    base's frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
     while loading; offload_layers just did), so only the parts of `model` outside it move;
     otherwise all of `model` moves."""
     if args.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
+    estimate = check_memory(base, device, tokens_per_step, f"--batch-size (now {args.batch_size})",
+                            args.grad_checkpoint, args.offload)
     if should_print and device.type == "cuda":
-        estimate = estimate_memory(base, tokens_per_step, args.grad_checkpoint, args.offload)
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
     if args.offload:
         offload_layers(base, device)

@@ -55,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lm
+import offload
 import textdata
 from common import UserError, batch_seed
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
@@ -129,6 +130,7 @@ def main(argv=None):
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
                         f"{args.model}: use --block-size {lm.num_positions(base)} or less")
+    offload.check_memory(base, run.device, args.batch_size * args.block_size, f"--batch-size (now {args.batch_size})")
     model = LanguageModel(base)
     if state is not None:
         model.load_state_dict(state["model"])

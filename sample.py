@@ -19,11 +19,18 @@ at --scale (router.py). Texts longer than the checkpoint's --context are cut to 
 encoder saw spans of that length), with a warning. Prints the texts, then one JSON object.
 """
 
+import math
 import sys
 
-from common import (UserError, add_machine_args, at_least_2, make_parser, nonneg_float, nonneg_int, parse,
+from common import (UserError, add_machine_args, at_least_2, make_parser, nonneg_int, number, parse,
                     positive_int, run_cli)
 from offload import add_memory_args
+
+finite = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")  # inf makes the logits NaN
+# flags that only one way of decoding reads: given without it they would do nothing, so they are refused
+ONLY_WITH = {"guide": ("router", "target", "scale", "num_spans", "span_tokens"),
+             "interpolate": ("interp_steps", "interp_mode"), "sample": ("num_tokens",)}
+
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
@@ -36,13 +43,13 @@ def parse_args(argv=None):
     g = parser.add_argument_group("guided generation (--guide; router.py)")
     g.add_argument("--router", metavar="DIR", help="the --out-dir of a train_router.py run on this VAE")
     g.add_argument("--target", metavar="TEXT", nargs="+", help="the goal: the mean latent of these texts")
-    g.add_argument("--scale", type=nonneg_float, default=1.25, help="guidance scale: 0 the base alone, 1 the "
+    g.add_argument("--scale", type=finite, default=1.25, help="guidance scale: 0 the base alone, 1 the "
                    "router alone (BigVAE: 1.25; default: %(default)s)")
     g.add_argument("--num-spans", type=positive_int, default=4, help="spans to generate (default: %(default)s)")
     g.add_argument("--span-tokens", type=positive_int, default=None, help="tokens per span (default: the "
                    "checkpoint's --context)")
     g = parser.add_argument_group("decoding")
-    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
+    g.add_argument("--temperature", type=finite, default=0.0, help="0: greedy; else Gumbel-max sampling "
                    "at this temperature (default: %(default)s)")
     g.add_argument("--interp-steps", type=at_least_2, default=5, help="points on the --interpolate path, both "
                    "ends included (default: %(default)s)")
@@ -55,6 +62,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=nonneg_int, default=1337, help="seed of the noise (default: %(default)s)")
     add_memory_args(parser)
     args = parse(parser, argv)
+    for mode, flags in ONLY_WITH.items():
+        given = [f"--{flag.replace('_', '-')}" for flag in flags if flag in args.explicit]
+        if getattr(args, mode) is None and given:
+            parser.error(f"{', '.join(given)} only apply to --{mode}: add --{mode}, or drop them")
     if args.guide is not None and (args.router is None or args.target is None):
         parser.error("--guide needs --router DIR and --target TEXT")
     return args
@@ -67,6 +78,8 @@ import json
 
 import torch
 
+from lm import num_positions
+from offload import check_memory
 from train_router import load_router
 from train_vae import load_vae
 from trainer import Run, load_checkpoint, pick_device
@@ -87,6 +100,13 @@ def checked_texts(texts, vae, context, what="text"):
     return texts
 
 
+def check_length(flag, value, limit):
+    """Decoding past the base's last position would index outside its position table."""
+    if value > limit:
+        raise UserError(f"{flag} {value} goes past the base's {limit} positions left after z and the context: give "
+                        f"{flag} {limit} or less")
+
+
 def main(argv=None):
     args = parse_args(argv)
     run = Run(torch.device(pick_device(args.device)))
@@ -100,12 +120,23 @@ def main(argv=None):
             z = vae.encode(ids, mask)[0].mean(0, keepdim=True)  # (1, D): the targets' mean latent
         context_ids = torch.tensor([vae.tokenizer.encode(args.guide)[-context:]], device=z.device)
         span_tokens = context if args.span_tokens is None else args.span_tokens
+        # the router's positions: z's memory, the window, w_d(z), then each token but the last
+        check_length("--span-tokens", span_tokens, num_positions(vae.base) - (router.w_memory is not None)
+                     - context_ids.shape[1])
         generated = router.generate(context_ids, z, args.num_spans, span_tokens, args.scale, args.temperature)
         result = {"guided": vae.detokenize(generated), "scale": args.scale, "num_spans": args.num_spans}
         print(args.guide + result["guided"][0])
         print(json.dumps(result))
         return
     vae = load_vae(args, run, load_checkpoint(args.resume, "vae")).eval()
+    num_tokens = args.context if args.num_tokens is None else args.num_tokens
+    check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None))
+    # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
+    # decoding's cache), refused if it cannot fit
+    rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None
+                  else (args.interp_steps, "--interp-steps") if args.interpolate is not None
+                  else (args.sample, "--sample"))
+    check_memory(vae.base, run.device, rows * (args.context + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, args.context),
                                                      args.temperature)}
@@ -113,7 +144,6 @@ def main(argv=None):
         a, b = checked_texts(args.interpolate, vae, args.context)
         result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode)}
     else:
-        num_tokens = args.context if args.num_tokens is None else args.num_tokens
         result = {"samples": vae.sample_prior(args.sample, num_tokens, args.temperature)}
     for texts in result.values():
         for t in texts:

@@ -43,7 +43,7 @@ import time
 
 from common import (UserError, at_least_2, batch_seed, make_parser, nonneg_int, number, parse, positive_float,
                     positive_int, run_cli)
-from offload import add_memory_args
+from offload import add_memory_args, check_memory
 from trainer import add_common_args
 
 # the settings a checkpoint records and a resumed run takes from it: what makes the data and the
@@ -308,7 +308,10 @@ def build_world_model(args, tokenizer, env, run):
         return lm_world_model(args, WorldModelConfig(**shapes), run.device, run.is_main)
     backbone = Transformer(TransformerConfig(width=args.width, num_layers=args.num_layers,
                                              num_heads=args.num_heads, dropout=args.dropout))
-    return WorldModel(WorldModelConfig(**shapes), backbone).to(run.device)
+    world_model = WorldModel(WorldModelConfig(**shapes), backbone).to(run.device)
+    check_memory(world_model, run.device, args.batch_size * world_model.config.max_tokens,
+                 f"--batch-size (now {args.batch_size})")  # offload.place checks a model with an LM base
+    return world_model
 
 
 def segment_batches(data, tokenizer, args, run):
@@ -351,8 +354,10 @@ def main(argv=None):
     check_out_dir(args)
     state, env = start_or_resume(args)
 
-    t_collect = time.time()
     tokenizer = make_tokenizer(env, args).to(run.device)
+    torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before
+    world_model = build_world_model(args, tokenizer, env, run)  # before the slow work: it checks the memory
+    t_collect = time.time()
     data = collect(env, tokenizer, args.collect_steps, args.seed)
     train_data, val_data = split(data, args.val_fraction)
     scale = obs_scale(train_data["obs"])
@@ -364,8 +369,6 @@ def main(argv=None):
         tokenize(tokenizer, part, run)
     metrics = tokenizer_metrics(tokenizer, val_data["obs"], scale, run)
 
-    torch.manual_seed(args.seed)  # the world model's initialisation: --seed's, whatever ran before
-    world_model = build_world_model(args, tokenizer, env, run)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     start_step = restore(world_model, optimizer, state, args)
     num_trainable = sum(p.numel() for p in world_model.parameters() if p.requires_grad)

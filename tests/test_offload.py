@@ -149,7 +149,7 @@ def test_recomputation_uses_the_adapter_of_the_first_run(saved_model_dir, should
 
 
 def memory_flags(**given):
-    flags = dict(load_8bit=False, load_4bit=False, offload=False, grad_checkpoint=False)
+    flags = dict(load_8bit=False, load_4bit=False, offload=False, grad_checkpoint=False, batch_size=2)
     return SimpleNamespace(**{**flags, **given})
 
 
@@ -182,3 +182,86 @@ def test_place_sets_up_the_base_and_keeps_the_model_computing_the_same(saved_mod
     loss_placed, grads_placed = loss_and_grads_with_head(placed)
     assert torch.allclose(loss, loss_placed, atol=1e-6)
     assert len(grads) == len(grads_placed) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads_placed))
+
+
+def saved_for_backward(model, loss_fn):
+    """Bytes of the tensors a training step keeps for its backward pass, weights left out: what
+    the activation estimate stands for, measured."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        if t.data_ptr() not in weights:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn()
+    return sum(storages.values())
+
+
+def tiny_vae_step():
+    from vae import VAE, VAEConfig
+
+    base, _ = lm.load_base("tiny")
+    vae = VAE(base, VAEConfig(prefix_slots=32)).train()  # train_vae.py's defaults on tiny: context 32
+    ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "target_ids": ids, "prefix_ids": ids}
+    return vae, lambda: vae.compute_loss(batch, step=10**6)["loss"], 16 * 3 * 32
+
+
+def iris_world_model_step(tokens_per_obs, vocab_size):
+    from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
+
+    config = WorldModelConfig(tokens_per_obs=tokens_per_obs, obs_vocab_size=vocab_size, num_actions=6, max_steps=20)
+    model = WorldModel(config, Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4, dropout=0.1))).train()
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs_tokens": torch.randint(0, vocab_size, (32, 20, tokens_per_obs), generator=g),
+             "actions": torch.randint(0, 6, (32, 20), generator=g), "rewards": torch.ones(32, 20),
+             "ends": torch.zeros(32, 20, dtype=torch.long), "mask_padding": torch.ones(32, 20, dtype=torch.bool)}
+    return model, lambda: model.compute_loss(batch, step=0)["loss"], 32 * config.max_tokens
+
+
+@pytest.mark.parametrize("step", [tiny_vae_step, lambda: iris_world_model_step(4, 64),
+                                  lambda: iris_world_model_step(16, 512)], ids=["vae", "wm-cartpole", "wm-frames"])
+def test_the_activation_estimate_covers_what_a_cpu_step_keeps_and_not_absurdly_more(step):
+    """train_vae.py's and train_wm.py's default models (CartPole's 4 tokens per observation, Pong's 16):
+    the CPU estimate is above what the step saves for its backward pass (the peak adds temporaries
+    to that), and within 4x of it."""
+    model, loss_fn, tokens = step()
+    estimate = offload.estimate_memory(model, tokens, value_bytes=offload.activation_bytes(torch.device("cpu")))
+    saved = saved_for_backward(model, loss_fn)
+    assert saved < estimate["activations"] < 4 * saved
+
+
+def test_checkpointing_and_offload_lower_the_estimate():
+    """A 4-layer LM, frozen but for an adapter: checkpointing keeps each layer's input and one layer's
+    activations; offload keeps that, and 2 of the 4 layers' frozen weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=2, n_embd=32, vocab_size=257))
+    lora.add_adapter(model, "decoder", r=4, alpha=8)
+    lora.mark_only_lora_trainable(model)
+    plain, checkpointed, offloaded = (offload.estimate_memory(model, 1000, *flags)
+                                      for flags in ((False, False), (True, False), (False, True)))
+    assert checkpointed["activations"] < plain["activations"] and checkpointed["weights"] == plain["weights"]
+    layer = sum(p.numel() * 4 for p in model.transformer.h[0].parameters() if not p.requires_grad)
+    assert offloaded["activations"] == checkpointed["activations"]
+    assert offloaded["weights"] == plain["weights"] - 2 * layer
+    trainable = sum(p.numel() for p in lora.lora_parameters(model))
+    assert plain["optimizer"] == 3 * 4 * trainable  # fp32 gradient and AdamW's two moments
+
+
+def test_a_step_is_refused_when_it_needs_more_than_is_free(monkeypatch):
+    """The weights already on the device are out of the free memory already: only the rest must fit."""
+    model, _, tokens = tiny_vae_step()
+    cpu = torch.device("cpu")
+    free = offload.free_memory(cpu)
+    assert 0 < free <= 1024 * int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0])
+    estimate = offload.estimate_memory(model, tokens, value_bytes=offload.activation_bytes(cpu))
+    needed = estimate["total"] - estimate["weights"]
+    monkeypatch.setattr(offload, "free_memory", lambda device: needed)
+    assert offload.check_memory(model, cpu, tokens, "--batch-size (now 16)") == estimate
+    monkeypatch.setattr(offload, "free_memory", lambda device: needed - 1)
+    with pytest.raises(UserError, match=r"GiB more cpu memory .* GiB is free: lower --batch-size \(now 16\)$"):
+        offload.check_memory(model, cpu, tokens, "--batch-size (now 16)")

@@ -11,6 +11,7 @@ import sample
 import textdata
 import train_vae
 from conftest import read_bytes, run_script, run_script_error
+from vae import VAE
 
 CONTEXT = 8
 
@@ -90,6 +91,16 @@ def test_a_text_longer_than_the_context_is_cut_with_a_warning(capsys, overfit):
     (["--interpolate", "a", "b", "--interp-steps", "0"], "--interp-steps: 0 is out of range"),
     (["--sample", "2", "--temperature", "-1"], "--temperature: -1 is out of range"),
     (["--sample", "2", "--num-tokens", "0"], "--num-tokens: 0 is out of range"),
+    (["--sample", "1", "--temperature", "inf"], "--temperature: inf is out of range: it must be a finite number"),
+    (["--sample", "1", "--temperature", "nan"], "--temperature: nan is out of range"),
+    (["--sample", "1", "--target", "x"], "--target only apply to --guide: add --guide"),
+    (["--reconstruct", "a", "--router", "r", "--scale", "2"], "--router, --scale only apply to --guide"),
+    (["--reconstruct", "a", "--num-tokens", "5"], "--num-tokens only apply to --sample"),
+    (["--sample", "1", "--interp-steps", "3"], "--interp-steps only apply to --interpolate"),
+    # z's memory slot and the CONTEXT prefix slots come first: 512 - 1 - 8 positions are left to decode into
+    (["--sample", "1", "--num-tokens", "504"], "--num-tokens 504 goes past the base's 503 positions left"),
+    (["--sample", str(10**8)], "GiB is free: lower --sample (now 100000000)"),
+    (["--interpolate", "a", "b", "--interp-steps", str(10**8)], "GiB is free: lower --interp-steps (now 100000000)"),
     (["--sample", "1", "--reconstruct", "a"], "not allowed with argument"),
     ([], "one of the arguments --reconstruct --interpolate --sample --guide is required"),
     (["--reconstruct", ""], "text 1 is empty"), (["--reconstruct", "a", " "], "text 2 is empty"),
@@ -99,6 +110,22 @@ def test_bad_input_is_one_line_and_never_trains(capsys, overfit, flags, message)
     before = read_bytes(f"{out}/ckpt.pt")
     assert message in run_script_error(sample.main, ["--resume", out, "--device", "cpu"] + flags, capsys)
     assert read_bytes(f"{out}/ckpt.pt") == before
+
+
+def test_prior_samples_decode_up_to_the_last_position(capsys, overfit, monkeypatch):
+    """--num-tokens at its limit (the refused 504 less one) decodes that many tokens, the last at the
+    base's last position; end-of-text does not stop the rows early here, so every position is used."""
+    out, _ = overfit
+    generate, shapes = VAE.generate, []
+
+    def generate_to_the_end(self, z, num_tokens, **kwargs):
+        ids = generate(self, z, num_tokens, **{**kwargs, "should_stop_at_eos": False})
+        shapes.append(tuple(ids.shape))
+        return ids
+
+    monkeypatch.setattr(VAE, "generate", generate_to_the_end)
+    decode(["--resume", out, "--sample", "1", "--num-tokens", "503"], capsys)
+    assert shapes == [(1, 503)]
 
 
 @pytest.mark.parametrize("content, message", [

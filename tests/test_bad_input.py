@@ -1,0 +1,149 @@
+"""Bad input to the scripts (issue 26): a batch that cannot fit in memory, decoding past the base's
+positions, --device cuda without a GPU, a disk too full for imagination.png, eval_wm.py's flags,
+8-bit GGUF weights. Each is one `error: ...` line and exit code 2 (conftest.run_script_error), with
+nothing written and a checkpoint that exists unchanged."""
+
+import errno
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import bench
+import eval_wm
+import lm
+import offload
+import pretrain_lm
+import sample
+import train_agent
+import train_router
+import train_vae
+import train_wm
+from conftest import read_bytes, run_script, run_script_error, tiny_gpt2
+from trainer import Run
+
+HUGE = ["--batch-size", "100000"]
+WM = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
+      "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu", "--collect-steps", "600",
+      "--segment-steps", "6"]
+EVAL = ["--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
+VAE_SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "1", "--latent-size", "16", "--lora-r", "4",
+             "--device", "cpu", "--iw-samples", "2", "--max-iters", "1", "--eval-interval", "1"]
+
+
+@pytest.mark.parametrize("script, argv", [
+    (train_vae, []), (pretrain_lm, []), (train_wm, []), (train_wm, ["--backbone", "lm", "--num-bins", "16"]),
+    (train_agent, [])], ids=["train_vae", "pretrain_lm", "train_wm", "train_wm-lm", "train_agent"])
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, capsys, script, argv):
+    """Each script's default model with --batch-size 100000 (hundreds of GiB of activations): refused
+    from the memory estimate before data, a tokenizer or a checkpoint is made."""
+    out = tmp_path / "out"
+    err = run_script_error(script.main, argv + HUGE + ["--device", "cpu", "--out-dir", str(out)], capsys)
+    assert "GiB is free: lower --batch-size (now 100000)" in err
+    assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("script, argv", [(train_vae, VAE_SMALL), (train_wm, WM + ["--max-iters", "1"])],
+                         ids=["train_vae", "train_wm"])
+def test_resuming_with_a_batch_that_cannot_fit_leaves_the_checkpoint(tmp_path, capsys, script, argv, text_file):
+    out = str(tmp_path / "run")
+    argv = argv + (["--data", text_file] if script is train_vae else [])
+    run_script(script.main, argv + ["--out-dir", out], capsys)
+    before = read_bytes(f"{out}/ckpt.pt")
+    assert "lower --batch-size (now 100000)" in run_script_error(
+        script.main, argv + ["--resume", out, "--max-iters", "2"] + HUGE, capsys)
+    assert read_bytes(f"{out}/ckpt.pt") == before
+
+
+def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
+    """train_vae.py's and train_wm.py's default models at their default batch size pass the check with
+    1 GiB free; so does the Mistral-shaped VAE of bench.py mistral-memory --scaled-down."""
+    monkeypatch.setattr(offload, "free_memory", lambda device: 2**30)
+    run = Run(torch.device("cpu"))
+    train_vae.build(train_vae.parse_args([]), run)
+    args = train_wm.parse_args([])
+    train_wm.check_model_flags(args)
+    env = train_wm.make_env(args.env)
+    train_wm.build_world_model(args, train_wm.make_tokenizer(env, args), env, run)
+    scaled_down = bench.meta_vae_base(bench.MISTRAL_SCALED_DOWN, torch.float32)
+    offload.check_memory(scaled_down, run.device, 8 * 64 * 2, "--batch-size")
+
+
+def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU; use --device cpu" in run_script_error(bench.main, ["imagine", "--device", "cuda"], capsys)
+    assert "invalid choice: 'mps'" in run_script_error(bench.main, ["imagine", "--device", "mps"], capsys)
+    # Mistral-7B in fp32 on a CPU: ~27 GiB of weights alone, refused before it is built
+    monkeypatch.setattr(offload, "free_memory", lambda device: 16 * 2**30)
+    err = run_script_error(bench.main, ["mistral-memory", "--device", "cpu", "--steps", "1"], capsys)
+    assert "16.0 GiB is free: lower --batch-size (now 8), or add --scaled-down" in err
+
+
+@pytest.fixture
+def finished_wm(tmp_path, capsys):
+    """A one-step CartPole world model: its out-dir."""
+    out = str(tmp_path / "wm")
+    run_script(train_wm.main, WM + ["--max-iters", "1", "--eval-interval", "1", "--out-dir", out], capsys)
+    return out
+
+
+def test_eval_wm_evaluates_a_saved_world_model_as_train_wm_does(finished_wm, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_wm.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert all(flag in help_text for flag in ("--resume DIR", "--out-dir", "--horizon", "--num-imagine", "--device"))
+    assert "unrecognized arguments: --max-iters" in run_script_error(
+        eval_wm.main, ["--resume", finished_wm, "--max-iters", "5"], capsys)
+    assert "arguments are required: --resume" in run_script_error(eval_wm.main, [], capsys)
+    ours, _ = run_script(eval_wm.main, ["--resume", finished_wm, "--out-dir", str(tmp_path / "pictures"), *EVAL],
+                         capsys)
+    theirs, _ = run_script(train_wm.main, ["--eval-only", "--resume", finished_wm, *EVAL], capsys)
+    for key in ("val_obs_ce", "val_end_acc", "imag_err_h5", "copy_err_h5"):
+        assert ours[key] == theirs[key], key
+    assert os.path.isfile(tmp_path / "pictures" / "imagination.png")
+
+
+def test_a_disk_too_full_for_the_picture_stops_the_run_with_the_checkpoint_as_it_was(finished_wm, capsys,
+                                                                                      monkeypatch):
+    before = {name: read_bytes(f"{finished_wm}/{name}") for name in ("ckpt.pt", "imagination.png")}
+
+    def disk_full(image, path, *args, **kwargs):
+        with open(path, "wb") as f:  # a first part written, then the disk is full
+            f.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    err = run_script_error(train_wm.main, ["--resume", finished_wm, "--max-iters", "2", *EVAL], capsys)
+    assert f"cannot save {finished_wm}/imagination.png (No space left on device)" in err
+    assert sorted(os.listdir(finished_wm)) == ["ckpt.pt", "imagination.png"]  # no half-written file left
+    assert {name: read_bytes(f"{finished_wm}/{name}") for name in before} == before
+
+
+@pytest.mark.parametrize("model", ["smollm2", "weights.gguf"])
+def test_8bit_gguf_weights_are_refused_before_loading(tmp_path, capsys, monkeypatch, model):
+    """transformers cannot quantize a GGUF file's weights with bitsandbytes: one line, nothing read."""
+    monkeypatch.setattr(lm, "load_config", lambda name: pytest.fail("the model was read"))
+    err = run_script_error(train_vae.main, ["--model", model, "--load-8bit", "--out-dir", str(tmp_path / "out"),
+                                            "--device", "cpu"], capsys)
+    assert err == (f"error: --load-8bit: transformers cannot quantize the weights of a GGUF file with bitsandbytes "
+                   f"({model}'s are one, dequantised as they load): drop --load-8bit, or give a Hugging Face id or "
+                   "a directory saved with save_pretrained")
+
+
+def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file):
+    """A router on a VAE over a 64-position base: after z's memory slot and an 8-token window, 55
+    positions are left for a span (the last token needs none); 56 is refused in one line."""
+    base, vae_dir, router_dir = (str(tmp_path / name) for name in ("base", "vae", "router"))
+    lm.save_base(tiny_gpt2(), lm.ByteTokenizer(), base)
+    run_script(train_vae.main, VAE_SMALL + ["--model", base, "--data", text_file, "--out-dir", vae_dir], capsys)
+    run_script(train_router.main, ["--vae", vae_dir, "--data", text_file, "--out-dir", router_dir, "--max-iters", "1",
+                                   "--batch-size", "4", "--eval-batches", "1", "--sweep-pairs", "2", "--scales", "1",
+                                   "--device", "cpu"], capsys)
+    argv = ["--resume", vae_dir, "--router", router_dir, "--guide", "the model reads", "--target", "a line.",
+            "--num-spans", "1", "--device", "cpu", "--span-tokens"]
+    assert "--span-tokens 56 goes past the base's 55 positions left" in run_script_error(sample.main, argv + ["56"],
+                                                                                         capsys)
+    guided, _ = run_script(sample.main, argv + ["55"], capsys)
+    assert len(guided["guided"]) == 1 and guided["num_spans"] == 1
