@@ -15,8 +15,11 @@ samples are z ~ N(0, r^2 I) with r the latent RMS measured on held-out text (Big
 Interpolation decodes points on the slerp (or lerp) path between the two posterior means.
 Guided generation (--guide, with a router from train_router.py): --num-spans spans after the
 context, each steered toward the mean latent of the --target texts by classifier-free guidance
-at --scale (router.py). Texts longer than the checkpoint's --context are cut to it (the
-encoder saw spans of that length), with a warning. Prints the texts, then one JSON object.
+at --scale (router.py). A text to reconstruct may be of any length: one longer than the
+checkpoint's --context comes back span by span, each span decoded after the decoded text before
+it (vae.reconstruct, BigVAE's chaining). A text to interpolate or steer toward is one latent, so
+one longer than --context is cut to it (the encoder saw spans of that length), with a warning.
+Prints the texts, then one JSON object.
 """
 
 import math
@@ -138,7 +141,7 @@ def main(argv=None):
                   else (args.sample, "--sample"))
     check_memory(vae.base, run.device, rows * (args.context + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
-        result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, args.context),
+        result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, math.inf),
                                                      args.temperature)}
     elif args.interpolate is not None:
         a, b = checked_texts(args.interpolate, vae, args.context)

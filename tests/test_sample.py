@@ -77,12 +77,16 @@ def test_prior_samples_are_random_and_seeded(capsys, overfit):
     assert len(set(first["samples"])) == 3 and all(len(t) <= 6 for t in first["samples"])
 
 
-def test_a_text_longer_than_the_context_is_cut_with_a_warning(capsys, overfit):
+def test_a_long_text_comes_back_in_chained_spans_and_is_cut_to_interpolate(capsys, overfit):
     out, texts = overfit
-    sample.main(["--resume", out, "--reconstruct", texts[0] + "x" * 613, "--device", "cpu"])
+    result, _ = decode(["--resume", out, "--reconstruct", texts[0] + texts[1]], capsys)
+    assert capsys.readouterr().err == ""  # no warning: nothing is cut
+    assert result["reconstructions"][0].startswith(texts[0])  # the first span, decoded with no prefix, exactly
+    sample.main(["--resume", out, "--interpolate", texts[0] + "x" * 613, texts[1], "--interp-steps", "2",
+                 "--device", "cpu"])
     out_text, err = capsys.readouterr()
     assert err == f"warning: text 1 has 621 tokens; cut to the checkpoint's --context {CONTEXT}\n"
-    assert json.loads(out_text.splitlines()[-1]) == {"reconstructions": [texts[0]]}  # the first 8 tokens: texts[0]
+    assert json.loads(out_text.splitlines()[-1])["interpolation"] == texts[:2]  # the first 8 tokens: texts[0]
 
 
 @pytest.mark.parametrize("flags, message", [
