@@ -112,6 +112,8 @@ def pick_device(name):
     device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but this machine has no Apple GPU (MPS); use --device cpu")
     return device
 
 

@@ -147,3 +147,9 @@ def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file
                                                                                          capsys)
     guided, _ = run_script(sample.main, argv + ["55"], capsys)
     assert len(guided["guided"]) == 1 and guided["num_spans"] == 1
+
+
+def test_a_training_script_refuses_mps_without_an_apple_gpu(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    err = run_script_error(train_vae.main, ["--device", "mps", "--out-dir", str(tmp_path / "run")], capsys)
+    assert "no Apple GPU (MPS); use --device cpu" in err and not (tmp_path / "run").exists()
