@@ -30,6 +30,14 @@ def one_thread():
     torch.set_num_threads(num_threads)
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    """pytest-randomly's seed, which -q leaves out of the header: a failure that depends on the
+    test order repeats with it."""
+    seed = getattr(config.option, "randomly_seed", None)  # None: the plugin is not installed or is off
+    if seed is not None:
+        terminalreporter.write_line(f"test order: --randomly-seed={seed} repeats it")
+
+
 def run_script(main, argv, capsys):
     """Run a training script's main(argv): (its last stdout line as JSON, all its lines)."""
     main(argv)
