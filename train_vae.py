@@ -17,7 +17,7 @@ The data (textdata.py): windows of 2 x --context tokens; the first half is `pref
 second the span that is encoded and reconstructed. As BigVAE, the prefix is dropped for half
 the batches (--prefix-drop; per batch, so a batch without it is also shorter), and during the
 autoencoder phase (--ae-iters) for all: with the prefix in view a small decoder learns to
-predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 32 bytes and its decoder
+predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 16 bytes and its decoder
 trains with word dropout (TINY_DEFAULTS below; a pretrained base has BigVAE's).
 `tiny`'s base trains too (it has nothing pretrained to protect; --freeze-base stops it): its
 checkpoint holds everything. Any other base is frozen; only the adapters and the VAE head
@@ -41,7 +41,7 @@ MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", 
               "lora_alpha", "decoder_init")
 # per-base defaults (README, "The text VAE"): tiny trains fully on a CPU, on spans short enough to
 # learn in minutes, with word dropout; a frozen pretrained base starts from BigVAE's settings
-TINY_DEFAULTS = dict(lr=1e-3, context=32, word_dropout=0.3)
+TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
                  "word_dropout")
