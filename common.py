@@ -12,12 +12,14 @@ lock, flag checks, the one seed formula.
 """
 
 import argparse
+import errno
 import contextlib
 import fcntl
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 
@@ -278,3 +280,38 @@ def batch_seed(seed, index):
     """The seed of micro-batch `index` (its data and its noise): a pure function of (--seed, index),
     so a resumed run, or the ranks of a distributed one, draw exactly what one straight run draws."""
     return seed * 1_000_003 + index
+
+
+# ----------------------------------------------------------------------------- writing folders whole
+
+def write_failure(e, out_dir):
+    """The cause of a failed write, in words (torch hides ENOSPC behind 'unexpected pos ...')."""
+    causes = [e, e.__cause__, e.__context__]
+    for c in causes:
+        if isinstance(c, OSError) and c.errno is not None:
+            return os.strerror(c.errno)
+    try:
+        if shutil.disk_usage(out_dir).free < 1 << 20:
+            return os.strerror(errno.ENOSPC)
+    except OSError:
+        pass
+    return str(e).splitlines()[0][:120]
+
+
+def replace_folder(final, write):
+    """Write the folder `final` whole: write(path) fills a temporary folder beside it, which then
+    takes its place; a failed write (a full disk) leaves the previous folder as it was and no
+    temporary one, and is reported as one line."""
+    tmp, old = final + ".tmp", final + ".old"
+    for leftover in (tmp, old):  # from a run killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write(tmp)
+    except Exception as e:  # OSError, or safetensors' own error for a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot save {final} ({write_failure(e, os.path.dirname(final) or '.')}); the previous "
+                        "one is unchanged: free some space or choose another --out-dir") from e
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,7 @@ import sys
 import time
 from collections import defaultdict
 
-from common import UserError, add_machine_args, make_parser, parse, positive_int, run_cli
+from common import UserError, add_machine_args, make_parser, parse, positive_int, run_cli, write_failure
 
 
 def parse_args(argv=None):
@@ -44,7 +44,6 @@ import torch.nn as nn
 
 from data_wm import segments
 from latent_wm import imagination_env
-from trainer import write_failure
 
 
 @torch.no_grad()

@@ -15,13 +15,12 @@ Loading reads JSON and safetensors only: nothing is unpickled.
 import json
 import os
 import re
-import shutil
 
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-from common import UserError
+from common import UserError, replace_folder
 from lora import LoRALayer, adapter_state_dict, add_adapter, load_adapter_state_dict
 
 
@@ -50,27 +49,19 @@ def save_peft(model, directory, adapter_names, base_name):
     """Write adapters `adapter_names` of `model` (the LM they sit in) as directory/<name>/ in peft's
     layout, base_name being what the LM loads from. The folder is replaced whole: written next to
     it, then renamed into place, so a failed write leaves the previous one as it was."""
-    tmp, old = directory + ".tmp", directory + ".old"
-    for leftover in (tmp, old):  # from a run killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
     # peft's A is (r, in) and B (out, r) for Conv1D too, as ours: only the key prefix differs
     adapters = {name: (peft_config(model, name, base_name),
                        {PEFT_PREFIX + k: v.cpu().contiguous() for k, v in adapter_state_dict(model, name).items()})
                 for name in adapter_names}
-    try:
+
+    def write(path):
         for name, (config, weights) in adapters.items():
-            os.makedirs(os.path.join(tmp, name))
-            with open(os.path.join(tmp, name, PEFT_CONFIG), "w") as f:
+            os.makedirs(os.path.join(path, name))
+            with open(os.path.join(path, name, PEFT_CONFIG), "w") as f:
                 json.dump(config, f, indent=2)
-            save_file(weights, os.path.join(tmp, name, PEFT_WEIGHTS))
-    except Exception as e:  # OSError, or safetensors' own error for a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot save {directory} ({str(e).splitlines()[0][:120]}); the previous one is "
-                        "unchanged: free some space or choose another --out-dir") from e
-    if os.path.isdir(directory):
-        os.rename(directory, old)
-    os.rename(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+            save_file(weights, os.path.join(path, name, PEFT_WEIGHTS))
+
+    replace_folder(directory, write)
 
 
 def load_peft(model, directory, name):

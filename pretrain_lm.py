@@ -48,7 +48,6 @@ if __name__ == "__main__":
 
 import json
 import os
-import shutil
 
 import torch
 import torch.nn as nn
@@ -57,9 +56,9 @@ import torch.nn.functional as F
 import lm
 import offload
 import textdata
-from common import UserError, batch_seed
+from common import UserError, batch_seed, replace_folder
 from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
-                     train_config, write_failure)
+                     train_config)
 
 
 class LanguageModel(nn.Module):
@@ -103,21 +102,9 @@ def markov_streams(vocab_size, seed, num_chains=1000, train_steps=1000, val_step
 
 
 def save_base_dir(base, tokenizer, out_dir):
-    """OUT_DIR/base, replaced whole: written next to it, then renamed into place; a failed write
-    leaves the previous base/ as it was and nothing half-written."""
-    final, tmp, old = (os.path.join(out_dir, name) for name in ("base", "base.tmp", "base.old"))
-    for leftover in (tmp, old):  # from a run killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        lm.save_base(base, tokenizer, tmp)
-    except Exception as e:  # OSError, or safetensors' own error for a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot save {final} ({write_failure(e, out_dir)}); the previous one is unchanged: free "
-                        "some space or choose another --out-dir") from e
-    if os.path.isdir(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """OUT_DIR/base, replaced whole (common.replace_folder): a failed write leaves the previous
+    base/ as it was and nothing half-written."""
+    replace_folder(os.path.join(out_dir, "base"), lambda path: lm.save_base(base, tokenizer, path))
 
 
 def main(argv=None):

@@ -23,7 +23,6 @@ with micro-batch B compute what one process computes with --grad-accum N (the sa
 """
 
 import contextlib
-import errno
 import glob
 import hashlib
 import json
@@ -40,7 +39,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from common import (Interrupted, UserError, add_machine_args, batch_seed, lock_out_dir, nonneg_float, nonneg_int,
-                    note_checkpoint, positive_float, positive_int, release_out_dir, signals_held, standing)
+                    note_checkpoint, positive_float, positive_int, release_out_dir, signals_held, standing,
+                    write_failure)
 
 
 def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
@@ -222,22 +222,6 @@ def digest(state):
 
     add({k: v for k, v in state.items() if k != "sha256"})
     return h.hexdigest()
-
-
-def write_failure(e, out_dir):
-    """The cause of a failed write, in words (torch hides ENOSPC behind 'unexpected pos ...')."""
-    causes = [e, e.__cause__, e.__context__]
-    for c in causes:
-        if isinstance(c, OSError) and c.errno is not None:
-            return os.strerror(c.errno)
-    try:
-        import shutil
-
-        if shutil.disk_usage(out_dir).free < 1 << 20:
-            return os.strerror(errno.ENOSPC)
-    except OSError:
-        pass
-    return str(e).splitlines()[0][:120]
 
 
 def load_checkpoint(ckpt_dir, kind, flag=None):

@@ -10,7 +10,7 @@ import lm
 import sample
 import textdata
 import train_vae
-from conftest import read_bytes, run_script, run_script_error
+from conftest import read_bytes, run_script_error
 from vae import VAE
 
 CONTEXT = 8
