@@ -5,7 +5,7 @@ adavae-moe) with two pieces from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 
     model, tokenizer = lm.load_base("gpt2")
     vae = VAE(model, VAEConfig(), tokenizer)       # tokenizer: only for the text helpers
     terms = vae.compute_loss(batch, step)        # {"loss", "rec", "kl", "beta", "noise"}
-    vae.reconstruct(["Return the sum of a and b."])
+    vae.reconstruct(["Return the sum of a and b."])   # any length: span by span (reconstruct_ids)
     vae.interpolate("first text", "second text", steps=5)
 
 One base LM, two LoRA adapters (lora.py) switched per call:
@@ -13,7 +13,8 @@ One base LM, two LoRA adapters (lora.py) switched per call:
   transformers 5.x needs no patching for it), an attention pooling over the real (not
   padded) positions and `w_e` give mu (and log-variance for the diagonal posterior);
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
-  BigVAE's one soft token in `inputs_embeds`. With `z_memory` z is also an extra
+  BigVAE's one soft token in `inputs_embeds` (`soft_tokens` K > 1: w_d(z) cut into K of them,
+  ICAE's memory slots, z still one vector; they did not pay on tiny, results/vae_levers.md). With `z_memory` z is also an extra
   key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
   decoder learned to read z far sooner this way (README, "The text VAE"); 8 keys/values per
   layer, all made from the one z, gained a little more (results/vae_levers.md).
