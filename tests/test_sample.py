@@ -37,9 +37,9 @@ def overfit(tmp_path_factory, text_file):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(textdata, "random_starts", the_same_four_windows)
         train_vae.main(["--data", text_file, "--out-dir", out, "--context", str(CONTEXT), "--batch-size", "4",
-                        "--latent-size", "16", "--lora-r", "4", "--max-iters", "80", "--ae-iters", "80",
-                        "--eval-interval", "80", "--eval-batches", "1", "--lr", "3e-3", "--warmup-iters", "1",
-                        "--log-interval", "80", "--device", "cpu"])
+                        "--latent-size", "16", "--lora-r", "4", "--max-iters", "120", "--ae-iters", "120",
+                        "--eval-interval", "120", "--eval-batches", "1", "--lr", "3e-3", "--warmup-iters", "1",
+                        "--log-interval", "120", "--device", "cpu"])
     torch.set_num_threads(threads)
     return out, texts
 
