@@ -2,7 +2,7 @@
 Small things every file shares, kept free of torch and transformers so that a library
 file can import them without the training loop, and a script's --help answers at once:
 the one-line error for bad input, the one line an interrupted run ends with, the --out-dir
-lock, flag checks, the one seed formula.
+lock, flag checks, the one seed formula, writing a folder whole.
 
     from common import UserError, make_parser, parse, positive_int, run_cli
     parser = make_parser(__doc__)
