@@ -187,7 +187,8 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
                                    ["--log-interval", "0"], ["--max-iters", "-5"], ["--latent-size", "0"],
                                    ["--grad-accum", "0"], ["--prefix-drop", "1.5"], ["--prefix-drop", "-0.1"],
                                    ["--kl-max", "-1"], ["--free-bits", "-0.1"], ["--lr", "nan"], ["--lr", "0"],
-                                   ["--batch-size", "x"], ["--posterior", "gaussian"]])
+                                   ["--batch-size", "x"], ["--posterior", "gaussian"], ["--soft-tokens", "0"],
+                                   ["--eval-paragraphs", "-1"]])
 def test_flags_out_of_range_are_refused_at_parse_time(tmp_path, capsys, flags):
     err = run_error(train_vae.main, ["--out-dir", str(tmp_path / "x")] + flags, capsys)
     assert err.startswith(f"error: argument {flags[0]}: ") and err.endswith("--help)")
