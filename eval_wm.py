@@ -7,41 +7,19 @@ How train_wm.py measures a world model on the held-out episodes, and the picture
   whose "obs" logits are its decoder's, reading the predicted latent): from held-out observations,
   --horizon steps with the real actions, compared at each step with the real future and with copying the start
   observation ("nothing changes"), as token accuracy and as error in observation units.
-The picture needs Pillow only, imported where it is drawn. Run alone, this file evaluates a saved
-world model again, as `train_wm.py --eval-only` does (the held-out episodes collected again from
-the checkpoint's settings):
-
-    python eval_wm.py --resume out-wm                     # the metrics as one JSON line, out-wm/imagination.png
-    python eval_wm.py --resume out-wm --device cpu --out-dir out-wm-eval  # on the CPU, the picture elsewhere
+The picture needs Pillow only, imported where it is drawn. A library, not a script: to evaluate a
+saved world model again, `python train_wm.py --eval-only --resume out-wm` (run alone, this file
+says so in one line, exit code 2).
 """
 
 import os
-import sys
 import time
 from collections import defaultdict
-
-from common import UserError, add_machine_args, make_parser, parse, positive_int, run_cli, write_failure
-
-
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    parser.add_argument("--resume", metavar="DIR", required=True, help="the --out-dir of a train_wm.py run: its "
-                        "world model is evaluated")
-    parser.add_argument("--out-dir", default=None, help="where imagination.png goes (default: DIR)")
-    parser.add_argument("--horizon", type=positive_int, default=None, help="imagined steps in the open-loop test "
-                        "(default: train_wm.py's)")
-    parser.add_argument("--num-imagine", type=positive_int, default=None, help="held-out starts imagined from "
-                        "(default: train_wm.py's)")
-    add_machine_args(parser)
-    return parse(parser, argv)
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
 
 import torch
 import torch.nn as nn
 
+from common import UserError, run_cli, write_failure
 from data_wm import segments
 from latent_wm import imagination_env
 
@@ -165,12 +143,9 @@ def draw(example, curves, path):
                         "checkpoint, if any, is unchanged: free some space or choose another --out-dir") from e
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    parse_args(argv)  # this file's flags: --help, and a bad one is refused in one line
-    import train_wm  # it imports evaluate from this file, so here, not at the top
-
-    train_wm.main(["--eval-only", *argv])
+def main():
+    raise UserError("eval_wm.py is the library train_wm.py evaluates with; to evaluate a saved world model, run "
+                    "python train_wm.py --eval-only --resume DIR")
 
 
 if __name__ == "__main__":
