@@ -12,8 +12,9 @@ lock, flag checks, the one seed formula, writing a folder whole.
 """
 
 import argparse
-import errno
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import math
 import os
@@ -212,14 +213,22 @@ def make_parser(description):
 
 def parse(parser, argv=None):
     """parser.parse_args(argv), plus `args.explicit`: the dests of the flags actually given,
-    so a resumed run can take the rest from its checkpoint's config."""
+    so a resumed run can take the rest from its checkpoint's config; and --out-dir's default,
+    the --resume directory when resuming."""
     args = parser.parse_args(argv)
     probe = Parser(add_help=False)
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             probe._add_action(_suppressed(action))
     args.explicit = set(vars(probe.parse_known_args(argv)[0]))
+    if getattr(args, "default_out_dir", None) is not None and args.out_dir is None:  # trainer.add_common_args
+        args.out_dir = args.default_out_dir if args.resume is None else args.resume
     return args
+
+
+def config_from(config_class, flags):
+    """A config dataclass from the parsed flags of the same names: config_from(TrainConfig, vars(args))."""
+    return config_class(**{f.name: flags[f.name] for f in dataclasses.fields(config_class)})
 
 
 def _suppressed(action):

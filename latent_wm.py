@@ -52,6 +52,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora
 import offload
+from common import config_from
 from lm import cache_kwarg, hidden_size
 from lm_backbone import LMBackbone, LMCache, lm_and_tables
 from vae import VAE, VAEComponent, VAEConfig, bidirectional_mask, kl_weight, noise_scale
@@ -311,5 +312,6 @@ def latent_world_model(args, config, device, should_print):
     world_model = LatentWorldModel(config, base, tables, r=args.lora_r, alpha=args.lora_alpha,
                                    should_train_base=args.train_base)
     tokens_per_step = args.batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)
-    offload.place(world_model, base, args, device, tokens_per_step, should_print)
+    offload.place(world_model, base, config_from(offload.MemoryConfig, vars(args)), device, tokens_per_step,
+                  args.batch_size, should_print)
     return world_model

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 import lora
 import offload
-from common import UserError
+from common import UserError, config_from
 from lm import TINY_MODELS, cache_kwarg, hidden_size, num_positions
 from worldmodel import WorldModel
 
@@ -118,7 +118,8 @@ def first_layers(lm, num_layers):
 def lm_and_tables(args, config, device, num_tokens):
     """The --model LM as train_wm.py's flags ask (pretrained or --lm-init random, its first --lm-layers),
     checked to take num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
-    base, _ = offload.load_with_memory_flags(args, device, args.train_base, should_load_tokenizer=False)
+    memory = config_from(offload.MemoryConfig, vars(args))
+    base, _ = offload.load_with_memory(args.model, memory, device, args.train_base, should_load_tokenizer=False)
     if args.lm_layers is not None:
         base = first_layers(base, args.lm_layers)
     if args.lm_init == "random":
@@ -139,7 +140,8 @@ def lm_world_model(args, config, device, should_print):
     base, tables = lm_and_tables(args, config, device, config.max_tokens)
     backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
     world_model = WorldModel(config, backbone, tables)
-    offload.place(world_model, base, args, device, args.batch_size * config.max_tokens, should_print)
+    offload.place(world_model, base, config_from(offload.MemoryConfig, vars(args)), device,
+                  args.batch_size * config.max_tokens, args.batch_size, should_print)
     return world_model
 
 

@@ -23,14 +23,16 @@ backward reads it there), so those two tensors are what moves for them; 4-bit la
 not supported. On a CPU-only machine the same code runs with the CPU as both storage and
 compute device (copies are clones), which is how the tests check it.
 
-Every script that loads a base (train_vae.py, sample.py, train_wm.py) takes the same memory
-flags (add_memory_args), loads the base through load_with_memory_flags and puts its model on
-the device through place, at the end of this file. place also refuses, in one line, a run whose
+Every script that loads a base (train_vae.py, train_router.py, sample.py, train_wm.py,
+train_agent.py) takes the same memory flags (add_memory_args), makes a MemoryConfig of them,
+loads the base through load_with_memory and puts its model on the device through place, at the
+end of this file. place also refuses, in one line, a run whose
 training step would not fit in the device's free memory (check_memory, which the scripts whose
 model has no base to place call themselves).
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -277,7 +279,7 @@ def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False,
     return estimate
 
 
-# ----------------------------------------------------------------------------- the flags, shared by both scripts
+# ----------------------------------------------------------------------------- the flags, and loading and placing by them
 
 def add_memory_args(parser):
     g = parser.add_argument_group("memory, for big bases (offload.py)")
@@ -289,45 +291,56 @@ def add_memory_args(parser):
                    "the backward pass instead of keeping them")
 
 
-def load_with_memory_flags(args, device, should_train_base, should_load_tokenizer=True):
-    """lm.load_base as the memory flags ask: quantized, or on the CPU when offloading (place moves
-    it). should_load_tokenizer=False for a user that reads no text (the world model)."""
+@dataclass
+class MemoryConfig:
+    """add_memory_args's flags and --dtype: how a base is loaded and placed."""
+    dtype: str = "auto"  # --dtype: auto is bfloat16 on a GPU that has it, float32 elsewhere (lm.resolve_dtype)
+    load_8bit: bool = False  # the base's linear layers in 8 bits (bitsandbytes)
+    load_4bit: bool = False  # in 4-bit NF4, as BigVAE
+    offload: bool = False  # frozen decoder layers in CPU memory, fetched to the GPU as each runs
+    grad_checkpoint: bool = False  # recompute the decoder layers' activations in the backward pass
+
+
+def load_with_memory(model_name, memory, device, should_train_base, should_load_tokenizer=True):
+    """lm.load_base(model_name) as the MemoryConfig `memory` asks: quantized, or on the CPU when
+    offloading (place moves it). should_load_tokenizer=False for a user that reads no text (the world
+    model)."""
     import lm
 
-    if args.load_8bit and args.load_4bit:
+    if memory.load_8bit and memory.load_4bit:
         raise UserError("--load-8bit and --load-4bit exclude each other; pick one")
-    if args.offload and should_train_base:
+    if memory.offload and should_train_base:
         raise UserError("--offload keeps a frozen base on the CPU, but this base trains: freeze it "
                         "(train_vae.py: add --freeze-base; train_wm.py: drop --train-base) or drop --offload")
-    if args.offload and args.grad_checkpoint:
+    if memory.offload and memory.grad_checkpoint:
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
-    if args.offload and args.load_4bit:
+    if memory.offload and memory.load_4bit:
         raise UserError("--offload moves 8-bit or 16-bit layers, not 4-bit ones; use --load-8bit with --offload")
-    quantize = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    quantize = "8bit" if memory.load_8bit else "4bit" if memory.load_4bit else None
     # auto: the dtype of where it computes, not of the CPU that holds it; fp32 weights for a base
     # that trains (AdamW on bf16 weights loses small updates; autocast gives bf16 compute anyway)
-    dtype = "float32" if should_train_base and args.dtype == "auto" else args.dtype
+    dtype = "float32" if should_train_base and memory.dtype == "auto" else memory.dtype
     dtype = str(lm.resolve_dtype(dtype, device)).removeprefix("torch.")
-    return lm.load_base(args.model, "cpu" if args.offload else device, dtype, quantize,
+    return lm.load_base(model_name, "cpu" if memory.offload else device, dtype, quantize,
                         should_load_tokenizer=should_load_tokenizer)
 
 
-def place(model, base, args, device, tokens_per_step, should_print):
+def place(model, base, memory, device, tokens_per_step, batch_size, should_print):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
-    memory flags ask: per-layer checkpointing, the memory check (check_memory: a step over
-    tokens_per_step tokens that cannot fit is refused; the estimate printed on CUDA), offload of the
-    base's frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
+    MemoryConfig asks: per-layer checkpointing, the memory check (check_memory: a step of
+    batch_size sequences, tokens_per_step tokens, that cannot fit is refused; the estimate printed
+    on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
     while loading; offload_layers just did), so only the parts of `model` outside it move;
     otherwise all of `model` moves."""
-    if args.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
+    if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
-    estimate = check_memory(base, device, tokens_per_step, f"--batch-size (now {args.batch_size})",
-                            args.grad_checkpoint, args.offload)
+    estimate = check_memory(base, device, tokens_per_step, f"--batch-size (now {batch_size})",
+                            memory.grad_checkpoint, memory.offload)
     if should_print and device.type == "cuda":
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
-    if args.offload:
+    if memory.offload:
         offload_layers(base, device)
-    if args.offload or args.load_8bit or args.load_4bit:
+    if memory.offload or memory.load_8bit or memory.load_4bit:
         inside = {id(m) for m in base.modules()}
         move_to((m for m in model.modules() if id(m) not in inside), device)
     else:

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 import lm
 import offload
 import textdata
-from common import UserError, batch_seed, replace_folder
-from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
-                     train_config)
+from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
+from common import UserError, batch_seed, config_from, replace_folder
+from trainer import TrainConfig, finish, make_optimizer, setup, train
 
 
 class LanguageModel(nn.Module):
@@ -109,10 +109,11 @@ def save_base_dir(base, tokenizer, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    state = open_run(args, "lm")
+    run = setup(args.device, args.seed)
+    state = open_run("lm", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:
-        adopt_config(args, state, MODEL_KEYS, args.resume)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS, args.resume)
     base, tokenizer = lm.load_base(args.model, run.device, "float32" if args.dtype == "auto" else args.dtype)  # it trains
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
@@ -146,7 +147,7 @@ def main(argv=None):
         return {"ids": ids.to(run.device), "num_tokens": ids.numel()}
 
     def save(step):
-        config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS}}
+        config = {k: getattr(args, k) for k in TRAIN_KEYS + MODEL_KEYS}
         save_checkpoint(args.out_dir, {"kind": "lm", "config": config,
                                        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
         save_base_dir(model.base, tokenizer, args.out_dir)
@@ -154,7 +155,7 @@ def main(argv=None):
     if run.is_main:
         print(f"{args.model}: {sum(p.numel() for p in base.parameters()):,} parameters, {len(train_stream):,} "
               f"training / {len(val_stream):,} held-out tokens")
-    metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), args, run,
+    metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), config_from(TrainConfig, vars(args)), run,
                     0 if state is None else state["step"], save)
     finish(run, metrics)
 

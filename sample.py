@@ -81,11 +81,12 @@ import json
 
 import torch
 
+from checkpoint import load_checkpoint
 from lm import num_positions
 from offload import check_memory
 from train_router import load_router
 from train_vae import load_vae
-from trainer import Run, load_checkpoint, pick_device
+from trainer import Run, pick_device
 
 
 def checked_texts(texts, vae, context, what="text"):

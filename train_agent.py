@@ -40,12 +40,12 @@ with real env steps, real returns, imagined steps/s and the ETA. The last line p
 JSON object of the run's metrics; `history` in the checkpoint holds every evaluated epoch's.
 """
 
-import copy
 import time
+from dataclasses import replace
 
 from common import (UserError, batch_seed, fraction, make_parser, nonneg_float, parse, positive_float, positive_int,
                     run_cli)
-from trainer import TRAIN_KEYS, add_common_args
+from trainer import add_common_args
 from train_wm import MODEL_KEYS, add_world_model_args, check_world_model_args
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
@@ -102,8 +102,10 @@ import torch
 
 from agent import ActorCritic, ActorCriticConfig, imagine, play, policy_view
 from data_wm import collect, make_env
-from trainer import (adopt_config, check_out_dir, finish, format_seconds, load_checkpoint, load_optimizer,
-                     make_optimizer, save_checkpoint, setup, train, train_config)
+from checkpoint import (TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer,
+                        save_checkpoint)
+from common import config_from
+from trainer import TrainConfig, finish, format_seconds, make_optimizer, setup, train
 from latent_wm import imagination_env
 from train_wm import (build_world_model, check_model_flags, make_tokenizer, obs_scale, prepare_tokenizer, restore,
                       saved_state, segment_batches, tokenize)
@@ -115,8 +117,8 @@ def start_or_resume(args):
     state = {"kind": "agent", "step": 0, "history": []}
     if args.resume is not None:
         state = load_checkpoint(args.resume, "agent", "--resume")
-        adopt_config(args, state, DATA_KEYS + MODEL_KEYS + AGENT_KEYS, args.resume)
-        adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], DATA_KEYS + MODEL_KEYS + AGENT_KEYS, args.resume)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
         if not args.eval_only and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at epoch {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
@@ -126,21 +128,18 @@ def start_or_resume(args):
     env = make_env(args.env)
     if args.tokenizer_iters is None:
         args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
-    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS + AGENT_KEYS}}
+    state["config"] = {k: getattr(args, k) for k in TRAIN_KEYS + DATA_KEYS + MODEL_KEYS + AGENT_KEYS}
     return state, env
 
 
-def phase_args(args, epoch, iters, **changes):
-    """The shared loop's settings for one phase of one epoch: steps epoch * iters up to (epoch + 1) * iters."""
-    phase = copy.copy(args)
-    phase.max_iters = (epoch + 1) * iters
-    for k, v in changes.items():
-        setattr(phase, k, v)
-    return phase
+def phase_config(config, epoch, iters, **changes):
+    """The shared loop's settings (TrainConfig) for one phase of one epoch: steps epoch * iters up to
+    (epoch + 1) * iters."""
+    return replace(config, max_iters=(epoch + 1) * iters, **changes)
 
 
-def warmup_then_constant(step, args):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_iters))
+def warmup_then_constant(step, config):
+    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_iters))
 
 
 def append(data, new):
@@ -168,11 +167,11 @@ def mean(values):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    run = setup(args)
+    run = setup(args.device, args.seed)
     if run.world_size > 1:
         raise UserError("train_agent.py runs in one process: start it with python, not torchrun")
     if not args.eval_only:
-        check_out_dir(args)
+        check_out_dir(args.out_dir, args.resume)
     state, env = start_or_resume(args)
 
     tokenizer = make_tokenizer(env, args).to(run.device)
@@ -218,6 +217,7 @@ def main(argv=None):
         finish(run, {**evaluate_policy(state["step"] - 1), "epoch": state["step"], "env_steps": len(data["actions"])})
         return
 
+    train_config = config_from(TrainConfig, vars(args))
     t_loop, start_epoch = time.time(), state["step"]
     metrics = {}
     for epoch in range(start_epoch, args.max_iters):
@@ -234,7 +234,7 @@ def main(argv=None):
         tokenize(tokenizer, data, run)  # every epoch all of it again: a few ms for vectors, seconds for frames
         # 3. the world model
         wm_terms = train(world_model, optimizer, segment_batches(data, tokenizer, args, run), None,
-                         phase_args(args, epoch, args.wm_iters), run, epoch * args.wm_iters,
+                         phase_config(train_config, epoch, args.wm_iters), run, epoch * args.wm_iters,
                          schedule=warmup_then_constant)
         # 4. the actor-critic, in imagination
         world_model.eval()
@@ -245,10 +245,10 @@ def main(argv=None):
             return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon)
 
         t_ac = time.time()
-        ac_args = phase_args(args, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip, grad_accum=1,
-                             seed=stream_seed(args.seed, "actor_critic"))
-        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_args, run, epoch * args.ac_iters,
-                         schedule=lambda step, a: a.lr)
+        ac_config = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
+                                 grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
+        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_config, run, epoch * args.ac_iters,
+                         schedule=lambda step, config: config.lr)
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
         # 5. evaluation on held-out real episodes
         done = epoch + 1

@@ -59,10 +59,10 @@ import torch.nn.functional as F
 import peft_layout
 import textdata
 import train_vae
-from common import TINY_MODELS, batch_seed
+from common import TINY_MODELS, batch_seed, config_from
 from router import Router
-from trainer import (finish, load_checkpoint, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
-                     train_config)
+from checkpoint import TRAIN_KEYS, adopt_config, load_checkpoint, load_optimizer, open_run, save_checkpoint
+from trainer import TrainConfig, finish, make_optimizer, setup, train
 from vae_eval import token_log_probs
 
 def fingerprint(vae_state):
@@ -135,8 +135,10 @@ def sweep(router, batch, scales, temperature, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    state = open_run(args, "router")
+    run = setup(args.device, args.seed)
+    state = open_run("router", args.out_dir, args.resume, args.eval_only, args.max_iters)
+    if state is not None:
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
     router, vae_args, vae_print = load_router(args.vae, run, state, args.resume, args.batch_size, "--vae")
     tokenizer, span = router.vae.tokenizer, 2 * vae_args.context
     train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,
@@ -164,7 +166,7 @@ def main(argv=None):
         return textdata.to_device(textdata.vae_batch(train_stream, starts, vae_args.context, True), run.device)
 
     def save(step):
-        config = {**train_config(args), "vae": args.vae, "vae_fingerprint": vae_print}
+        config = {**{k: getattr(args, k) for k in TRAIN_KEYS}, "vae": args.vae, "vae_fingerprint": vae_print}
         save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
                                        "optimizer": optimizer.state_dict()})
         if vae_args.model not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
@@ -174,7 +176,7 @@ def main(argv=None):
     print(f"router on {vae_args.model}: {sum(p.numel() for p in params):,} trainable parameters, "
           f"{len(train_stream):,} training / {len(val_stream):,} held-out tokens")
     metrics = train(router, optimizer, get_batch, lambda: {**evaluate(router, val_batches),
-                    "minutes": round((time.time() - t_start) / 60, 2)}, args, run,
+                    "minutes": round((time.time() - t_start) / 60, 2)}, config_from(TrainConfig, vars(args)), run,
                     0 if state is None else state["step"], save)
     metrics.update(evaluate_all())
     finish(run, metrics)

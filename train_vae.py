@@ -127,10 +127,10 @@ import lora
 import offload
 import peft_layout
 import textdata
-from common import UserError, batch_seed
+from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
+from common import UserError, batch_seed, config_from
 from lm import num_positions
-from trainer import (adopt_config, finish, load_optimizer, make_optimizer, open_run, save_checkpoint, setup, train,
-                     train_config)
+from trainer import TrainConfig, finish, make_optimizer, setup, train
 from vae import VAE, VAEConfig
 from vae_eval import evaluate, evaluate_paragraphs
 
@@ -142,7 +142,8 @@ def should_train_base(args):
 
 def build(args, run):
     """The VAE over the --model base, placed on the device as the memory flags ask."""
-    base, tokenizer = offload.load_with_memory_flags(args, run.device, should_train_base(args))
+    memory = config_from(offload.MemoryConfig, vars(args))
+    base, tokenizer = offload.load_with_memory(args.model, memory, run.device, should_train_base(args))
     needed = 2 * args.context + args.soft_tokens - 1 + (args.z_memory > 0)  # memory slot, soft tokens, prefix, span but its last token
     if needed > num_positions(base):
         raise UserError(f"--context {args.context} needs {needed} positions, more than the {num_positions(base)} "
@@ -151,7 +152,7 @@ def build(args, run):
     vae = VAE(base, cfg, tokenizer)
     if not should_train_base(args):
         lora.mark_only_lora_trainable(base)
-    offload.place(vae, base, args, run.device, args.batch_size * 3 * args.context, run.is_main)
+    offload.place(vae, base, memory, run.device, args.batch_size * 3 * args.context, args.batch_size, run.is_main)
     return vae
 
 
@@ -162,7 +163,7 @@ def saved_state(vae, args):
 
 def load_vae(args, run, state):
     """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
-    adopt_config(args, state, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
+    adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + SCHEDULE_KEYS, args.resume)
     if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
         args.word_dropout = 0.0
     vae = build(args, run)
@@ -172,8 +173,10 @@ def load_vae(args, run, state):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    state = open_run(args, "vae")
+    run = setup(args.device, args.seed)
+    state = open_run("vae", args.out_dir, args.resume, args.eval_only, args.max_iters)
+    if state is not None:
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
     model = build(args, run) if state is None else load_vae(args, run, state)
     docs = textdata.load_documents(args.data)
     span = 2 * args.context
@@ -212,7 +215,7 @@ def main(argv=None):
         if last_eval:  # an evaluation since the last save
             history.append({"step": step, **last_eval})
             last_eval.clear()
-        config = {**train_config(args), **{k: getattr(args, k) for k in MODEL_KEYS + SCHEDULE_KEYS}}
+        config = {k: getattr(args, k) for k in TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
                                        "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
@@ -230,7 +233,8 @@ def main(argv=None):
                          minutes=round(minutes_before + (time.time() - t_start) / 60, 2))
         return dict(last_eval)
 
-    metrics = train(model, optimizer, get_batch, evaluate_now, args, run, 0 if state is None else state["step"], save)
+    metrics = train(model, optimizer, get_batch, evaluate_now, config_from(TrainConfig, vars(args)), run,
+                    0 if state is None else state["step"], save)
     if run.is_main:
         metrics.update(evaluate_all())
     finish(run, metrics)

@@ -38,8 +38,8 @@ A resumed run takes its data and architecture settings from the checkpoint. The 
 printed is one JSON object of the run's metrics.
 """
 
-import copy
 import time
+from dataclasses import replace
 
 from common import (UserError, at_least_2, batch_seed, make_parser, nonneg_int, number, parse, positive_float,
                     positive_int, run_cli)
@@ -187,8 +187,10 @@ from eval_wm import evaluate
 from latent_wm import LatentWorldModelConfig, latent_world_model
 from lm_backbone import lm_world_model, should_save_base
 from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
-from trainer import (TRAIN_KEYS, adopt_config, check_out_dir, finish, load_checkpoint, load_optimizer, make_optimizer,
-                     save_checkpoint, setup, train, train_config)
+from checkpoint import (TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer,
+                        save_checkpoint)
+from common import config_from
+from trainer import TrainConfig, finish, make_optimizer, setup, train
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
 
@@ -200,8 +202,8 @@ def start_or_resume(args):
     state = {"kind": "wm", "step": 0}
     if args.resume is not None:
         state = load_checkpoint(args.resume, "wm", "--resume")
-        adopt_config(args, state, DATA_KEYS + MODEL_KEYS, args.resume)
-        adopt_config(args, state, TRAIN_KEYS, args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], DATA_KEYS + MODEL_KEYS, args.resume)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
         if args.eval_only and "world_model" not in state:
             raise UserError(f"{args.resume} stopped while training the tokenizer and has no world model "
                             "yet; resume it without --eval-only")
@@ -212,7 +214,7 @@ def start_or_resume(args):
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0
-    state["config"] = {**train_config(args), **{k: getattr(args, k) for k in DATA_KEYS + MODEL_KEYS}}
+    state["config"] = {k: getattr(args, k) for k in TRAIN_KEYS + DATA_KEYS + MODEL_KEYS}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
         other = load_checkpoint(args.tokenizer_from, "wm", "--tokenizer-from")
         differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
@@ -257,8 +259,8 @@ def tokenize(tokenizer, data, run):
 
 def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, args, run, state):
     """The tokenizer's own training phase, with the shared loop; resumes from state."""
-    targs = copy.copy(args)
-    targs.max_iters, targs.lr, targs.eval_interval = args.tokenizer_iters, args.tokenizer_lr, args.tokenizer_iters
+    config = replace(config_from(TrainConfig, vars(args)), max_iters=args.tokenizer_iters, lr=args.tokenizer_lr,
+                     eval_interval=args.tokenizer_iters)
     optimizer = make_optimizer(tokenizer, args.tokenizer_lr, weight_decay=0.0)
     if "tokenizer_optimizer" in state:
         optimizer.load_state_dict(state["tokenizer_optimizer"])
@@ -275,7 +277,7 @@ def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, args, run, stat
     if run.is_main:
         print(f"training the frame tokenizer for {args.tokenizer_iters} steps")
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run),
-          targs, run, start_step=state.get("tokenizer_step", 0), save=save)
+          config, run, start_step=state.get("tokenizer_step", 0), save=save)
     tokenizer.eval()
 
 
@@ -350,8 +352,8 @@ def restore(world_model, optimizer, state, args):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    run = setup(args)
-    check_out_dir(args)
+    run = setup(args.device, args.seed)
+    check_out_dir(args.out_dir, args.resume)
     state, env = start_or_resume(args)
 
     tokenizer = make_tokenizer(env, args).to(run.device)
@@ -392,7 +394,8 @@ def main(argv=None):
     if args.eval_only:
         metrics.update(evaluate_now())
     else:
-        metrics.update(train(world_model, optimizer, get_batch, evaluate_now, args, run, start_step, save))
+        metrics.update(train(world_model, optimizer, get_batch, evaluate_now, config_from(TrainConfig, vars(args)), run,
+                             start_step, save))
     metrics["wall_seconds"] = round(time.time() - t_start, 1)
     finish(run, metrics)
 

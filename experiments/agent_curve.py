@@ -49,7 +49,7 @@ def interval(values):
 def summarise(label, dirs, target):
     import gymnasium as gym
 
-    from trainer import load_checkpoint
+    from checkpoint import load_checkpoint
     from train_agent import first_reaching
 
     runs = [load_checkpoint(d, "agent") for d in dirs]

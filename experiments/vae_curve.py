@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from trainer import load_checkpoint
+    from checkpoint import load_checkpoint
 
     series, points = [], {}
     for run in args.runs:

@@ -25,7 +25,7 @@ import common
 import pretrain_lm
 import train_router
 import train_vae
-import trainer
+import checkpoint
 from conftest import read_bytes, run_script, run_script_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,14 +100,14 @@ def test_a_second_run_into_the_same_out_dir_is_refused_and_the_first_finishes(tm
     assert f"another run (PID {first.pid}) is writing to --out-dir {out}" in err
     code, err = ended(first)
     assert code == 0, err
-    assert trainer.load_checkpoint(out, "lm")["step"] == 20  # whole, and its sha256 matches
+    assert checkpoint.load_checkpoint(out, "lm")["step"] == 20  # whole, and its sha256 matches
     assert sorted(os.listdir(out)) == ["base", "ckpt.pt"]  # no temporary file, no lock left
 
 
 def test_the_lock_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):
     """A run killed with SIGKILL mid-save leaves its lock file and a temporary checkpoint: the next
     run takes the lock (the OS released it), removes the temporary file, and resumes."""
-    trainer.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 2})
+    checkpoint.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 2})
     before = read_bytes(tmp_path / "ckpt.pt")
     holder = subprocess.Popen([sys.executable, "-c", "import common, sys; common.lock_out_dir(sys.argv[1]); "
                                "open(f'{sys.argv[1]}/ckpt.{__import__(\"os\").getpid()}.pt.tmp', 'wb'); "
@@ -115,18 +115,17 @@ def test_the_lock_names_its_holder_and_a_killed_holder_blocks_nothing(tmp_path):
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "saving\n"
-        args = argparse.Namespace(out_dir=str(tmp_path), resume=str(tmp_path))
         with pytest.raises(common.UserError, match=rf"another run \(PID {holder.pid}\) is writing to --out-dir"):
-            trainer.check_out_dir(args)
+            checkpoint.check_out_dir(str(tmp_path), str(tmp_path))
     finally:
         holder.kill()
         holder.wait()
     assert sorted(os.listdir(tmp_path)) == sorted(["ckpt.pt", f"ckpt.{holder.pid}.pt.tmp", "lock"])
-    trainer.check_out_dir(args)
+    checkpoint.check_out_dir(str(tmp_path), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "lock"] and (tmp_path / "lock").read_text() == f"{os.getpid()}\n"
     common.release_out_dir()
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"] and read_bytes(tmp_path / "ckpt.pt") == before
-    assert trainer.load_checkpoint(tmp_path, "lm")["step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path, "lm")["step"] == 2
 
 
 def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command_that_resumes_it(tmp_path, start, capsys,
@@ -145,12 +144,12 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_command_that_resumes_i
     assert match, err
     step, path, saved_step, command = int(match[1]), match[2], int(match[3]), match[4]
     assert path == os.path.join(out, "ckpt.pt") and saved_step % 2 == 0 and 2 <= saved_step <= step
-    assert trainer.load_checkpoint(out, "lm")["step"] == saved_step
+    assert checkpoint.load_checkpoint(out, "lm")["step"] == saved_step
     assert sorted(os.listdir(out)) == ["base", "ckpt.pt"]  # no temporary file, no lock
     argv = shlex.split(command)
     assert argv[:2] == ["python", os.path.join(ROOT, "pretrain_lm.py")] and argv[-2:] == ["--resume", out]
     run_script(pretrain_lm.main, argv[2:] + ["--max-iters", str(saved_step + 1)], capsys)  # the command resumes it
-    assert trainer.load_checkpoint(out, "lm")["step"] == saved_step + 1
+    assert checkpoint.load_checkpoint(out, "lm")["step"] == saved_step + 1
 
 
 def test_sigterm_saves_first_and_the_resumed_run_ends_as_a_straight_one(tmp_path, start, capsys, text_file):
@@ -168,11 +167,11 @@ def test_sigterm_saves_first_and_the_resumed_run_ends_as_a_straight_one(tmp_path
     match = re.match(r"interrupted by SIGTERM at step (\d+): the last intact checkpoint is .+ \(step (\d+)\); ", err)
     assert match and match[1] == match[2], err  # saved at the step it reached
     step = int(match[1])
-    assert trainer.load_checkpoint(interrupted, "lm")["step"] == step >= 3
+    assert checkpoint.load_checkpoint(interrupted, "lm")["step"] == step >= 3
     assert sorted(os.listdir(interrupted)) == ["base", "ckpt.pt"]
     run_script(pretrain_lm.main, argv + ["--resume", interrupted, "--max-iters", str(step + 2)], capsys)
     run_script(pretrain_lm.main, argv + ["--out-dir", straight, "--max-iters", str(step + 2)], capsys)
-    a, b = (trainer.load_checkpoint(d, "lm") for d in (interrupted, straight))
+    a, b = (checkpoint.load_checkpoint(d, "lm") for d in (interrupted, straight))
     assert a["step"] == b["step"] == step + 2
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -189,9 +188,9 @@ def test_a_signal_during_a_save_waits_for_its_end(tmp_path, monkeypatch, capsys)
 
     def main():
         common.lock_out_dir(str(tmp_path))
-        trainer.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 1})
+        checkpoint.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 1})
         monkeypatch.setattr(torch, "save", interrupted_save)
-        trainer.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 2, "w": torch.zeros(1000)})
+        checkpoint.save_checkpoint(tmp_path, {"kind": "lm", "config": {}, "step": 2, "w": torch.zeros(1000)})
         pytest.fail("the signal was lost")
 
     handlers = [signal.getsignal(s) for s in common.SIGNALS]
@@ -203,7 +202,7 @@ def test_a_signal_during_a_save_waits_for_its_end(tmp_path, monkeypatch, capsys)
     assert_one_line(err)
     assert err.startswith(f"interrupted by SIGINT: the last intact checkpoint is {tmp_path}/ckpt.pt (step 2); ")
     monkeypatch.undo()
-    assert trainer.load_checkpoint(tmp_path, "lm")["step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path, "lm")["step"] == 2
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
@@ -258,9 +257,9 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused(lm_run, tmp_path, capsys, te
 
 
 def test_a_checkpoint_from_before_the_sha256_loads_unchecked(lm_run, tmp_path):
-    state = trainer.load_checkpoint(lm_run, "lm")
+    state = checkpoint.load_checkpoint(lm_run, "lm")
     torch.save(state, tmp_path / "ckpt.pt")  # as save_checkpoint wrote them before: no "sha256"
-    assert trainer.load_checkpoint(tmp_path, "lm")["step"] == 2
+    assert checkpoint.load_checkpoint(tmp_path, "lm")["step"] == 2
 
 
 @pytest.mark.parametrize("content", [{"kind": "lm", "config": {}, "step": 1},
@@ -289,9 +288,9 @@ def test_free_bits_inf_is_refused_at_parse_time(capsys):
 
 
 def test_another_kind_of_checkpoint_names_the_flag_with_grammar(tmp_path):
-    trainer.save_checkpoint(tmp_path, {"kind": "wm", "config": {}, "step": 1})
+    checkpoint.save_checkpoint(tmp_path, {"kind": "wm", "config": {}, "step": 1})
     with pytest.raises(common.UserError) as e:
-        trainer.load_checkpoint(tmp_path, "agent", "--resume")
+        checkpoint.load_checkpoint(tmp_path, "agent", "--resume")
     assert str(e.value).endswith("not by train_agent.py; give it to train_wm.py, or pass the --out-dir of a "
                                  "train_agent.py run to --resume")
 

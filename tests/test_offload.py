@@ -1,7 +1,6 @@
 """offload.py and quantized loading, on CPU: the CPU serves as both storage and compute device,
 so the offload code path runs whole (hooks, fetch, release, prefetch direction) without CUDA."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,9 +107,8 @@ def test_offloaded_base_loads_on_the_cpu_in_the_dtype_of_its_compute_device(save
     """--offload loads on the CPU, but 'auto' means bf16 for the CUDA device it will run on (fp32
     would double what every step copies); no CUDA is touched, so this runs anywhere."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    args = SimpleNamespace(model=saved_model_dir, dtype="auto", load_8bit=False, load_4bit=False, offload=True,
-                           grad_checkpoint=False)
-    model, _ = offload.load_with_memory_flags(args, torch.device("cuda"), should_train_base=False)
+    memory = offload.MemoryConfig(offload=True)
+    model, _ = offload.load_with_memory(saved_model_dir, memory, torch.device("cuda"), should_train_base=False)
     weight = model.get_input_embeddings().weight
     assert weight.device.type == "cpu" and weight.dtype == torch.bfloat16
 
@@ -148,21 +146,16 @@ def test_recomputation_uses_the_adapter_of_the_first_run(saved_model_dir, should
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def memory_flags(**given):
-    flags = dict(load_8bit=False, load_4bit=False, offload=False, grad_checkpoint=False, batch_size=2)
-    return SimpleNamespace(**{**flags, **given})
-
-
 @pytest.mark.parametrize("flag", ["offload", "grad_checkpoint"])
 def test_place_sets_up_the_base_and_keeps_the_model_computing_the_same(saved_model_dir, flag):
     """place() on a model holding the base and a part of its own (as the VAE and the world model
     are): --offload leaves the frozen decoder weights as placeholders, --grad-checkpoint wraps
     each layer, and the whole model's loss and gradients match a plainly placed copy's."""
-    def built(args):
+    def built(memory):
         torch.manual_seed(5)
         base = adapted(saved_model_dir)
         model = torch.nn.ModuleDict({"base": base, "head": torch.nn.Linear(lm.hidden_size(base), 3)})
-        offload.place(model, base, args, torch.device("cpu"), tokens_per_step=24, should_print=True)
+        offload.place(model, base, memory, torch.device("cpu"), tokens_per_step=24, batch_size=2, should_print=True)
         model.eval()  # no dropout: the two models must compute the same thing
         return model
 
@@ -172,7 +165,7 @@ def test_place_sets_up_the_base_and_keeps_the_model_computing_the_same(saved_mod
         loss.backward()
         return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
 
-    plain, placed = built(memory_flags()), built(memory_flags(**{flag: True}))
+    plain, placed = built(offload.MemoryConfig()), built(offload.MemoryConfig(**{flag: True}))
     layers = offload.decoder_layers(placed["base"])
     frozen = [p for p in layers.parameters() if not p.requires_grad]
     assert all(p.numel() == 0 for p in frozen) == (flag == "offload")

@@ -13,6 +13,7 @@ import lm
 import sample
 import textdata
 import train_vae
+import checkpoint
 import trainer
 from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error, tiny_gpt2
 
@@ -263,14 +264,14 @@ def test_the_scripts_answer_help_without_loading_transformers():
     done = subprocess.run([sys.executable, "train_agent.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "--wm-iters" in done.stdout and "--backbone" in done.stdout
-    assert trainer.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
+    assert checkpoint.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
 
 
 def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch):
     """Every evaluation is kept in the checkpoint; experiments/vae_curve.py draws it and prints its points."""
     from experiments import vae_curve
 
-    history = trainer.load_checkpoint(trained, "vae")["history"]
+    history = checkpoint.load_checkpoint(trained, "vae")["history"]
     assert [h["step"] for h in history] == [2, 4]
     assert history[0]["minutes"] <= history[1]["minutes"] and all(0 <= h["val_acc"] <= 1 for h in history)
     picture = tmp_path / "curve.png"
@@ -286,7 +287,7 @@ def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch):
     assert [s["label"].split(":")[0] for s in series] == ["a", "a", "b", "b"]
     assert all([x for x, _, _ in s["points"]] == [2, 4] for s in series)
     assert "two runs are named a" in run_error(vae_curve.main, [f"a={trained}", f"a={trained}"], capsys)
-    state = trainer.load_checkpoint(trained, "vae")  # a checkpoint without history: one line
+    state = checkpoint.load_checkpoint(trained, "vae")  # a checkpoint without history: one line
     del state["history"]
     os.makedirs(tmp_path / "old")
     torch.save(state, tmp_path / "old" / "ckpt.pt")
@@ -310,9 +311,9 @@ def test_defaults_per_base(base_dir):
 def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_path):
     """A config saved without the key had no word dropout: a resumed run keeps none (the per-base
     default, 0.3 for tiny, would change the run), unless the flag is given."""
-    state = trainer.load_checkpoint(trained, "vae")
+    state = checkpoint.load_checkpoint(trained, "vae")
     del state["config"]["word_dropout"]
     for argv, expected in (([], 0.0), (["--word-dropout", "0.2"], 0.2)):
         args = train_vae.parse_args(["--resume", trained, "--device", "cpu"] + argv)
-        train_vae.load_vae(args, trainer.setup(args), state)
+        train_vae.load_vae(args, trainer.setup(args.device, args.seed), state)
         assert args.word_dropout == expected

@@ -13,7 +13,7 @@ import lm
 import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
-from trainer import save_checkpoint
+from checkpoint import save_checkpoint
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoint
 import common
 import trainer
 from common import UserError
@@ -48,7 +49,7 @@ class Crash(Exception):
 
 
 def fit(args, start_step=0, state=None, crash_at=None):
-    run = trainer.setup(args)
+    run = trainer.setup(args.device, args.seed)
     model = Regression()
     optimizer = trainer.make_optimizer(model, args.lr, args.weight_decay)
     if state is not None:
@@ -56,7 +57,7 @@ def fit(args, start_step=0, state=None, crash_at=None):
         optimizer.load_state_dict(state["optimizer"])
 
     def save(step):
-        trainer.save_checkpoint(args.out_dir, {"kind": "vae", "config": {"width": 4}, "step": step,
+        checkpoint.save_checkpoint(args.out_dir, {"kind": "vae", "config": {"width": 4}, "step": step,
                                                "model": model.state_dict(), "optimizer": optimizer.state_dict()})
         if step == crash_at:
             raise Crash
@@ -64,7 +65,8 @@ def fit(args, start_step=0, state=None, crash_at=None):
     def evaluate():
         return {"val_loss": model.compute_loss(get_batch(10_000), 0)["loss"].item()}
 
-    metrics = trainer.train(model, optimizer, get_batch, evaluate, args, run, start_step, save)
+    config = common.config_from(trainer.TrainConfig, vars(args))
+    metrics = trainer.train(model, optimizer, get_batch, evaluate, config, run, start_step, save)
     return model, metrics
 
 
@@ -76,7 +78,7 @@ def test_resume_is_exact(tmp_path, capsys):
 
     with pytest.raises(Crash):
         fit(make_args(tmp_path / "half"), crash_at=3)  # killed right after the checkpoint at step 3
-    state = trainer.load_checkpoint(tmp_path / "half", "vae")
+    state = checkpoint.load_checkpoint(tmp_path / "half", "vae")
     assert state["step"] == 3
     resumed, _ = fit(make_args(tmp_path / "half"), start_step=state["step"], state=state)
     for a, b in zip(full.parameters(), resumed.parameters()):
@@ -107,7 +109,7 @@ def test_two_processes_through_ddp_equal_one_with_gradient_accumulation(tmp_path
 def test_a_non_finite_loss_stops_before_anything_is_saved(tmp_path, capsys):
     fit(make_args(tmp_path))
     before = (tmp_path / "ckpt.pt").read_bytes()
-    state = trainer.load_checkpoint(tmp_path, "vae")
+    state = checkpoint.load_checkpoint(tmp_path, "vae")
     with pytest.raises(UserError, match=r"the loss is (nan|inf) and the gradient norm (nan|inf) at step [78] \(not "
                        r"finite: loss.*\); stopped before saving.*: lower --lr \(now 1e\+30\)"):
         fit(make_args(tmp_path, ["--max-iters", "12", "--lr", "1e30", "--grad-clip", "0"]), start_step=6, state=state)
@@ -133,37 +135,37 @@ def test_a_float16_run_that_diverges_names_float16(tmp_path):
 
 
 def test_checkpoint_is_atomic_and_checked(tmp_path, monkeypatch):
-    trainer.save_checkpoint(tmp_path, {"kind": "wm", "step": 1, "config": {"width": 4}})
+    checkpoint.save_checkpoint(tmp_path, {"kind": "wm", "step": 1, "config": {"width": 4}})
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", crash)  # killed between writing and renaming
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint(tmp_path, {"kind": "wm", "step": 2, "config": {"width": 4}})
+        checkpoint.save_checkpoint(tmp_path, {"kind": "wm", "step": 2, "config": {"width": 4}})
     monkeypatch.undo()
-    assert trainer.load_checkpoint(tmp_path, "wm")["step"] == 1
+    assert checkpoint.load_checkpoint(tmp_path, "wm")["step"] == 1
     with pytest.raises(UserError, match=r"written by train_wm.py \(a world model\), not by train_vae.py"):
-        trainer.load_checkpoint(tmp_path, "vae")
+        checkpoint.load_checkpoint(tmp_path, "vae")
     with pytest.raises(UserError, match="no checkpoint at"):
-        trainer.load_checkpoint(tmp_path / "nowhere", "wm")
+        checkpoint.load_checkpoint(tmp_path / "nowhere", "wm")
 
 
 @pytest.mark.parametrize("content", [{"a": 1}, torch.zeros(3), {"config": {}, "step": 1}])
 def test_a_torch_file_that_is_not_our_checkpoint_is_named(tmp_path, content):
     torch.save(content, tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match="is a torch file but not a checkpoint of this project"):
-        trainer.load_checkpoint(tmp_path, "vae")
+        checkpoint.load_checkpoint(tmp_path, "vae")
 
 
 def test_checkpoint_loading_refuses_pickled_objects(tmp_path):
     torch.save({"kind": "vae", "config": {}, "evil": argparse.Namespace(x=1)}, tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match="damaged or not a checkpoint"):
-        trainer.load_checkpoint(tmp_path, "vae")
+        checkpoint.load_checkpoint(tmp_path, "vae")
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
-    trainer.save_checkpoint(tmp_path, {"kind": "vae", "step": 1, "config": {}})
+    checkpoint.save_checkpoint(tmp_path, {"kind": "vae", "step": 1, "config": {}})
     before = (tmp_path / "ckpt.pt").read_bytes()
     real_save = torch.save
 
@@ -185,28 +187,28 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
     with pytest.raises(UserError, match="No space left on device.*previous checkpoint is unchanged"):
-        trainer.save_checkpoint(tmp_path, {"kind": "vae", "step": 2, "config": {}, "w": torch.zeros(1000)})
+        checkpoint.save_checkpoint(tmp_path, {"kind": "vae", "step": 2, "config": {}, "w": torch.zeros(1000)})
     assert (tmp_path / "ckpt.pt").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
 
 
 def test_out_dir_of_another_run_is_not_overwritten_and_must_be_writable(tmp_path):
-    trainer.save_checkpoint(tmp_path, {"kind": "vae", "config": {}})
+    checkpoint.save_checkpoint(tmp_path, {"kind": "vae", "config": {}})
     with pytest.raises(UserError, match="already exists; pass --resume"):
-        trainer.check_out_dir(make_args(tmp_path, resume=None))
-    trainer.check_out_dir(make_args(tmp_path, resume=str(tmp_path)))  # continuing it is fine
+        checkpoint.check_out_dir(str(tmp_path), None)
+    checkpoint.check_out_dir(str(tmp_path), str(tmp_path))  # continuing it is fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot write to --out-dir .*file/run"):
-        trainer.check_out_dir(make_args(tmp_path / "file" / "run", resume=None))
+        checkpoint.check_out_dir(str(tmp_path / "file" / "run"), None)
 
 
 def test_a_resumed_run_takes_its_config_and_lists_every_conflict(tmp_path):
-    state = {"config": {"batch_size": 4, "lr": 0.5, "seed": 7}}
+    saved, keys = {"batch_size": 4, "lr": 0.5, "seed": 7}, ["batch_size", "lr", "seed"]
     args = make_args(tmp_path, ["--batch-size", "8", "--lr", "0.1"])
     with pytest.raises(UserError, match=r"--batch-size 8 \(saved: 4\), --lr 0.1 \(saved: 0.5\)"):
-        trainer.adopt_config(args, state, ["batch_size", "lr", "seed"], str(tmp_path))
+        checkpoint.adopt_config(vars(args), args.explicit, saved, keys, str(tmp_path))
     args = make_args(tmp_path, ["--batch-size", "4"])
-    trainer.adopt_config(args, state, ["batch_size", "lr", "seed"], str(tmp_path))
+    checkpoint.adopt_config(vars(args), args.explicit, saved, keys, str(tmp_path))
     assert (args.batch_size, args.lr, args.seed) == (4, 0.5, 7)  # not given: taken from the checkpoint
 
 
@@ -219,11 +221,11 @@ def test_one_weight_decay_rule():
 
 
 def test_lr_schedule():
-    args = argparse.Namespace(lr=1.0, warmup_iters=10, max_iters=110)
-    assert trainer.lr_at(0, args) == pytest.approx(0.1)
-    assert trainer.lr_at(9, args) == pytest.approx(1.0)
-    assert trainer.lr_at(60, args) == pytest.approx(0.55)
-    assert trainer.lr_at(110, args) == pytest.approx(0.1)
+    config = trainer.TrainConfig(lr=1.0, warmup_iters=10, max_iters=110)
+    assert trainer.lr_at(0, config) == pytest.approx(0.1)
+    assert trainer.lr_at(9, config) == pytest.approx(1.0)
+    assert trainer.lr_at(60, config) == pytest.approx(0.55)
+    assert trainer.lr_at(110, config) == pytest.approx(0.1)
 
 
 def test_run_cli_turns_user_errors_into_exit_code_2(capsys):
