@@ -64,23 +64,23 @@ def checkpointed(layer, before=None):
     forward = layer.forward
     adapters = [m for m in layer.modules() if isinstance(m, LoRALayer)]
 
-    def run(active, *args, **kwargs):
+    def run(active, *inputs, **kwargs):
         if before is not None:
             before()
         now = [m.active for m in adapters]
         for m, name in zip(adapters, active):
             m.active = name
         try:
-            return forward(*args, **kwargs)
+            return forward(*inputs, **kwargs)
         finally:
             for m, name in zip(adapters, now):
                 m.active = name
 
-    def maybe_checkpointed(*args, **kwargs):
+    def maybe_checkpointed(*inputs, **kwargs):
         active = [m.active for m in adapters]
         if torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(run, active, *args, use_reentrant=False, **kwargs)
-        return run(active, *args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(run, active, *inputs, use_reentrant=False, **kwargs)
+        return run(active, *inputs, **kwargs)
 
     return maybe_checkpointed
 
