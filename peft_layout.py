@@ -18,10 +18,9 @@ import re
 
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
-from transformers.pytorch_utils import Conv1D
 
 from common import UserError, replace_folder
-from lora import LoRALayer, adapter_state_dict, add_adapter, load_adapter_state_dict
+from lora import LoRALayer, adapter_state_dict, add_adapter, is_conv1d, load_adapter_state_dict
 
 
 PEFT_PREFIX = "base_model.model."  # peft's keys: the LM's module paths under its wrapper
@@ -42,7 +41,7 @@ def peft_config(model, name, base_name):
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
             "r": r, "lora_alpha": layer.scaling[name] * r, "lora_dropout": getattr(dropout, "p", 0.0),
             "target_modules": sorted(layers), "bias": "none", "inference_mode": True,
-            "fan_in_fan_out": isinstance(layer.base, Conv1D)}  # GPT-2's Conv1D stores its weight (in, out)
+            "fan_in_fan_out": is_conv1d(layer.base)}  # GPT-2's Conv1D stores its weight (in, out)
 
 
 def save_peft(model, directory, adapter_names, base_name):
@@ -93,7 +92,7 @@ def load_peft(model, directory, name):
             raise UserError(f"{weights_path} holds {key}, which is not a LoRA A or B weight of a linear layer")
         state[key.removeprefix(PEFT_PREFIX)] = value
     layer_names = sorted({k.rsplit(".lora_", 1)[0] for k in state})
-    linears = {n for n, m in model.named_modules() if isinstance(m, (LoRALayer, nn.Linear, Conv1D))}
+    linears = {n for n, m in model.named_modules() if isinstance(m, (LoRALayer, nn.Linear)) or is_conv1d(m)}
     missing = [n for n in layer_names if n not in linears]
     if missing:
         raise UserError(f"the adapter in {directory} adapts {missing[0]}, which this model lacks; it was made for "

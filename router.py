@@ -26,7 +26,6 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 import lora
 from lm import cache_kwarg
@@ -100,6 +99,8 @@ class Router(nn.Module):
         """Chain num_spans spans of span_tokens after context_ids (B, P), each steered toward z (B, D).
         window: context tokens each span sees (default: the length of context_ids). Returns the
         generated ids (B, num_spans * span_tokens); scale 0 never runs the router."""
+        from transformers import DynamicCache  # not at the top: see lm.import_transformers
+
         base, text = self.vae.base, context_ids
         window = context_ids.shape[1] if window is None else window
         for _ in range(num_spans):

@@ -9,7 +9,7 @@ from conftest import tiny_gpt2, tiny_mistral
 
 import lm
 import lora
-from vae import VAE, VAEConfig, ZMemory, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
+from vae import VAE, VAEConfig, kl_per_dim, kl_weight, noise_scale, slerp, token_weights, z_memory_class
 
 
 def make_vae(base="gpt2", **overrides):
@@ -224,7 +224,7 @@ def test_memory_cache_is_read_only():
     vae = make_vae()
     z, span = torch.randn(2, 16), torch.randint(0, 256, (2, 5))
     cache = vae.memory(z)
-    assert isinstance(cache, ZMemory) and cache.get_seq_length() == 1
+    assert isinstance(cache, z_memory_class()) and cache.get_seq_length() == 1
     with torch.no_grad(), lora.use_adapter(vae.base, "decoder"):
         first = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits
         again = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits

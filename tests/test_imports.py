@@ -1,0 +1,31 @@
+"""Importing the library does not import transformers (~2 s on top of torch's), so that a
+script with its imports at the top still answers --help quickly (issue #25)."""
+
+import os
+import subprocess
+import sys
+
+import lm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_eval", "router", "textdata", "peft_layout",
+           "worldmodel", "obs_tokenizer", "data_wm", "latent_wm", "lm_backbone", "agent", "eval_wm"]
+
+
+def test_the_library_imports_without_transformers():
+    """Every library module, imported in a fresh interpreter, leaves transformers unimported."""
+    code = (f"import sys\n"
+            f"import {', '.join(LIBRARY)}\n"
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    assert done.returncode == 0, done.stderr[-500:]
+    assert done.stdout == "[]\n"
+
+
+def test_import_transformers_turns_its_progress_bars_off():
+    """lm imports transformers on first use; its progress bars go off then, as they did at lm's import."""
+    transformers = lm.import_transformers()
+    transformers.utils.logging.enable_progress_bar()
+    assert lm.import_transformers() is transformers
+    assert not transformers.utils.logging.is_progress_bar_enabled()
