@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+import lora
 from common import (Interrupted, UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float,
                     positive_int, release_out_dir, signals_held, standing)
 
@@ -150,8 +151,7 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
     """AdamW over the trainable parameters, with one rule for weight decay (IRIS's and minGPT's):
     the weights of linear layers decay (nn.Linear, GPT-2's Conv1D, LoRA's A and B); embedding
     tables, norms and biases do not."""
-    decayed = {id(m.weight) for m in model.modules()
-               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) or lora.is_conv1d(m)}
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
