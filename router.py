@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import lora
 from lm import cache_kwarg
-from vae import gumbel_max
+from vae_math import gumbel_max
 
 
 def guided_logits(base_logits, router_logits, scale):

@@ -33,7 +33,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from vae import kl_per_dim
+from vae_math import kl_per_dim
 
 
 def log_normal(z, mu, logvar=None):
