@@ -82,11 +82,12 @@ import json
 import torch
 
 from checkpoint import load_checkpoint
+from common import config_from
 from lm import num_positions
-from offload import check_memory
-from train_router import load_router
-from train_vae import load_vae
-from trainer import Run, pick_device
+from offload import MemoryConfig, check_memory
+from router import load_router
+from trainer import pick_device
+from vae import load_vae
 
 
 def checked_texts(texts, vae, context, what="text"):
@@ -113,12 +114,11 @@ def check_length(flag, value, limit):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = Run(torch.device(pick_device(args.device)))
+    device = torch.device(pick_device(args.device))
     torch.manual_seed(args.seed)
-    args.batch_size = 1  # what build() sizes its memory estimate by
     if args.guide is not None:
-        router, vae_args, _ = load_router(args.resume, run, load_checkpoint(args.router, "router"), args.router)
-        vae, context = router.vae, vae_args.context
+        router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router"), args.router)
+        vae, context = router.vae, router.vae.cfg.prefix_slots  # the VAE's --context
         ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))
         with torch.no_grad():
             z = vae.encode(ids, mask)[0].mean(0, keepdim=True)  # (1, D): the targets' mean latent
@@ -132,20 +132,21 @@ def main(argv=None):
         print(args.guide + result["guided"][0])
         print(json.dumps(result))
         return
-    vae = load_vae(args, run, load_checkpoint(args.resume, "vae")).eval()
-    num_tokens = args.context if args.num_tokens is None else args.num_tokens
+    vae = load_vae(args.resume, device, config_from(MemoryConfig, vars(args)), "--resume").eval()
+    context = vae.cfg.prefix_slots  # the VAE's --context
+    num_tokens = context if args.num_tokens is None else args.num_tokens
     check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None))
     # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
     # decoding's cache), refused if it cannot fit
     rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None
                   else (args.interp_steps, "--interp-steps") if args.interpolate is not None
                   else (args.sample, "--sample"))
-    check_memory(vae.base, run.device, rows * (args.context + num_tokens), f"{flag} (now {rows})")
+    check_memory(vae.base, device, rows * (context + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, math.inf),
                                                      args.temperature)}
     elif args.interpolate is not None:
-        a, b = checked_texts(args.interpolate, vae, args.context)
+        a, b = checked_texts(args.interpolate, vae, context)
         result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode)}
     else:
         result = {"samples": vae.sample_prior(args.sample, num_tokens, args.temperature)}

@@ -21,7 +21,7 @@ LM's NLL per token of what was generated (fluency), each a mean with its 95% int
 The last line printed is one JSON object of the run's metrics.
 """
 
-from common import UserError, make_parser, nonneg_float, parse, positive_int, run_cli
+from common import make_parser, nonneg_float, parse, positive_int, run_cli
 from textdata import add_data_args
 from trainer import add_common_args
 
@@ -46,50 +46,21 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     parse_args()  # --help and bad flags answer before the heavy imports below
 
-import hashlib
 import json
 import math
 import os
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 
 import peft_layout
 import textdata
-import train_vae
+from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
 from common import TINY_MODELS, batch_seed, config_from
-from router import Router
-from checkpoint import TRAIN_KEYS, adopt_config, load_checkpoint, load_optimizer, open_run, save_checkpoint
+from router import load_router
 from trainer import TrainConfig, finish, make_optimizer, setup, train
 from vae_eval import token_log_probs
-
-def fingerprint(vae_state):
-    """What identifies a VAE checkpoint: its base, its step and a hash of its encoder head."""
-    w_e = vae_state["model"]["head.w_e.weight"].float().contiguous().numpy().tobytes()
-    return f"{vae_state['config']['model']}@{vae_state['step']}:{hashlib.sha256(w_e).hexdigest()[:16]}"
-
-
-def load_router(vae_dir, run, state=None, router_dir=None, batch_size=1, vae_flag=None):
-    """The frozen VAE in vae_dir (given with vae_flag) and a router on it, with the weights of a router
-    checkpoint `state` (from router_dir) when given; refuses a VAE with no plain base to guide against,
-    and a router trained on another VAE. Returns (router, the VAE's settings, its fingerprint)."""
-    vae_state = load_checkpoint(vae_dir, "vae", vae_flag)
-    vae_args = train_vae.parse_args(["--resume", vae_dir, "--batch-size", str(batch_size)])
-    if train_vae.should_train_base(types.SimpleNamespace(**vae_state["config"])):
-        raise UserError(f"the VAE in {vae_dir} trained tiny's base fully, so no plain LM is left to guide "
-                        "against; train one on a frozen pretrained base (python pretrain_lm.py, then python "
-                        "train_vae.py --model out-lm/base) and give that to --vae")
-    vae_print = fingerprint(vae_state)
-    if state is not None and state["config"]["vae_fingerprint"] != vae_print:
-        raise UserError(f"the router in {router_dir} was trained on another VAE ({state['config']['vae_fingerprint']}"
-                        f"), not on {vae_dir} ({vae_print}); give the VAE it was trained on")
-    router = Router(train_vae.load_vae(vae_args, run, vae_state).eval())
-    if state is not None:
-        router.load_state_dict(state["model"], strict=False)  # strict=False: the VAE is not in it
-    return router, vae_args, vae_print
-
 
 def mean_interval(values):
     """Mean and half-width of its 95% interval (normal approximation): (mean, half)."""
@@ -139,14 +110,16 @@ def main(argv=None):
     state = open_run("router", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
-    router, vae_args, vae_print = load_router(args.vae, run, state, args.resume, args.batch_size, "--vae")
-    tokenizer, span = router.vae.tokenizer, 2 * vae_args.context
+    router, vae_state, vae_print = load_router(args.vae, run.device, state, args.resume, "--vae", args.batch_size,
+                                               run.is_main)
+    base_name, context_len = vae_state["config"]["model"], router.vae.cfg.prefix_slots  # the VAE's --model, --context
+    tokenizer, span = router.vae.tokenizer, 2 * context_len
     train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,
                                                       "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
-    val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, vae_args.context, True), run.device) for s in starts]
+    val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, context_len, True), run.device) for s in starts]
     sweep_batch = textdata.to_device(textdata.vae_batch(val_stream, textdata.spread_starts(
-        val_stream, span, 1, args.sweep_pairs)[0], vae_args.context, True), run.device)
+        val_stream, span, 1, args.sweep_pairs)[0], context_len, True), run.device)
 
     def evaluate_all():
         router.eval()
@@ -163,17 +136,17 @@ def main(argv=None):
     def get_batch(index):
         g = torch.Generator().manual_seed(batch_seed(args.seed, index))
         starts = textdata.random_starts(train_stream, span, args.batch_size, g)
-        return textdata.to_device(textdata.vae_batch(train_stream, starts, vae_args.context, True), run.device)
+        return textdata.to_device(textdata.vae_batch(train_stream, starts, context_len, True), run.device)
 
     def save(step):
         config = {**{k: getattr(args, k) for k in TRAIN_KEYS}, "vae": args.vae, "vae_fingerprint": vae_print}
         save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
                                        "optimizer": optimizer.state_dict()})
-        if vae_args.model not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
-            peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], vae_args.model)
+        if base_name not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
+            peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], base_name)
 
     t_start = time.time()
-    print(f"router on {vae_args.model}: {sum(p.numel() for p in params):,} trainable parameters, "
+    print(f"router on {base_name}: {sum(p.numel() for p in params):,} trainable parameters, "
           f"{len(train_stream):,} training / {len(val_stream):,} held-out tokens")
     metrics = train(router, optimizer, get_batch, lambda: {**evaluate(router, val_batches),
                     "minutes": round((time.time() - t_start) / 60, 2)}, config_from(TrainConfig, vars(args)), run,

@@ -25,6 +25,7 @@ train and are saved, and the base reloads from --model. A resumed run takes the 
 settings from its checkpoint. The last line printed is one JSON object of the run's metrics.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -124,60 +125,30 @@ if __name__ == "__main__":
 import torch
 
 import lora
-import offload
 import peft_layout
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import UserError, batch_seed, config_from
-from lm import num_positions
+from common import batch_seed, config_from
+from offload import MemoryConfig
 from trainer import TrainConfig, finish, make_optimizer, setup, train
-from vae import VAE, VAEConfig
+from vae import VAEConfig, build_vae, should_train_base
 from vae_eval import evaluate, evaluate_paragraphs
-
-
-def should_train_base(args):
-    """tiny's base trains with the VAE (it has nothing pretrained to protect); any other stays frozen."""
-    return args.model in TINY_MODELS and not args.freeze_base
-
-
-def build(args, run):
-    """The VAE over the --model base, placed on the device as the memory flags ask."""
-    memory = config_from(offload.MemoryConfig, vars(args))
-    base, tokenizer = offload.load_with_memory(args.model, memory, run.device, should_train_base(args))
-    needed = 2 * args.context + args.soft_tokens - 1 + (args.z_memory > 0)  # memory slot, soft tokens, prefix, span but its last token
-    if needed > num_positions(base):
-        raise UserError(f"--context {args.context} needs {needed} positions, more than the {num_positions(base)} "
-                        f"of {args.model}: use --context {(num_positions(base) - 1) // 2} or less")
-    cfg = VAEConfig(**{k: getattr(args, k) for k in MODEL_KEYS[3:] + SCHEDULE_KEYS}, prefix_slots=args.context)
-    vae = VAE(base, cfg, tokenizer)
-    if not should_train_base(args):
-        lora.mark_only_lora_trainable(base)
-    offload.place(vae, base, memory, run.device, args.batch_size * 3 * args.context, args.batch_size, run.is_main)
-    return vae
-
-
-def saved_state(vae, args):
-    """tiny's base is saved whether it trains or not (its weights are random: nothing reloads them)."""
-    return lora.saved_state(vae, "base.", should_save_base=args.model in TINY_MODELS)
-
-
-def load_vae(args, run, state):
-    """The VAE of a checkpoint: its settings (adopt_config), then its weights."""
-    adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + SCHEDULE_KEYS, args.resume)
-    if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
-        args.word_dropout = 0.0
-    vae = build(args, run)
-    lora.load_saved_state(vae, state["model"], "base.", args.model in TINY_MODELS, args.resume)
-    return vae
 
 
 def main(argv=None):
     args = parse_args(argv)
     run = setup(args.device, args.seed)
     state = open_run("vae", args.out_dir, args.resume, args.eval_only, args.max_iters)
-    if state is not None:
+    if state is not None:  # the checkpoint's settings: the optimisation's unless given, the model's always
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
-    model = build(args, run) if state is None else load_vae(args, run, state)
+        adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + SCHEDULE_KEYS, args.resume)
+        if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
+            args.word_dropout = 0.0
+    should_train = should_train_base(args.model, args.freeze_base)
+    model = build_vae(args.model, config_from(VAEConfig, {**vars(args), "prefix_slots": args.context}),
+                      config_from(MemoryConfig, vars(args)), run.device, should_train, args.batch_size, run.is_main)
+    if state is not None:  # tiny's base is saved whether it trains or not: its weights are random
+        lora.load_saved_state(model, state["model"], "base.", args.model in TINY_MODELS, args.resume)
     docs = textdata.load_documents(args.data)
     span = 2 * args.context
     train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, "the default corpus" if args.data is None else args.data)
@@ -188,7 +159,7 @@ def main(argv=None):
 
     def evaluate_all():  # every metric of vae_eval.py: the end of a run, and --eval-only
         model.eval()
-        metrics = evaluate(model, val_batches, args.iw_samples, should_train_base(args), should_print=run.is_main)
+        metrics = evaluate(model, val_batches, args.iw_samples, should_train, should_print=run.is_main)
         return {**metrics, **(evaluate_paragraphs(model, paragraphs, args.context) if paragraphs else {})}
 
     if args.eval_only:
@@ -216,8 +187,10 @@ def main(argv=None):
             history.append({"step": step, **last_eval})
             last_eval.clear()
         config = {k: getattr(args, k) for k in TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
-        save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "step": step, "history": history,
-                                       "model": saved_state(model, args), "optimizer": optimizer.state_dict()})
+        save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "vae_config": dataclasses.asdict(model.cfg),
+                                       "base": args.model, "step": step, "history": history,
+                                       "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),
+                                       "optimizer": optimizer.state_dict()})
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
             peft_layout.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
 

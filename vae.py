@@ -27,14 +27,17 @@ or stays constant; free bits (per-dimension KL floor) are optional.
 """
 
 import functools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from lm import cache_kwarg, hidden_size
+import offload
+from checkpoint import load_checkpoint
+from common import TINY_MODELS, UserError, config_from
+from lm import cache_kwarg, hidden_size, num_positions
 from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 
@@ -364,3 +367,47 @@ class VAE(nn.Module):
         a, b = mu[:1].expand(steps, -1), mu[1:].expand(steps, -1)
         z = torch.lerp(a, b, t) if mode == "lerp" else slerp(a, b, t)
         return self.detokenize(self.generate(z, ids.shape[1]))
+
+
+# -----------------------------------------------------------------------------
+# a VAE over a named base, and one rebuilt from its checkpoint (train_vae.py's)
+
+
+def should_train_base(base_name, freeze_base):
+    """tiny's base trains with the VAE (it has nothing pretrained to protect) unless frozen; any other stays frozen."""
+    return base_name in TINY_MODELS and not freeze_base
+
+
+def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, should_print):
+    """A VAE over the base named base_name, placed on the device as the offload.MemoryConfig `memory`
+    asks; its memory check is for a step of batch_size windows of 2 x cfg.prefix_slots tokens (a
+    prefix and a span of train_vae.py's --context), with should_print as offload.place's."""
+    base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base)
+    context = cfg.prefix_slots
+    needed = 2 * context + cfg.soft_tokens - 1 + (cfg.z_memory > 0)  # memory slot, soft tokens, prefix, span but its last token
+    if needed > num_positions(base):
+        raise UserError(f"--context {context} needs {needed} positions, more than the {num_positions(base)} "
+                        f"of {base_name}: use --context {(num_positions(base) - 1) // 2} or less")
+    vae = VAE(base, cfg, tokenizer)
+    if not should_train_base:
+        lora.mark_only_lora_trainable(base)
+    offload.place(vae, base, memory, device, batch_size * 3 * context, batch_size, should_print)
+    return vae
+
+
+def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=1, should_print=False):
+    """The VAE saved in ckpt_dir (flag: the flag that named it, for the errors), rebuilt by build_vae
+    (memory None: offload.MemoryConfig()) with its weights. A checkpoint from before "vae_config" and
+    "base" were saved has them in its flags: --context is the prefix's slots too, and a flag it
+    lacks did not exist yet (--word-dropout: it was off, VAEConfig's default)."""
+    state = load_checkpoint(ckpt_dir, "vae", flag)
+    flags = state["config"]
+    base_name = state.get("base", flags["model"])
+    cfg = config_from(VAEConfig, state.get("vae_config", {**asdict(VAEConfig()), **flags,
+                                                          "prefix_slots": flags["context"]}))
+    memory = offload.MemoryConfig() if memory is None else memory
+    vae = build_vae(base_name, cfg, memory, device, should_train_base(base_name, flags["freeze_base"]), batch_size,
+                    should_print)
+    # tiny's base is saved whether it trains or not: its weights are random, nothing reloads them
+    lora.load_saved_state(vae, state["model"], "base.", base_name in TINY_MODELS, ckpt_dir)
+    return vae
