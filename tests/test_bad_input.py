@@ -4,6 +4,7 @@ positions, --device cuda without a GPU, a disk too full for imagination.png, eva
 nothing written and a checkpoint that exists unchanged."""
 
 import errno
+import glob
 import os
 
 import pytest
@@ -153,3 +154,18 @@ def test_a_training_script_refuses_mps_without_an_apple_gpu(capsys, monkeypatch,
     err = run_script_error(train_vae.main, ["--device", "mps", "--out-dir", str(tmp_path / "run")], capsys)
     assert "no Apple GPU (MPS); use --device cpu" in err and not (tmp_path / "run").exists()
 
+
+def test_no_file_imports_a_training_script():
+    """A model file rebuilds itself from its checkpoint (vae.load_vae, router.load_router), so no
+    script or library imports a train_* script: no line of a .py file outside tests/ starts with
+    `import train_` or `from train_`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+             if os.path.relpath(p, root).split(os.sep)[0] != "tests"]
+    assert {"sample.py", "train_router.py", "router.py", "vae.py"} <= {os.path.relpath(p, root) for p in paths}
+    found = []
+    for path in paths:
+        with open(path) as f:
+            found += [f"{os.path.relpath(path, root)}: {line.strip()}" for line in f
+                      if line.startswith(("import train_", "from train_"))]
+    assert found == []

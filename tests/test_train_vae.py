@@ -14,6 +14,7 @@ import sample
 import textdata
 import train_vae
 import checkpoint
+import vae
 from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error, tiny_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,3 +330,26 @@ def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_p
         with pytest.raises(Built):
             train_vae.main(["--eval-only", "--resume", str(tmp_path), "--device", "cpu"] + argv)
         assert built[0].word_dropout == expected
+
+
+def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(trained, tmp_path):
+    """A checkpoint holds the VAEConfig and the base's name; one saved before it did (flags only, and
+    none for --word-dropout) loads to the same model: the same config (--context as prefix_slots, no
+    word dropout), the same weights, the same logits after a prefix."""
+    state = checkpoint.load_checkpoint(trained, "vae")
+    assert state["base"] == state["config"]["model"]
+    assert state["vae_config"]["prefix_slots"] == state["config"]["context"] == 8
+    for key in ("vae_config", "base"):
+        del state[key]
+    del state["config"]["word_dropout"]
+    checkpoint.save_checkpoint(str(tmp_path), state)
+    # each build draws other random weights: equal outputs mean the checkpoint's weights loaded
+    new = vae.load_vae(trained, torch.device("cpu")).eval()
+    old = vae.load_vae(str(tmp_path), torch.device("cpu")).eval()
+    assert old.cfg == new.cfg and new.cfg.word_dropout == 0.0 and new.cfg.latent_size == 16
+    ids, prefix = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 3))
+    with torch.no_grad():
+        mu = new.encode(ids)[0]
+        assert torch.equal(old.encode(ids)[0], mu)
+        assert torch.equal(old(mu, ids, prefix), new(mu, ids, prefix))
+        assert not torch.equal(new(mu, ids, prefix), new(mu, ids))  # the prefix is read
