@@ -23,6 +23,7 @@ Tokenizers share one small interface (encode, decode, eos_id, vocab_size):
 """
 
 import contextlib
+import functools
 import importlib.metadata
 import inspect
 import io
@@ -279,6 +280,21 @@ def cache_kwarg(model, cache):
     during 5.x (the old name is removed in 5.40), so ask the model which one it takes."""
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+@functools.cache
+def read_only_cache_class():
+    """A DynamicCache that is read but never extended (vae.py's memory of z): each call prepends what it
+    holds to the keys and values and leaves the cache as it was, so a layer re-run for its backward
+    pass (offload.py's checkpointing) sees the same keys and values. A class made on first use: it
+    subclasses transformers' (see import_transformers)."""
+
+    class ReadOnlyCache(import_transformers().DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+    return ReadOnlyCache
 
 
 def hidden_size(model):

@@ -26,7 +26,6 @@ KL-free autoencoder phase first (`ae_iters`), the noise then grows to full over
 or stays constant; free bits (per-dimension KL floor) are optional.
 """
 
-import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -37,7 +36,7 @@ import lora
 import offload
 from checkpoint import load_checkpoint
 from common import TINY_MODELS, UserError, config_from
-from lm import cache_kwarg, hidden_size, num_positions
+from lm import cache_kwarg, hidden_size, num_positions, read_only_cache_class
 from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 
@@ -68,25 +67,6 @@ class VAEConfig:
 POSTERIORS = ("bigvae", "diagonal")
 DECODER_INITS = ("bigvae", "lm")
 KL_SCHEDULES = ("cosine", "cyclical", "constant")
-
-
-@functools.cache
-def z_memory_class():
-    """The class ZMemory, defined on first use: it subclasses transformers' DynamicCache, and importing
-    transformers takes ~2 s, which a script's --help should not wait for."""
-    from transformers import DynamicCache
-
-    class ZMemory(DynamicCache):
-        """z's key/value in every layer, as a KV cache that is read but never extended: each call
-        prepends the memory to its keys and values and leaves the cache as it was, so a layer can
-        be re-run for its backward pass (offload.py's checkpointing) and sees the same memory.
-        Generation extends a plain DynamicCache filled the same way."""
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            layer = self.layers[layer_idx]
-            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
-
-    return ZMemory
 
 
 # -----------------------------------------------------------------------------
@@ -199,11 +179,12 @@ class VAE(nn.Module):
         """A KV cache holding z as M = cfg.z_memory keys/values per layer (Optimus: M = 1), or an
         empty one. With one, every position reads the same value vector of z (only its weight
         differs); with several, attention can pick a different part of z for each position.
-        cache_class: None for a ZMemory (z_memory_class); DynamicCache for one that generation extends.
+        cache_class: None for one that is read, never extended (lm.read_only_cache_class: a layer re-run
+        for its backward pass sees the same memory); DynamicCache for one that generation extends.
         w_memory: the projection to use (default: the head's; the router has its own copy)."""
-        from transformers import DynamicCache  # not at the top: see z_memory_class
+        from transformers import DynamicCache  # not at the top: see lm.import_transformers
 
-        cache_class = z_memory_class() if cache_class is None else cache_class
+        cache_class = read_only_cache_class() if cache_class is None else cache_class
         cache = cache_class(config=self.base.config)
         w_memory = self.head.w_memory if w_memory is None else w_memory
         if w_memory is not None:
@@ -283,7 +264,7 @@ class VAE(nn.Module):
         After an end-of-text token a row keeps emitting it, unless should_stop_at_eos is False:
         a training window is cut from a stream where end-of-text only separates documents, so
         reconstructing one decodes on past it. Returns (B, num_tokens)."""
-        from transformers import DynamicCache  # not at the top: see z_memory_class
+        from transformers import DynamicCache  # not at the top: see lm.import_transformers
 
         cache, eos = self.memory(z, DynamicCache), self.eos_id
         done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)

@@ -1,4 +1,4 @@
-"""Tests for vae.py on tiny GPT-2 and Mistral models built from configs (offline, CPU)."""
+"""Tests for vae.py and vae_math.py on tiny GPT-2 and Mistral models built from configs (offline, CPU)."""
 
 import math
 
@@ -9,7 +9,8 @@ from conftest import tiny_gpt2, tiny_mistral
 
 import lm
 import lora
-from vae import VAE, VAEConfig, kl_per_dim, kl_weight, noise_scale, slerp, token_weights, z_memory_class
+from vae import VAE, VAEConfig
+from vae_math import kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 
 def make_vae(base="gpt2", **overrides):
@@ -224,7 +225,7 @@ def test_memory_cache_is_read_only():
     vae = make_vae()
     z, span = torch.randn(2, 16), torch.randint(0, 256, (2, 5))
     cache = vae.memory(z)
-    assert isinstance(cache, z_memory_class()) and cache.get_seq_length() == 1
+    assert isinstance(cache, lm.read_only_cache_class()) and cache.get_seq_length() == 1
     with torch.no_grad(), lora.use_adapter(vae.base, "decoder"):
         first = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits
         again = vae.base(span, use_cache=True, **lm.cache_kwarg(vae.base, cache)).logits
