@@ -153,14 +153,3 @@ def test_a_training_script_refuses_mps_without_an_apple_gpu(capsys, monkeypatch,
     err = run_script_error(train_vae.main, ["--device", "mps", "--out-dir", str(tmp_path / "run")], capsys)
     assert "no Apple GPU (MPS); use --device cpu" in err and not (tmp_path / "run").exists()
 
-
-def test_the_vae_side_imports_no_training_script():
-    """A model file rebuilds itself from its checkpoint (vae.load_vae, router.load_router), so neither
-    sample.py nor train_router.py, nor a library under them, imports a train_* script: none of
-    their lines starts with `import train_` or `from train_` (issue #25's grep, on the VAE's side)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    found = []
-    for name in ("sample.py", "train_router.py", "train_vae.py", "router.py", "vae.py", "vae_eval.py"):
-        with open(os.path.join(root, name)) as f:
-            found += [f"{name}: {line.strip()}" for line in f if line.startswith(("import train_", "from train_"))]
-    assert found == []

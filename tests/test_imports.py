@@ -1,5 +1,6 @@
 """Importing the library does not import transformers (~2 s on top of torch's), so that a
-script with its imports at the top still answers --help quickly (issue #25)."""
+script with its imports at the top still answers --help quickly; and no script imports a
+training script (issue #25)."""
 
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_eval", "router", "textdata", "peft_layout",
+LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_math", "vae_eval", "router", "textdata", "peft_layout",
            "worldmodel", "obs_tokenizer", "data_wm", "latent_wm", "lm_backbone", "agent", "eval_wm"]
 
 
@@ -29,3 +30,14 @@ def test_import_transformers_turns_its_progress_bars_off():
     transformers.utils.logging.enable_progress_bar()
     assert lm.import_transformers() is transformers
     assert not transformers.utils.logging.is_progress_bar_enabled()
+
+
+def test_the_vae_side_imports_no_training_script():
+    """A model file rebuilds itself from its checkpoint (vae.load_vae, router.load_router), so neither
+    sample.py nor train_router.py, nor a library under them, imports a train_* script: none of
+    their lines starts with `import train_` or `from train_` (issue #25's grep, on the VAE's side)."""
+    found = []
+    for name in ("sample.py", "train_router.py", "train_vae.py", "router.py", "vae.py", "vae_eval.py"):
+        with open(os.path.join(ROOT, name)) as f:
+            found += [f"{name}: {line.strip()}" for line in f if line.startswith(("import train_", "from train_"))]
+    assert found == []
