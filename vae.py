@@ -7,6 +7,7 @@ adavae-moe) with two pieces from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 
     terms = vae.compute_loss(batch, step)        # {"loss", "rec", "kl", "beta", "noise"}
     vae.reconstruct(["Return the sum of a and b."])   # any length: span by span (reconstruct_ids)
     vae.interpolate("first text", "second text", steps=5)
+    vae = load_vae("out-vae", device)             # a trained one, from train_vae.py's checkpoint
 
 One base LM, two LoRA adapters (lora.py) switched per call:
 - encode: the "encoder" adapter reads the span with bidirectional attention (a 4-D mask;
