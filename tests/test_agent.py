@@ -181,11 +181,8 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
 
 @pytest.mark.parametrize("argv, says", [
     (["--env", "NoSuchEnv-v0"], "unknown Gymnasium env"),
-    (["--gamma", "1.5"], "--gamma"),
-    (["--segment-steps", "1"], "--segment-steps"),
     (["--lora-r", "4"], "--backbone lm"),
     (["--latent-size", "8"], "add --state latent"),
-    (["--resume", "nowhere"], "no checkpoint"),
 ])
 def test_bad_input_is_one_line(argv, says, capsys):
     err = run_script_error(train_agent.main, QUICK + argv, capsys)

@@ -244,8 +244,6 @@ def test_train_wm_state_latent_resume_is_exact(tmp_path, capsys, monkeypatch, ba
 @pytest.mark.parametrize("argv, message", [
     (["--latent-size", "8"], "--latent-size configure(s) the latent world model: add --state latent"),
     (["--next-latent", "decode"], "--next-latent configure(s) the latent world model"),
-    (["--state", "latent", "--latent-size", "0"], "--latent-size: 0 is out of range"),
-    (["--state", "latent", "--next-latent", "mse"], "invalid choice: 'mse'"),
     (["--state", "latent", "--lora-r", "4"], "--lora-r configure(s) the LM backbone"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):

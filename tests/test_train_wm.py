@@ -13,7 +13,6 @@ import lm
 import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
-from checkpoint import save_checkpoint
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
@@ -200,23 +199,7 @@ def test_pong_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--segment-steps", "0"], "--segment-steps: 0 is out of range"),
-    (["--collect-steps", "0"], "--collect-steps: 0 is out of range"),
-    (["--horizon", "0"], "--horizon: 0 is out of range"),
-    (["--num-bins", "1"], "--num-bins: 1 is out of range: it must be an integer >= 2"),
-    (["--width", "0"], "--width: 0 is out of range"),
-    (["--num-layers", "0"], "--num-layers: 0 is out of range"),
-    (["--num-heads", "0"], "--num-heads: 0 is out of range"),
     (["--width", "30"], "--width 30 is not a multiple of --num-heads 4"),
-    (["--num-imagine", "0"], "--num-imagine: 0 is out of range"),
-    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
-    (["--val-fraction", "0"], "--val-fraction: 0 is out of range"),
-    (["--val-fraction", "1"], "--val-fraction: 1 is out of range"),
-    (["--dropout", "1"], "--dropout: 1 is out of range"),
-    (["--dropout", "-0.1"], "--dropout: -0.1 is out of range"),
-    (["--tokenizer-iters", "-1"], "--tokenizer-iters: -1 is out of range"),
-    (["--fsq-levels", "8", "1"], "--fsq-levels: 1 is out of range"),
-    (["--lora-r", "0"], "--lora-r: 0 is out of range"),
     (["--eval-only"], "pass --resume DIR"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_numbers_are_checked_at_parse_time(argv, message, capsys, monkeypatch):
@@ -257,12 +240,3 @@ def test_checkpoint_errors_leave_the_checkpoint_unchanged(tmp_path, capsys):
     err = run_error(["--resume", out, "--max-iters", "6", "--eval-interval", "6", "--lr", "1e6", *EVAL], capsys)
     assert "stopped before saving" in err
     assert ckpt_bytes(out) == saved
-    # checkpoints of another script, or torch files of another program
-    vae = str(tmp_path / "vae")
-    save_checkpoint(vae, {"kind": "vae", "config": {}, "step": 1})
-    assert "train_vae.py" in run_error(["--resume", vae], capsys)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    torch.save({"weights": torch.zeros(2)}, foreign / "ckpt.pt")
-    assert "not a checkpoint of this project" in run_error(["--resume", str(foreign)], capsys)
-    assert "train_vae.py" in run_error(CARTPOLE + ["--tokenizer-from", vae, "--out-dir", "other"], capsys)
