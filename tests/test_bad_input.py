@@ -220,7 +220,7 @@ def test_8bit_gguf_weights_are_refused_before_loading(tmp_path, capsys, monkeypa
                    "a directory saved with save_pretrained")
 
 
-def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file):
+def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file, guided_ids):
     """A router on a VAE over a 64-position base: after z's memory slot and an 8-token window, 55
     positions are left for a span (the last token needs none); 56 is refused in one line."""
     base, vae_dir, router_dir = (str(tmp_path / name) for name in ("base", "vae", "router"))
@@ -233,8 +233,10 @@ def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file
             "--num-spans", "1", "--device", "cpu", "--span-tokens"]
     assert "--span-tokens 56 goes past the base's 55 positions left" in run_script_error(sample.main, argv + ["56"],
                                                                                          capsys)
+    guided_ids.clear()  # train_router.py's sweep generated too
     guided, _ = run_script(sample.main, argv + ["55"], capsys)
-    assert len(guided["guided"]) == 1 and guided["num_spans"] == 1
+    (ids,) = guided_ids  # sample.py's: all 55 tokens, and the text is theirs
+    assert ids.shape == (1, 55) and guided["guided"] == [lm.ByteTokenizer().decode(ids[0].tolist())]
 
 
 def test_a_training_script_refuses_mps_without_an_apple_gpu(capsys, monkeypatch, tmp_path):
