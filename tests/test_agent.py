@@ -251,4 +251,5 @@ def test_the_loop_on_atari_frames(capsys, monkeypatch):
     # the held-out episode (seed 2**31), played to its end greedily, then sampled: each return is its rewards' sum
     greedy, sampled = (e for e in episodes if e["seed"] == 2**31)
     assert greedy["done"] and sampled["done"]
-    assert metrics["eval_return"] == sum(greedy["rewards"]) and metrics["eval_return_sampled"] == sum(sampled["rewards"])
+    assert metrics["eval_return"] == sum(greedy["rewards"])
+    assert metrics["eval_return_sampled"] == sum(sampled["rewards"])

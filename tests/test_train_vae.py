@@ -56,7 +56,8 @@ def recomputed_metrics(out, data):
     after an 8-token prefix): teacher-forced argmax accuracy with each span's z = mu, and with the
     next span's; the median similarity of each span's greedy decoding to it."""
     args = train_vae.parse_args(["--resume", out, "--device", "cpu"])
-    vae = train_vae.load_vae(args, trainer.Run(torch.device("cpu")), trainer.load_checkpoint(out, "vae")).eval()
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    vae = train_vae.load_vae(args, trainer.Run(torch.device("cpu")), state).eval()
     _, val = textdata.split_streams(textdata.read_documents(data), vae.tokenizer, 16, data)
     right, right_shuffled, num_tokens, similarity = 0, 0, 0, []
     for i, starts in enumerate(textdata.spread_starts(val, 16, 2, 4)):
