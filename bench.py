@@ -204,6 +204,7 @@ def bench_imagine(args):
 
     import lm
     from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
+    from obs_tokenizer import TokenObservations
     from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
 
     device = args.device
@@ -213,8 +214,7 @@ def bench_imagine(args):
     iris_shape = SimpleNamespace(width=128, num_layers=3, num_heads=4, dropout=0.1)
     lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
     lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": GPT2LMHeadModel(lm_config)}
-    # observations that are tokens already: the timing is the world model, not a pixel decoder
-    tokens_as_obs = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)
+    tokens_as_obs = TokenObservations()  # the timing is the world model, not a pixel decoder
     num_steps = config.max_steps - 1
     start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
     actions = torch.randint(config.num_actions, (num_steps, args.batch_size), device=device)

@@ -34,6 +34,8 @@ Both tokenizers share one interface:
   small objects never appear); the background removed (the paddles come out sharp in
   2000 steps, 100 codes used instead of 16); no residual/attention blocks and no
   perceptual loss. The 1-pixel Pong ball is still mostly lost.
+- TokenObservations: observations that already are K tokens; encode and decode pass them
+  through. For the tests and bench.py's imagination timing, where the world model alone matters.
 """
 
 from dataclasses import dataclass
@@ -90,6 +92,19 @@ class VectorTokenizer(nn.Module):
         # a token t of dimension d sits at row d of centers, column t - d * num_bins;
         # centers.flatten() is laid out exactly like the vocabulary
         return self.centers.flatten()[tokens]  # (N, D)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+class TokenObservations:
+    """Observations that already are K tokens (N, K): encode and decode pass them through."""
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.long()
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
 
 
 # ----------------------------------------------------------------------------- frames

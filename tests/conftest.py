@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForC
 
 import lm
 from common import run_cli
+from router import Router
 
 
 @pytest.fixture(autouse=True)
@@ -105,6 +106,20 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) + "." for _ in range(40)))
     return str(path)
+
+
+@pytest.fixture
+def guided_ids(monkeypatch):
+    """The ids (B, num_spans * span_tokens) of each Router.generate call, in order: what sample.py
+    --guide generated, before it turned them into text."""
+    generate, calls = Router.generate, []
+
+    def noted(self, *args, **kwargs):
+        calls.append(generate(self, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(Router, "generate", noted)
+    return calls
 
 
 def read_bytes(path):

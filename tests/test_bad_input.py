@@ -1,7 +1,8 @@
-"""Bad input to the scripts (issue 26): a batch that cannot fit in memory, decoding past the base's
-positions, --device cuda without a GPU, a disk too full for imagination.png, eval_wm.py run alone,
-8-bit GGUF weights. Each is one `error: ...` line and exit code 2 (conftest.run_script_error), with
-nothing written and a checkpoint that exists unchanged."""
+"""Bad input to the scripts (issue 26): a number out of its range, a checkpoint of another kind, a
+batch that cannot fit in memory, decoding past the base's positions, --device cuda without a GPU, a
+disk too full for imagination.png, eval_wm.py run alone, 8-bit GGUF weights. Each is one
+`error: ...` line and exit code 2 (conftest.run_script_error), with nothing written and a
+checkpoint that exists unchanged. The first two are one table each over every script."""
 
 import errno
 import os
@@ -23,6 +24,104 @@ import textdata
 import train_wm
 from conftest import read_bytes, run_script, run_script_error, tiny_gpt2
 from trainer import Run
+
+
+def out_of_range(script, flags, must_be):
+    """A row of OUT_OF_RANGE: the flags' last value is refused, as out of the range it must be in."""
+    return script, flags, f"{flags.split()[-1]} is out of range: it must be {must_be}"
+
+
+INT_1, INT_2, NUM_0, FRACTION = "an integer >= 1", "an integer >= 2", "a number >= 0", "a number from 0 to 1"
+# every script's flags that take a number (or a choice), each refused as it is parsed: (script, flags, why)
+OUT_OF_RANGE = [
+    *(out_of_range(train_vae, flags, INT_1) for flags in (
+        "--batch-size 0", "--batch-size -3", "--context 0", "--lora-r 0", "--eval-batches 0", "--eval-interval 0",
+        "--log-interval 0", "--max-iters -5", "--latent-size 0", "--grad-accum 0", "--soft-tokens 0")),
+    out_of_range(train_vae, "--prefix-drop 1.5", FRACTION), out_of_range(train_vae, "--prefix-drop -0.1", FRACTION),
+    out_of_range(train_vae, "--kl-max -1", NUM_0), out_of_range(train_vae, "--free-bits -0.1", NUM_0),
+    out_of_range(train_vae, "--free-bits inf", "finite"), out_of_range(train_vae, "--lr nan", "a number > 0"),
+    out_of_range(train_vae, "--lr 0", "a number > 0"),
+    out_of_range(train_vae, "--eval-paragraphs -1", "an integer >= 0"),
+    (train_vae, "--batch-size x", "'x' is not an integer"),
+    (train_vae, "--posterior gaussian", "invalid choice: 'gaussian' (choose from 'bigvae', 'diagonal')"),
+    *(out_of_range(pretrain_lm, flags, INT_1) for flags in (
+        "--block-size 0", "--batch-size -3", "--eval-batches 0", "--max-iters -5")),
+    *(out_of_range(train_wm, flags, INT_1) for flags in (
+        "--collect-steps 0", "--horizon 0", "--width 0", "--num-layers 0", "--num-heads 0", "--num-imagine 0",
+        "--batch-size 0", "--lora-r 0", "--latent-size 0")),
+    *(out_of_range(train_wm, flags, INT_2) for flags in ("--segment-steps 0", "--num-bins 1", "--fsq-levels 8 1")),
+    out_of_range(train_wm, "--tokenizer-iters -1", "an integer >= 0"),
+    *(out_of_range(train_wm, flags, "a number between 0 and 1, both excluded")
+      for flags in ("--val-fraction 0", "--val-fraction 1")),
+    *(out_of_range(train_wm, flags, "a number from 0 up to, not including, 1")
+      for flags in ("--dropout 1", "--dropout -0.1")),
+    (train_wm, "--next-latent mse", "invalid choice: 'mse' (choose from 'kl', 'decode')"),
+    out_of_range(train_agent, "--gamma 1.5", FRACTION), out_of_range(train_agent, "--segment-steps 1", INT_2),
+    out_of_range(train_router, "--scales -1", NUM_0),
+    *(out_of_range(sample, flags, INT_1) for flags in ("--sample 0", "--sample -1", "--num-tokens 0")),
+    *(out_of_range(sample, flags, INT_2) for flags in ("--interp-steps 1", "--interp-steps 0")),
+    *(out_of_range(sample, flags, "a finite number >= 0")
+      for flags in ("--temperature -1", "--temperature inf", "--temperature nan")),
+]
+
+
+@pytest.mark.parametrize("script, flags, why", OUT_OF_RANGE,
+                         ids=[f"{script.__name__} {flags}" for script, flags, _ in OUT_OF_RANGE])
+def test_a_number_out_of_range_is_refused_as_it_is_parsed(tmp_path, capsys, monkeypatch, script, flags, why):
+    """argparse's own line (`argument FLAG: ...`) names the flag, so it came from parsing: before a
+    device, a model or a default out-dir was made."""
+    monkeypatch.chdir(tmp_path)
+    err = run_script_error(script.main, flags.split(), capsys)
+    assert err.startswith(f"error: argument {flags.split()[0]}: {why} (see ") and err.endswith(" --help)")
+    assert os.listdir(tmp_path) == []
+
+
+# what each kind of checkpoint is, as trainer.load_checkpoint names its writer
+WRITTEN_BY = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
+              "wm": "train_wm.py (a world model)"}
+# (script, its arguments with DIR for the directory given, what DIR's ckpt.pt holds, the run it wants instead)
+WRONG_CHECKPOINT = [
+    *((train_vae, argv, saved, "train_vae.py run to --resume") for argv, saved in (
+        ("--resume DIR", "wm"), ("--resume DIR", "lm"), ("--eval-only --resume DIR", "wm"), ("--resume DIR", "dict"),
+        ("--eval-only --resume DIR", "tensor"))),
+    *((sample, "--resume DIR --sample 1", saved, "train_vae.py run")  # sample.py names no flag
+      for saved in ("wm", "lm", "dict", "tensor", "nothing")),
+    (pretrain_lm, "--resume DIR", "vae", "pretrain_lm.py run to --resume"),
+    (train_wm, "--resume DIR", "vae", "train_wm.py run to --resume"),
+    (train_wm, "--resume DIR", "dict", "train_wm.py run to --resume"),
+    (train_wm, "--tokenizer-from DIR", "vae", "train_wm.py run to --tokenizer-from"),
+    (train_agent, "--resume DIR", "wm", "train_agent.py run to --resume"),
+    (train_agent, "--resume DIR", "nothing", "train_agent.py run to --resume"),
+    (train_router, "--vae DIR", "wm", "train_vae.py run to --vae"),
+    (train_router, "--vae DIR", "nothing", "train_vae.py run to --vae"),
+]
+
+
+@pytest.mark.parametrize("script, argv, saved, wants", WRONG_CHECKPOINT,
+                         ids=[f"{script.__name__} {argv} {saved}" for script, argv, saved, _ in WRONG_CHECKPOINT])
+def test_a_checkpoint_of_another_kind_is_named_with_the_script_that_reads_it(tmp_path, capsys, monkeypatch, script,
+                                                                            argv, saved, wants):
+    """Another script's checkpoint names the script that wrote it; another program's torch file, or
+    none, names the run it wants. Nothing is written, and the file stays as it was."""
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("ckpt")
+    path = f"{tmp_path}/ckpt/ckpt.pt"
+    if saved in WRITTEN_BY:
+        torch.save({"kind": saved, "config": {}, "step": 1}, path)
+        writer = WRITTEN_BY[saved]
+        expected = (f"{path} was written by {writer}, not by {wants.split()[0]}; give it to {writer.split()[0]}, "
+                    f"or pass the --out-dir of a {wants}")
+    elif saved == "nothing":
+        expected = f"no checkpoint at {path}; pass the --out-dir of an earlier {wants}"
+    else:  # another program's torch file
+        torch.save({"weights": torch.zeros(2)} if saved == "dict" else torch.zeros(3), path)
+        expected = f"{path} is a torch file but not a checkpoint of this project; pass the --out-dir of a {wants}"
+    before = [read_bytes(f"ckpt/{name}") for name in os.listdir("ckpt")]
+    err = run_script_error(script.main, argv.replace("DIR", f"{tmp_path}/ckpt").split(), capsys)
+    assert err == f"error: {expected}"
+    assert [read_bytes(f"ckpt/{name}") for name in os.listdir("ckpt")] == before
+    assert os.listdir(tmp_path) == ["ckpt"]  # no default out-dir made either
+
 
 HUGE = ["--batch-size", "100000"]
 WM = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
@@ -131,7 +230,7 @@ def test_8bit_gguf_weights_are_refused_before_loading(tmp_path, capsys, monkeypa
                    "a directory saved with save_pretrained")
 
 
-def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file):
+def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file, guided_ids):
     """A router on a VAE over a 64-position base: after z's memory slot and an 8-token window, 55
     positions are left for a span (the last token needs none); 56 is refused in one line."""
     base, vae_dir, router_dir = (str(tmp_path / name) for name in ("base", "vae", "router"))
@@ -144,8 +243,10 @@ def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file
             "--num-spans", "1", "--device", "cpu", "--span-tokens"]
     assert "--span-tokens 56 goes past the base's 55 positions left" in run_script_error(sample.main, argv + ["56"],
                                                                                          capsys)
+    guided_ids.clear()  # train_router.py's sweep generated too
     guided, _ = run_script(sample.main, argv + ["55"], capsys)
-    assert len(guided["guided"]) == 1 and guided["num_spans"] == 1
+    (ids,) = guided_ids  # sample.py's: all 55 tokens, and the text is theirs
+    assert ids.shape == (1, 55) and guided["guided"] == [lm.ByteTokenizer().decode(ids[0].tolist())]
 
 
 def test_a_training_script_refuses_mps_without_an_apple_gpu(capsys, monkeypatch, tmp_path):

@@ -279,22 +279,6 @@ def test_a_plain_pickle_is_refused_in_one_line_without_torchs_warning(tmp_path, 
 # ----------------------------------------------------------------------------- hints (case 10)
 
 
-def test_free_bits_inf_is_refused_at_parse_time(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train_vae.parse_args(["--free-bits", "inf"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--free-bits: inf is out of range: it must be finite" in err
-    assert_one_line(err)
-
-
-def test_another_kind_of_checkpoint_names_the_flag_with_grammar(tmp_path):
-    checkpoint.save_checkpoint(tmp_path, {"kind": "wm", "config": {}, "step": 1})
-    with pytest.raises(common.UserError) as e:
-        checkpoint.load_checkpoint(tmp_path, "agent", "--resume")
-    assert str(e.value).endswith("not by train_agent.py; give it to train_wm.py, or pass the --out-dir of a "
-                                 "train_agent.py run to --resume")
-
-
 def test_an_empty_vae_dir_names_vae_and_a_refused_run_leaves_no_out_dir(tmp_path, capsys, text_file):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "new" / "router"

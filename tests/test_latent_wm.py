@@ -2,7 +2,6 @@
 the world model's state) and its train_wm.py path (--state latent). Small models built here."""
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,10 +11,10 @@ import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
+from obs_tokenizer import TokenObservations
 
 K, V, A, L, D = 4, 16, 3, 5, 8  # tokens per observation, their vocabulary, actions, steps, latent size
 CONFIG = LatentWorldModelConfig(tokens_per_obs=K, obs_vocab_size=V, num_actions=A, max_steps=L, latent_size=D)
-TOKENS_AS_OBS = SimpleNamespace(encode=lambda obs: obs, decode=lambda tokens: tokens)  # obs that are tokens already
 
 
 def make_model(lm=None, **config):
@@ -114,7 +113,7 @@ def test_cached_imagination_equals_recomputation(should_decode):
     actions = torch.randint(A, (3 * L, 4))
     runs = []
     for should_use_cache in (True, False):
-        env = LatentWorldModelEnv(model, TOKENS_AS_OBS, should_use_cache=should_use_cache,
+        env = LatentWorldModelEnv(model, TokenObservations(), should_use_cache=should_use_cache,
                                   generator=torch.Generator().manual_seed(0), should_decode=should_decode)
         obs, info = env.reset(start)
         assert torch.equal(obs, start) and info["latent"].shape == (4, D)
@@ -245,8 +244,6 @@ def test_train_wm_state_latent_resume_is_exact(tmp_path, capsys, monkeypatch, ba
 @pytest.mark.parametrize("argv, message", [
     (["--latent-size", "8"], "--latent-size configure(s) the latent world model: add --state latent"),
     (["--next-latent", "decode"], "--next-latent configure(s) the latent world model"),
-    (["--state", "latent", "--latent-size", "0"], "--latent-size: 0 is out of range"),
-    (["--state", "latent", "--next-latent", "mse"], "invalid choice: 'mse'"),
     (["--state", "latent", "--lora-r", "4"], "--lora-r configure(s) the LM backbone"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):

@@ -9,7 +9,7 @@ import torch
 import lm
 import pretrain_lm
 import train_vae
-from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 
 SMALL = ["--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--block-size", "16", "--eval-batches", "2",
          "--log-interval", "1", "--device", "cpu"]
@@ -49,8 +49,6 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--block-size", "0"], "--block-size: 0 is out of range"), (["--batch-size", "-3"], "--batch-size: -3 is out"),
-    (["--eval-batches", "0"], "--eval-batches: 0 is out"), (["--max-iters", "-5"], "--max-iters: -5 is out"),
     (["--block-size", "600"], "--block-size 600 is more than the 512 positions of tiny: use --block-size 512"),
     (["--lr", "1e6", "--grad-clip", "0", "--max-iters", "40"], "stopped before saving"),  # diverges, saves nothing
     (["--eval-only"], "pass --resume DIR too")])
@@ -61,12 +59,7 @@ def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, capsys, text
     assert not os.path.exists(out / "ckpt.pt") and not os.path.exists(out / "base")
 
 
-def test_refuses_another_kind_of_checkpoint_and_an_unwritable_out_dir(tmp_path, capsys, text_file):
-    torch.save({"kind": "vae", "config": {}, "step": 1, "model": {}}, tmp_path / "ckpt.pt")
-    before = read_bytes(tmp_path / "ckpt.pt")
-    assert "written by train_vae.py (a text VAE)" in run_script_error(pretrain_lm.main, ["--resume", str(tmp_path)],
-                                                                      capsys)
-    assert read_bytes(tmp_path / "ckpt.pt") == before
+def test_refuses_an_unwritable_out_dir(tmp_path, capsys, text_file):
     (tmp_path / "file").write_text("x")
     assert "cannot write to --out-dir" in run_script_error(
         pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", str(tmp_path / "file" / "lm")], capsys)

@@ -2,6 +2,7 @@
 (offline, CPU). sample.py and pretrain_lm.py have their own test files."""
 
 import os
+import statistics
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import train_vae
 import checkpoint
 import vae
 from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error, tiny_gpt2
+from vae_eval import char_similarity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent-size", "16", "--lora-r", "4",
@@ -45,6 +47,30 @@ def trained(tmp_path_factory, text_file, base_dir):
                             "--eval-interval", "2"])
     torch.set_num_threads(threads)
     return out
+
+
+@torch.no_grad()
+def recomputed_metrics(out, data):
+    """val_acc, val_acc_shuffled and val_char_similarity of out's checkpoint, recomputed here from its
+    weights on SMALL's held-out windows of data (2 batches of 4 spans of 8 tokens, every other one
+    after an 8-token prefix): teacher-forced argmax accuracy with each span's z = mu, and with the
+    next span's; the median similarity of each span's greedy decoding to it."""
+    args = train_vae.parse_args(["--resume", out, "--device", "cpu"])
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    vae = train_vae.load_vae(args, trainer.Run(torch.device("cpu")), state).eval()
+    _, val = textdata.split_streams(textdata.read_documents(data), vae.tokenizer, 16, data)
+    right, right_shuffled, num_tokens, similarity = 0, 0, 0, []
+    for i, starts in enumerate(textdata.spread_starts(val, 16, 2, 4)):
+        batch = textdata.vae_batch(val, starts, 8, i % 2 == 0)
+        target, prefix = batch["target_ids"], batch.get("prefix_ids")  # (4, 8) each
+        mu, _ = vae.encode(batch["input_ids"])
+        right += (vae(mu, target, prefix).argmax(-1) == target).sum().item()
+        right_shuffled += (vae(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
+        num_tokens += target.numel()
+        greedy = vae.generate(mu, 8, prefix, should_stop_at_eos=False)
+        similarity += map(char_similarity, vae.detokenize(target), vae.detokenize(greedy))
+    return {"val_acc": right / num_tokens, "val_acc_shuffled": right_shuffled / num_tokens,
+            "val_char_similarity": statistics.median(similarity)}
 
 
 def run_main(argv, capsys):
@@ -85,14 +111,16 @@ def test_batches_cut_windows_and_drop_the_prefix():
 
 def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_dir):
     out = str(tmp_path / "run")
-    argv = SMALL + ["--model", base_dir, "--data", text_file]
+    argv = SMALL + ["--model", base_dir, "--data", text_file, "--lr", "3e-2"]  # 4 steps to accuracies above 0
     metrics, lines = run_main(argv + ["--out-dir", out, "--max-iters", "4", "--eval-interval", "2"], capsys)
     assert any(line.startswith("step 4/4 |") and "rec " in line and "kl " in line and "tok/s" in line
                and "eta" in line for line in lines)
     assert any(line.startswith("  original: ") for line in lines)
     for key in KEYS + FULL_KEYS + ("train_loss", "train_rec", "train_kl", "minutes", "steps"):
         assert key in metrics, key
-    assert metrics["val_iw_samples"] == 2 and metrics["val_spans"] == 8 and 0 <= metrics["val_char_similarity"] <= 1
+    assert metrics["val_iw_samples"] == 2 and metrics["val_spans"] == 8
+    recomputed = recomputed_metrics(out, text_file)
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     base_keys = [k for k in state["model"] if k.startswith("base.") and ".lora_" not in k]
     assert state["kind"] == "vae" and state["step"] == 4 and not base_keys  # only adapters + head, not the base
@@ -152,9 +180,11 @@ def test_a_gpt2_shaped_model_with_tiktoken_end_to_end(tmp_path, capsys):
     data = tmp_path / "text.txt"
     data.write_text("\n".join(f"Sentence number {i} is about the weather in town {i % 7}." for i in range(30)))
     out = str(tmp_path / "vae")
-    argv = SMALL + ["--model", str(tmp_path / "gpt2"), "--data", str(data)]
+    argv = SMALL + ["--model", str(tmp_path / "gpt2"), "--data", str(data), "--lr", "3e-2"]  # a similarity above 0
     metrics, lines = run_main(argv + ["--out-dir", out, "--max-iters", "2", "--eval-interval", "2"], capsys)
-    assert metrics["steps"] == 2 and 0.0 <= metrics["val_acc"] <= 1.0
+    assert metrics["steps"] == 2
+    recomputed = recomputed_metrics(out, str(data))
+    assert {k: metrics[k] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
     train, val = textdata.split_streams(textdata.read_documents(str(data)), lm.TiktokenTokenizer(), 16, "")
     assert any(f"{len(train):,} training / {len(val):,} held-out tokens" in line for line in lines)  # GPT-2 BPE
     result, _ = run_script(sample.main, ["--resume", out, "--reconstruct", "Hello world", "--device", "cpu"], capsys)
@@ -181,20 +211,6 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
 
 
 # ----------------------------------------------------------------------------- bad input
-
-
-@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--batch-size", "-3"], ["--context", "0"],
-                                   ["--lora-r", "0"], ["--eval-batches", "0"], ["--eval-interval", "0"],
-                                   ["--log-interval", "0"], ["--max-iters", "-5"], ["--latent-size", "0"],
-                                   ["--grad-accum", "0"], ["--prefix-drop", "1.5"], ["--prefix-drop", "-0.1"],
-                                   ["--kl-max", "-1"], ["--free-bits", "-0.1"], ["--lr", "nan"], ["--lr", "0"],
-                                   ["--batch-size", "x"], ["--posterior", "gaussian"], ["--soft-tokens", "0"],
-                                   ["--eval-paragraphs", "-1"]])
-def test_flags_out_of_range_are_refused_at_parse_time(tmp_path, capsys, flags):
-    err = run_error(train_vae.main, ["--out-dir", str(tmp_path / "x")] + flags, capsys)
-    assert err.startswith(f"error: argument {flags[0]}: ") and err.endswith("--help)")
-    assert any(why in err for why in (f"{flags[1]} is out of range: it must be ", "not an integer", "invalid choice"))
-    assert not os.path.exists(tmp_path / "x")  # refused before anything was made
 
 
 @pytest.mark.parametrize("flags, message", [  # {name}: a path the test makes
@@ -234,19 +250,6 @@ def test_a_bad_resume_leaves_the_checkpoint_as_it_was(capsys, text_file, base_di
     assert sorted(os.listdir(trained)) == ["ckpt.pt", "peft"]  # no ckpt.pt.tmp, no peft.tmp
 
 
-@pytest.mark.parametrize("content, message", [
-    ({"a": 1}, "is a torch file but not a checkpoint of this project"),
-    (torch.zeros(3), "is a torch file but not a checkpoint of this project"),
-    ({"kind": "wm", "config": {}, "step": 1}, "written by train_wm.py (a world model), not by train_vae.py"),
-    ({"kind": "lm", "config": {}, "step": 1}, "written by pretrain_lm.py (a plain LM), not by train_vae.py")])
-def test_a_checkpoint_of_something_else_is_named(tmp_path, capsys, text_file, content, message):
-    torch.save(content, tmp_path / "ckpt.pt")
-    before = read_bytes(tmp_path / "ckpt.pt")
-    assert message in run_error(train_vae.main, SMALL + ["--data", text_file, "--resume", str(tmp_path)], capsys)
-    assert message in run_error(train_vae.main, ["--eval-only", "--resume", str(tmp_path)], capsys)
-    assert read_bytes(tmp_path / "ckpt.pt") == before
-
-
 def test_the_scripts_answer_help_without_loading_transformers():
     """--help parses the flags before the heavy imports (transformers' alone takes ~2 s)."""
     code = ("import runpy, sys\n"
@@ -267,13 +270,15 @@ def test_the_scripts_answer_help_without_loading_transformers():
     assert checkpoint.KINDS.keys() == {"vae", "lm", "router", "wm", "agent"}
 
 
-def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch):
+def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch, text_file):
     """Every evaluation is kept in the checkpoint; experiments/vae_curve.py draws it and prints its points."""
     from experiments import vae_curve
 
     history = checkpoint.load_checkpoint(trained, "vae")["history"]
     assert [h["step"] for h in history] == [2, 4]
-    assert history[0]["minutes"] <= history[1]["minutes"] and all(0 <= h["val_acc"] <= 1 for h in history)
+    assert history[0]["minutes"] <= history[1]["minutes"]
+    recomputed = recomputed_metrics(trained, text_file)  # the checkpoint is the last evaluation's
+    assert {k: history[1][k] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
     picture = tmp_path / "curve.png"
     out, _ = run_script(vae_curve.main, [trained, "--out", str(picture)], capsys)
     assert [p["val_acc_shuffled"] for p in out["points"][trained]] == [h["val_acc_shuffled"] for h in history]

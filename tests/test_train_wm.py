@@ -13,7 +13,8 @@ import lm
 import lora
 import train_wm
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
-from checkpoint import save_checkpoint
+from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
+from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
@@ -45,6 +46,35 @@ def finished_run(out, capsys, extra=()):
     return ckpt_bytes(out)
 
 
+@torch.no_grad()
+def recomputed_obs_acc(out):
+    """val_obs_acc of a CartPole run's checkpoint, recomputed here: its tokenizer and IRIS world model
+    rebuilt from it, the run's held-out episodes collected again (the same seed), and the share of
+    their observation tokens the model predicts by argmax, over segments from each episode's start."""
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    c = state["config"]
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=c["num_bins"]))
+    tokenizer.load_state_dict(state["tokenizer"])
+    shapes = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2,
+                              max_steps=c["segment_steps"])
+    world_model = WorldModel(shapes, Transformer(TransformerConfig(width=c["width"], num_layers=c["num_layers"],
+                                                                   num_heads=c["num_heads"], dropout=c["dropout"])))
+    world_model.load_state_dict(state["world_model"])
+    world_model.eval()
+    data = data_wm.collect(data_wm.make_env("CartPole-v1"), tokenizer, c["collect_steps"], c["seed"])
+    _, val = data_wm.split(data, c["val_fraction"])
+    val["obs_tokens"] = tokenizer.encode(val["obs"])  # (N, 4)
+    data_wm.add_episode_bounds(val)
+    right = total = 0
+    for start in range(len(val["episode"])):
+        if (start - val["episode_start"][start]) % c["segment_steps"] == 0:
+            batch = data_wm.segments(val, torch.tensor([start]), c["segment_steps"])
+            logits, labels = world_model.logits_and_labels(batch)["obs"]
+            right += (logits.argmax(-1) == labels)[labels != -100].sum().item()
+            total += (labels != -100).sum().item()
+    return right / total
+
+
 def test_segments_pad_past_the_episode_end():
     data = {"episode": torch.tensor([0, 0, 0, 1, 1]), "obs_tokens": torch.arange(10).view(5, 2),
             "actions": torch.arange(5), "rewards": torch.arange(5.0), "ends": torch.tensor([0, 0, 1, 0, 0])}
@@ -58,13 +88,16 @@ def test_segments_pad_past_the_episode_end():
 
 def test_cartpole_trains_evaluates_and_draws(tmp_path, capsys):
     out = str(tmp_path / "run")
-    metrics, lines = run_main(CARTPOLE + ["--max-iters", "3", "--eval-interval", "3", "--out-dir", out], capsys)
+    # 8 bins a dimension: after 3 steps the model predicts some observation tokens (with 64, none)
+    metrics, lines = run_main(CARTPOLE + ["--max-iters", "3", "--eval-interval", "3", "--num-bins", "8", "--out-dir",
+                                          out], capsys)
     assert any(line.startswith("step 3/3 |") and "obs " in line and "eta" in line for line in lines)
     for key in ("val_obs_acc", "val_obs_ce", "val_reward_acc", "val_end_acc", "val_reward_event_acc",
                 "val_end_event_acc", "tokenizer_err", "train_loss", "imag_err_h1", "copy_err_h1", "imag_acc_h5",
                 "copy_acc_h5", "imag_beats_copy_up_to_h"):
         assert key in metrics, key
-    assert 0 <= metrics["val_obs_acc"] <= 1 and metrics["copy_err_h5"] > metrics["copy_err_h1"] > 0
+    assert metrics["copy_err_h5"] > metrics["copy_err_h1"] > 0
+    assert metrics["val_obs_acc"] == pytest.approx(recomputed_obs_acc(out), abs=1e-6)
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert state["kind"] == "wm" and state["step"] == 3 and state["config"]["tokenizer_iters"] == 0  # vectors
     with open(os.path.join(out, "imagination.png"), "rb") as f:
@@ -200,23 +233,7 @@ def test_pong_smoke(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--segment-steps", "0"], "--segment-steps: 0 is out of range"),
-    (["--collect-steps", "0"], "--collect-steps: 0 is out of range"),
-    (["--horizon", "0"], "--horizon: 0 is out of range"),
-    (["--num-bins", "1"], "--num-bins: 1 is out of range: it must be an integer >= 2"),
-    (["--width", "0"], "--width: 0 is out of range"),
-    (["--num-layers", "0"], "--num-layers: 0 is out of range"),
-    (["--num-heads", "0"], "--num-heads: 0 is out of range"),
     (["--width", "30"], "--width 30 is not a multiple of --num-heads 4"),
-    (["--num-imagine", "0"], "--num-imagine: 0 is out of range"),
-    (["--batch-size", "0"], "--batch-size: 0 is out of range"),
-    (["--val-fraction", "0"], "--val-fraction: 0 is out of range"),
-    (["--val-fraction", "1"], "--val-fraction: 1 is out of range"),
-    (["--dropout", "1"], "--dropout: 1 is out of range"),
-    (["--dropout", "-0.1"], "--dropout: -0.1 is out of range"),
-    (["--tokenizer-iters", "-1"], "--tokenizer-iters: -1 is out of range"),
-    (["--fsq-levels", "8", "1"], "--fsq-levels: 1 is out of range"),
-    (["--lora-r", "0"], "--lora-r: 0 is out of range"),
     (["--eval-only"], "pass --resume DIR"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_numbers_are_checked_at_parse_time(argv, message, capsys, monkeypatch):
@@ -257,12 +274,3 @@ def test_checkpoint_errors_leave_the_checkpoint_unchanged(tmp_path, capsys):
     err = run_error(["--resume", out, "--max-iters", "6", "--eval-interval", "6", "--lr", "1e6", *EVAL], capsys)
     assert "stopped before saving" in err
     assert ckpt_bytes(out) == saved
-    # checkpoints of another script, or torch files of another program
-    vae = str(tmp_path / "vae")
-    save_checkpoint(vae, {"kind": "vae", "config": {}, "step": 1})
-    assert "train_vae.py" in run_error(["--resume", vae], capsys)
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    torch.save({"weights": torch.zeros(2)}, foreign / "ckpt.pt")
-    assert "not a checkpoint of this project" in run_error(["--resume", str(foreign)], capsys)
-    assert "train_vae.py" in run_error(CARTPOLE + ["--tokenizer-from", vae, "--out-dir", "other"], capsys)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
+from obs_tokenizer import (FrameTokenizer, FrameTokenizerConfig, TokenObservations, VectorTokenizer,
+                           VectorTokenizerConfig)
 from worldmodel import (Embedder, Head, Slicer, Transformer, TransformerConfig, WorldModel,
                         WorldModelConfig, WorldModelEnv, compute_labels, interleave)
 
@@ -240,22 +241,12 @@ def test_world_model_overfits_a_tiny_deterministic_dataset():
         assert (logits.argmax(-1)[keep] == labels[keep]).all(), name
 
 
-class IdentityTokenizer:
-    """Observations that already are K tokens."""
-
-    def encode(self, obs):
-        return obs.long()
-
-    def decode(self, tokens):
-        return tokens
-
-
 def test_imagination_env_types_and_cache_matches_recompute():
     wm = tiny_world_model(K=3, vocab=7, actions=2, max_steps=4)
     start = torch.randint(7, (2, 3))
     runs = []
     for should_use_cache in (True, False):
-        env = WorldModelEnv(wm, IdentityTokenizer(), should_use_cache=should_use_cache, keep_steps=1,
+        env = WorldModelEnv(wm, TokenObservations(), should_use_cache=should_use_cache, keep_steps=1,
                             generator=torch.Generator().manual_seed(1))
         obs, info = env.reset(start)
         assert torch.equal(obs, start) and torch.equal(info["obs_tokens"], start)
@@ -293,7 +284,7 @@ def test_imagination_follows_the_learned_dynamics():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    env = WorldModelEnv(wm.eval(), IdentityTokenizer(), temperature=0.1,
+    env = WorldModelEnv(wm.eval(), TokenObservations(), temperature=0.1,
                         generator=torch.Generator().manual_seed(0))
     obs0, _ = env.reset(torch.tensor([[0], [1]]))
     o1 = env.step(torch.tensor([1, 0]))[0]
