@@ -12,6 +12,7 @@ import data_wm
 import lm
 import lora
 import train_wm
+import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 from checkpoint import save_checkpoint
 
@@ -170,7 +171,7 @@ def test_lm_layers_trains_the_cut_lm_and_reloads_it_cut(tmp_path, capsys, saved_
 
 def test_collection_is_a_function_of_the_seed():
     env = data_wm.make_env("CartPole-v1")
-    tokenizer = train_wm.make_tokenizer(env, train_wm.parse_args([]))
+    tokenizer = wm_setup.make_tokenizer(env, wm_setup.TokenizerSettings())
     a, b = (data_wm.collect(env, tokenizer, 300, seed=3) for _ in range(2))
     c = data_wm.collect(env, tokenizer, 300, seed=4)
     assert all(torch.equal(a[k], b[k]) for k in a)
