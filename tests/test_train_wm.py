@@ -1,9 +1,10 @@
-"""Tests for train_wm.py and data_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful
+"""Tests for train_wm.py, wm_setup.py and data_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful
 of steps. Every test runs in its own tmp directory, so the default --out-dir out-wm lands there."""
 
 import os
 import re
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,10 +12,12 @@ import torch
 import data_wm
 import lm
 import lora
+import train_agent
 import train_wm
 import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 from checkpoint import save_checkpoint
+from common import config_from
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
         "--warmup-iters", "1", "--horizon", "5", "--num-imagine", "8", "--device", "cpu"]
@@ -177,6 +180,16 @@ def test_collection_is_a_function_of_the_seed():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["obs"], c["obs"])
     assert a["ends"].sum() == a["episode"][-1]  # every episode but the cut last one ends terminated
+
+
+@pytest.mark.parametrize("script", [train_wm, train_agent], ids=["train_wm", "train_agent"])
+def test_the_settings_default_to_the_flags_defaults(script):
+    """WorldModelSettings() and TokenizerSettings() are the flags' defaults in both scripts, but for what
+    each script settles after parsing: --model (tiny with --backbone lm) and --tokenizer-iters."""
+    flags = vars(script.parse_args([]))
+    assert wm_setup.settings_from(flags) == wm_setup.WorldModelSettings(model=None)
+    tokenizer = config_from(wm_setup.TokenizerSettings, {**flags, "tokenizer_iters": 0})
+    assert replace(tokenizer, fsq_levels=tuple(tokenizer.fsq_levels)) == wm_setup.TokenizerSettings()
 
 
 def test_pong_smoke(tmp_path, capsys):
