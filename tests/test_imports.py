@@ -9,8 +9,9 @@ import sys
 import lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_math", "vae_eval", "router", "textdata", "peft_layout",
-           "worldmodel", "obs_tokenizer", "data_wm", "latent_wm", "lm_backbone", "agent", "eval_wm"]
+LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_math", "vae_eval", "router", "textdata",
+           "peft_layout", "worldmodel", "obs_tokenizer", "data_wm", "latent_wm", "lm_backbone", "agent", "eval_wm",
+           "wm_setup"]
 
 
 def test_the_library_imports_without_transformers():

@@ -260,7 +260,7 @@ def test_the_scripts_answer_help_without_loading_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.count("show this help message") == 5, done.stderr[-500:]
-    # train_agent.py takes train_wm.py's world-model flags from it, and with them its imports
+    # train_agent.py has the world-model flags (wm_setup.py) beside its own
     done = subprocess.run([sys.executable, "train_agent.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "--wm-iters" in done.stdout and "--backbone" in done.stdout
