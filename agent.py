@@ -161,3 +161,10 @@ def play(env, act, num_episodes, first_seed):
             done = terminated or truncated
         returns.append(total)
     return returns
+
+
+def first_reaching(history, target):
+    """Real env steps at the first evaluation in history (train_agent.py's, one dict per evaluated epoch)
+    whose greedy return reached target (None: never, or no target); experiments/agent_curve.py reads it too."""
+    reached = [h["env_steps"] for h in history if target is not None and h["eval_return"] >= target]
+    return reached[0] if reached else None

@@ -200,18 +200,16 @@ def bench_imagine(args):
     6 actions, a 20-step context); random weights: speed does not depend on training. One
     observation then 19 imagined steps fill the context without a rebuild, so both ways compute
     the same logits."""
-    from types import SimpleNamespace
-
     import lm
     from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
     from obs_tokenizer import TokenObservations
-    from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
+    from worldmodel import TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
 
     device = args.device
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     latent_config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     backbones = world_model_backbones(args)
-    iris_shape = SimpleNamespace(width=128, num_layers=3, num_heads=4, dropout=0.1)
+    iris_shape = TransformerConfig(width=128, num_layers=3, num_heads=4, dropout=0.1)
     lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
     lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": GPT2LMHeadModel(lm_config)}
     tokens_as_obs = TokenObservations()  # the timing is the world model, not a pixel decoder

@@ -25,29 +25,31 @@ from latent_wm import imagination_env
 
 
 @torch.no_grad()
-def evaluate(world_model, tokenizer, val, scale, args, run):
-    """All held-out metrics, at horizons 1, 5 and --horizon; draws the picture."""
+def evaluate(world_model, tokenizer, val, scale, segment_steps, horizon, num_starts, seed, picture, device):
+    """All held-out metrics, at horizons 1, 5 and `horizon` (heldout_metrics, imagine); draws the picture
+    to the path `picture`."""
     world_model.eval()
-    metrics = heldout_metrics(world_model, val, args, run)
-    curves, example, metrics["imagined_steps_per_s"] = imagine(world_model, tokenizer, val, scale, args, run)
-    for h in sorted({1, 5, args.horizon} & set(range(1, args.horizon + 1))):
+    metrics = heldout_metrics(world_model, val, segment_steps, device)
+    curves, example, metrics["imagined_steps_per_s"] = imagine(world_model, tokenizer, val, scale, horizon,
+                                                               num_starts, seed, device)
+    for h in sorted({1, 5, horizon} & set(range(1, horizon + 1))):
         for name, curve in curves.items():
             metrics[f"{name}_h{h}"] = curve[h - 1]
     beats = [i < c for i, c in zip(curves["imag_err"], curves["copy_err"])]
     metrics["imag_beats_copy_up_to_h"] = (beats + [False]).index(False)  # first horizon where it does not
-    draw(example, curves, os.path.join(args.out_dir, "imagination.png"))
+    draw(example, curves, picture)
     return metrics
 
 
-def heldout_metrics(world_model, val, args, run):
+def heldout_metrics(world_model, val, segment_steps, device):
     """Accuracy and cross-entropy of each head over the held-out episodes, cut into
-    consecutive segments from each episode's start; and the accuracy on the rare events
+    consecutive segments of segment_steps steps from each episode's start; and the accuracy on the rare events
     that plain accuracy hides: steps with a nonzero reward, steps where the episode ended."""
     steps = torch.arange(len(val["episode"]))
-    starts = steps[(steps - val["episode_start"]) % args.segment_steps == 0]
+    starts = steps[(steps - val["episode_start"]) % segment_steps == 0]
     sums = defaultdict(float)
     for chunk in starts.split(64):
-        batch = {k: v.to(run.device) for k, v in segments(val, chunk, args.segment_steps).items()}
+        batch = {k: v.to(device) for k, v in segments(val, chunk, segment_steps).items()}
         for name, (logits, labels) in world_model.logits_and_labels(batch).items():
             keep = labels != -100
             logits, labels = logits[keep].float(), labels[keep]
@@ -66,25 +68,25 @@ def heldout_metrics(world_model, val, args, run):
     return metrics
 
 
-def imagine(world_model, tokenizer, val, scale, args, run):
-    """Open-loop imagination from held-out starts with the real actions; per-horizon
-    token accuracy and error of the world model and of copying the start observation;
-    imagined steps per second (all starts imagine at once, as one batch)."""
-    H = args.horizon
+def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, device):
+    """Open-loop imagination from up to num_starts held-out starts, evenly spread, with the real actions,
+    `horizon` steps (sampled from seed); per-horizon token accuracy and error of the world model and of
+    copying the start observation; imagined steps per second (all starts imagine at once, as one batch)."""
+    H = horizon
     valid = torch.nonzero(torch.arange(len(val["episode"])) + H < val["episode_end"]).squeeze(1)
     if len(valid) == 0:
         raise UserError(f"no held-out episode has more than --horizon {H} steps: lower --horizon, or raise "
                         "--collect-steps or --val-fraction")
-    starts = valid[torch.linspace(0, len(valid) - 1, min(args.num_imagine, len(valid))).long()]
-    env = imagination_env(world_model, tokenizer, generator=torch.Generator(run.device).manual_seed(args.seed))
-    obs, info = env.reset(val["obs"][starts].to(run.device))
+    starts = valid[torch.linspace(0, len(valid) - 1, min(num_starts, len(valid))).long()]
+    env = imagination_env(world_model, tokenizer, generator=torch.Generator(device).manual_seed(seed))
+    obs, info = env.reset(val["obs"][starts].to(device))
     real_tokens = val["obs_tokens"][starts]
     imagined = [obs.cpu()]
     curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
     seconds = 0.0
     for h in range(1, H + 1):
         t = time.time()
-        obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(run.device))
+        obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(device))
         seconds += time.time() - t
         imagined.append(obs.cpu())
         real, real_next = val["obs"][starts], val["obs"][starts + h]

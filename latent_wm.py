@@ -50,10 +50,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-import offload
-from common import config_from
 from lm import cache_kwarg, hidden_size
-from lm_backbone import LMBackbone, LMCache, lm_and_tables
+from lm_backbone import LMBackbone, LMCache
 from vae import VAE, VAEComponent, VAEConfig, bidirectional_mask, kl_weight, noise_scale
 from worldmodel import Head, WorldModelEnv, compute_labels, init_weights
 
@@ -288,31 +286,15 @@ def imagination_env(world_model, tokenizer, **kwargs):
     return env_class(world_model, tokenizer, **kwargs)
 
 
-# ----------------------------------------------------------------------------- building it from flags
+# ----------------------------------------------------------------------------- IRIS's size, as an LM
 
-def iris_sized_lm(args, config):
-    """A GPT-2-shaped transformer at IRIS's world-model size (--width, --num-layers, --num-heads,
-    --dropout), random and trained whole: --backbone iris. Its token table is never read."""
+def iris_sized_lm(shape, config):
+    """A GPT-2-shaped transformer of IRIS's world-model shape (worldmodel.TransformerConfig: width, layers,
+    heads, dropout) for LatentWorldModelConfig `config`, random and trained whole: --backbone iris (wm_setup.py
+    builds the rest). Its token table is never read."""
     from transformers import GPT2Config, GPT2LMHeadModel  # not at the top: see lm.import_transformers
 
-    return GPT2LMHeadModel(GPT2Config(n_layer=args.num_layers, n_head=args.num_heads, n_embd=args.width, vocab_size=1,
-                                      bos_token_id=0, eos_token_id=0,
+    return GPT2LMHeadModel(GPT2Config(n_layer=shape.num_layers, n_head=shape.num_heads, n_embd=shape.width,
+                                      vocab_size=1, bos_token_id=0, eos_token_id=0,
                                       n_positions=max(config.max_tokens, config.tokens_per_obs),
-                                      resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout))
-
-
-def latent_world_model(args, config, device, should_print):
-    """The latent world model (LatentWorldModelConfig `config`) from train_wm.py's flags: --backbone iris,
-    a GPT-2-shaped transformer from scratch (every weight trains, plus the adapters); --backbone lm, the
-    --model LM pretrained or --lm-init random, frozen + the three adapters or --train-base, with the
-    tables --embeddings picks (lm_backbone.lm_and_tables), placed as the memory flags ask."""
-    if args.backbone == "iris":
-        world_model = LatentWorldModel(config, iris_sized_lm(args, config), should_train_base=True)
-        return world_model.to(device)
-    base, tables = lm_and_tables(args, config, device, max(config.max_tokens, config.tokens_per_obs))
-    world_model = LatentWorldModel(config, base, tables, r=args.lora_r, alpha=args.lora_alpha,
-                                   should_train_base=args.train_base)
-    tokens_per_step = args.batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)
-    offload.place(world_model, base, config_from(offload.MemoryConfig, vars(args)), device, tokens_per_step,
-                  args.batch_size, should_print)
-    return world_model
+                                      resid_pdrop=shape.dropout, embd_pdrop=shape.dropout, attn_pdrop=shape.dropout))

@@ -26,17 +26,16 @@ The world model's embedding tables then have the LM's width. They can be IRIS's 
 tables, learned from scratch, or rows of the LM's own token-embedding table
 (`lm_token_tables`), frozen or trained. `randomized` gives the control for "does
 pretraining help": the same architecture with random weights.
-`lm_world_model` builds all of this from train_wm.py's flags (the LM backbone group of its
---help); experiments/compare_wm.py runs the comparison.
+wm_setup.lm_world_model builds all of this from the world model's settings (the LM backbone
+group of train_wm.py's --help); experiments/compare_wm.py runs the comparison.
 """
 
 import torch.nn as nn
 
 import lora
 import offload
-from common import UserError, config_from
-from lm import TINY_MODELS, cache_kwarg, hidden_size, num_positions
-from worldmodel import WorldModel
+from common import UserError
+from lm import cache_kwarg, hidden_size
 
 
 class LMCache:
@@ -111,45 +110,8 @@ def first_layers(lm, num_layers):
     """The LM cut to its first num_layers transformer layers, in place; the final norm stays, so the
     body's output is the norm of what the full LM's layer num_layers gives. A CPU-sized pretrained
     transformer: its lower layers with everything they learned, not a smaller model trained apart.
-    (train_wm.check_model_flags has checked num_layers against the LM's config.)"""
+    (wm_setup.check_model_flags has checked num_layers against the LM's config.)"""
     del offload.decoder_layers(lm)[num_layers:]
     # the config follows, so that --lm-init random draws the cut shape and offload.py finds the layers
     lm.config.num_hidden_layers = num_layers
     return lm
-
-
-def lm_and_tables(args, config, device, num_tokens):
-    """The --model LM as train_wm.py's flags ask (pretrained or --lm-init random, its first --lm-layers),
-    checked to take num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
-    memory = config_from(offload.MemoryConfig, vars(args))
-    base, _ = offload.load_with_memory(args.model, memory, device, args.train_base, should_load_tokenizer=False)
-    if args.lm_layers is not None:
-        base = first_layers(base, args.lm_layers)
-    if args.lm_init == "random":
-        base = randomized(base)  # drawn from --seed (trainer.setup seeded torch)
-    if num_tokens > num_positions(base):
-        raise UserError(f"--segment-steps {config.max_steps} needs {num_tokens} positions, more than the LM's "
-                        f"{num_positions(base)}: lower --segment-steps")
-    tables = None
-    if args.embeddings != "iris":
-        tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
-                                 should_train=args.embeddings == "lm-trained")
-    return base, tables
-
-
-def lm_world_model(args, config, device, should_print):
-    """The world model (WorldModelConfig `config`) around the --model LM (lm_and_tables): frozen +
-    the dynamics adapter or --train-base, placed on `device` as the memory flags ask (offload.py)."""
-    base, tables = lm_and_tables(args, config, device, config.max_tokens)
-    backbone = LMBackbone(base, r=args.lora_r, alpha=args.lora_alpha, should_train_base=args.train_base)
-    world_model = WorldModel(config, backbone, tables)
-    offload.place(world_model, base, config_from(offload.MemoryConfig, vars(args)), device,
-                  args.batch_size * config.max_tokens, args.batch_size, should_print)
-    return world_model
-
-
-def should_save_base(args):
-    """Whether a checkpoint must keep the LM's own weights: when they train, or are random
-    (--lm-init random, or tiny, which has no pretrained weights); a frozen pretrained LM
-    reloads from --model. --backbone iris: nothing pretrained (latent_wm.py's transformer trains from scratch)."""
-    return args.backbone == "iris" or args.train_base or args.lm_init == "random" or args.model in TINY_MODELS

@@ -1,6 +1,6 @@
 """
 IRIS's whole loop: an agent that learns to act from few real steps by practising in its world
-model's imagination (agent.py), with the world model of train_wm.py.
+model's imagination (agent.py), with train_wm.py's world model (both build it with wm_setup.py).
 
     python train_agent.py                                  # CartPole-v1, 10 epochs of 1000 real steps
     python train_agent.py --max-iters 2 --collect-steps 300 --wm-iters 20 --ac-iters 5 \
@@ -43,15 +43,23 @@ JSON object of the run's metrics; `history` in the checkpoint holds every evalua
 import time
 from dataclasses import replace
 
-from common import (UserError, batch_seed, fraction, make_parser, nonneg_float, parse, positive_float, positive_int,
-                    run_cli)
-from trainer import add_common_args
-from train_wm import MODEL_KEYS, add_world_model_args, check_world_model_args
+import torch
+
+from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, play, policy_view
+from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer, save_checkpoint
+from common import (UserError, batch_seed, config_from, fraction, make_parser, nonneg_float, parse, positive_float,
+                    positive_int, run_cli)
+from data_wm import collect, make_env
+from latent_wm import imagination_env
+from trainer import TrainConfig, add_common_args, finish, format_seconds, make_optimizer, setup, train
+from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_model_args, build_world_model,
+                      check_model_flags, check_world_model_flags, make_tokenizer, obs_scale, prepare_tokenizer,
+                      restore, saved_state, segment_batches, settings_from, tokenize)
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
               "lambda_", "entropy_weight", "ac_width", "eval_episodes")
 # what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
-DATA_KEYS = ("env", "seed", "num_bins", "fsq_levels", "tokenizer_iters", "tokenizer_lr", "tokenizer_batch_size")
+DATA_KEYS = ("env", "seed") + TOKENIZER_KEYS
 EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
 # the random streams: the world model's steps draw from --seed itself (as train_wm.py's), the
 # others from --seed + stream * 2**22, so that no two streams, nor the same stream of runs with
@@ -67,7 +75,7 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     add_common_args(parser, model=None, unit="epochs", out_dir="out-agent", max_iters=10, eval_interval=1,
                     batch_size=32, lr=1e-3, warmup_iters=100, weight_decay=0.01, log_interval=200)
-    add_world_model_args(parser)
+    add_world_model_args(parser, tokenizer_iters_default="2000")
     g = parser.add_argument_group("the agent and the loop (agent.py)")
     g.add_argument("--collect-steps", type=positive_int, default=1000, help="real env transitions collected "
                    "per epoch (default: %(default)s)")
@@ -92,23 +100,9 @@ def parse_args(argv=None):
                    "networks (default: %(default)s)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy (default: %(default)s)")
-    return check_world_model_args(parser, parse(parser, argv))
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
-import torch
-
-from agent import ActorCritic, ActorCriticConfig, imagine, play, policy_view
-from data_wm import collect, make_env
-from checkpoint import (TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer,
-                        save_checkpoint)
-from common import config_from
-from trainer import TrainConfig, finish, format_seconds, make_optimizer, setup, train
-from latent_wm import imagination_env
-from train_wm import (build_world_model, check_model_flags, make_tokenizer, obs_scale, prepare_tokenizer, restore,
-                      saved_state, segment_batches, tokenize)
+    args = parse(parser, argv)
+    check_world_model_flags(parser, vars(args))
+    return args
 
 
 def start_or_resume(args):
@@ -124,7 +118,7 @@ def start_or_resume(args):
                             "above it to continue, or --eval-only to evaluate it")
         if args.eval_only and "actor_critic" not in state:
             raise UserError(f"{args.resume} has no trained agent yet; resume it without --eval-only")
-    check_model_flags(args)
+    check_model_flags(vars(args), args.explicit)
     env = make_env(args.env)
     if args.tokenizer_iters is None:
         args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
@@ -173,14 +167,17 @@ def main(argv=None):
     if not args.eval_only:
         check_out_dir(args.out_dir, args.resume)
     state, env = start_or_resume(args)
+    train_config, settings = config_from(TrainConfig, vars(args)), settings_from(vars(args))
+    tokenizer_settings = config_from(TokenizerSettings, vars(args))
 
-    tokenizer = make_tokenizer(env, args).to(run.device)
+    tokenizer = make_tokenizer(env, tokenizer_settings).to(run.device)
     if "tokenizer" in state:
         tokenizer.load_state_dict(state["tokenizer"])
     torch.manual_seed(args.seed)  # the initialisation: --seed's
-    world_model = build_world_model(args, tokenizer, env, run)
+    world_model = build_world_model(settings, tokenizer, int(env.action_space.n), run.device, args.batch_size,
+                                    run.is_main)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
-    restore(world_model, optimizer, state, args)
+    restore(world_model, optimizer, state, settings, args.resume)
     obs_shape = tokenizer.preprocess(env.observation_space.sample()[None]).shape[1:]
     ac_config = ActorCriticConfig(width=args.ac_width, gamma=args.gamma, lambda_=args.lambda_,
                                   entropy_weight=args.entropy_weight)
@@ -210,14 +207,13 @@ def main(argv=None):
             **{k: state[k] for k in ("kind", "config", "history")}, "step": epoch,
             "data": {k: data[k] for k in ("obs", "actions", "rewards", "ends", "episode")},
             "tokenizer": tokenizer.state_dict(), "tokenizer_step": args.tokenizer_iters,
-            "world_model": saved_state(world_model, args), "optimizer": optimizer.state_dict(),
+            "world_model": saved_state(world_model, settings), "optimizer": optimizer.state_dict(),
             "actor_critic": actor_critic.state_dict(), "ac_optimizer": ac_optimizer.state_dict()})
 
     if args.eval_only:
         finish(run, {**evaluate_policy(state["step"] - 1), "epoch": state["step"], "env_steps": len(data["actions"])})
         return
 
-    train_config = config_from(TrainConfig, vars(args))
     t_loop, start_epoch = time.time(), state["step"]
     metrics = {}
     for epoch in range(start_epoch, args.max_iters):
@@ -230,12 +226,13 @@ def main(argv=None):
         data = append(data, new)
         # 2. the tokenizer, once (its error is measured on the same observations: nothing is held out)
         if epoch == 0:
-            prepare_tokenizer(tokenizer, data, data["obs"], obs_scale(data["obs"]), args, run, state)
-        tokenize(tokenizer, data, run)  # every epoch all of it again: a few ms for vectors, seconds for frames
+            prepare_tokenizer(tokenizer, data, data["obs"], obs_scale(data["obs"]), tokenizer_settings, train_config,
+                              run, state)
+        tokenize(tokenizer, data, run.device)  # every epoch all of it again: a few ms for vectors, seconds for frames
         # 3. the world model
-        wm_terms = train(world_model, optimizer, segment_batches(data, tokenizer, args, run), None,
-                         phase_config(train_config, epoch, args.wm_iters), run, epoch * args.wm_iters,
-                         schedule=warmup_then_constant)
+        get_batch = segment_batches(data, tokenizer, args.segment_steps, args.batch_size, args.seed, run.device)
+        wm_terms = train(world_model, optimizer, get_batch, None, phase_config(train_config, epoch, args.wm_iters),
+                         run, epoch * args.wm_iters, schedule=warmup_then_constant)
         # 4. the actor-critic, in imagination
         world_model.eval()
         wm_env = imagination_env(world_model, tokenizer)
@@ -271,12 +268,6 @@ def main(argv=None):
                     "best_eval_return": max(h["eval_return"] for h in state["history"])})
     metrics["wall_seconds"] = round(time.time() - t_start, 1)
     finish(run, metrics)
-
-
-def first_reaching(history, target):
-    """Real env steps at the first evaluation whose greedy return reached target (None: never, or no target)."""
-    reached = [h["env_steps"] for h in history if target is not None and h["eval_return"] >= target]
-    return reached[0] if reached else None
 
 
 if __name__ == "__main__":

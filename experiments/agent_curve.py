@@ -50,7 +50,7 @@ def summarise(label, dirs, target):
     import gymnasium as gym
 
     from checkpoint import load_checkpoint
-    from train_agent import first_reaching
+    from agent import first_reaching
 
     runs = [load_checkpoint(d, "agent") for d in dirs]
     steps = [[h["env_steps"] for h in r["history"]] for r in runs]

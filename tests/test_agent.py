@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import train_agent
-from agent import ActorCritic, ActorCriticConfig, imagine, lambda_returns, still_running
+from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, lambda_returns, still_running
+from checkpoint import save_checkpoint
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
@@ -253,3 +254,17 @@ def test_the_loop_on_atari_frames(capsys, monkeypatch):
     assert greedy["done"] and sampled["done"]
     assert metrics["eval_return"] == sum(greedy["rewards"])
     assert metrics["eval_return_sampled"] == sum(sampled["rewards"])
+
+
+def test_the_real_steps_to_a_return_are_those_of_its_first_evaluation(tmp_path):
+    """agent.first_reaching, as train_agent.py and experiments/agent_curve.py read a run's history: the
+    first evaluation at or above the return counts, a later drop does not undo it; never: None."""
+    from experiments import agent_curve
+
+    history = [{"env_steps": 1000, "eval_return": 20.0}, {"env_steps": 2000, "eval_return": 480.0},
+               {"env_steps": 3000, "eval_return": 300.0}]
+    assert [first_reaching(history, t) for t in (10, 300, 475, 500, None)] == [1000, 2000, 2000, None, None]
+    run = str(tmp_path / "run")
+    save_checkpoint(run, {"kind": "agent", "config": {"env": "CartPole-v1", "seed": 1}, "step": 3, "history": history})
+    group = agent_curve.summarise("iris", [run], target=300)
+    assert group["steps_to_threshold"] == [2000] and group["steps_to_target"] == [2000]  # CartPole-v1: 475

@@ -22,6 +22,8 @@ import train_router
 import train_vae
 import textdata
 import train_wm
+import wm_setup
+from common import config_from
 from conftest import read_bytes, run_script, run_script_error, tiny_gpt2
 from trainer import Run
 
@@ -172,9 +174,11 @@ def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
     with pytest.raises(Built):
         train_vae.main(["--device", "cpu", "--out-dir", str(tmp_path / "vae")])
     args = train_wm.parse_args([])
-    train_wm.check_model_flags(args)
+    wm_setup.check_model_flags(vars(args), args.explicit)
     env = train_wm.make_env(args.env)
-    train_wm.build_world_model(args, train_wm.make_tokenizer(env, args), env, run)
+    tokenizer = wm_setup.make_tokenizer(env, config_from(wm_setup.TokenizerSettings, vars(args)))
+    wm_setup.build_world_model(wm_setup.settings_from(vars(args)), tokenizer, int(env.action_space.n), run.device,
+                               args.batch_size, run.is_main)
     scaled_down = bench.meta_vae_base(bench.MISTRAL_SCALED_DOWN, torch.float32)
     offload.check_memory(scaled_down, run.device, 8 * 64 * 2, "--batch-size")
 

@@ -24,7 +24,6 @@ import torch
 import common
 import pretrain_lm
 import train_router
-import train_vae
 import checkpoint
 from conftest import read_bytes, run_script, run_script_error
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import checkpoint
 import lm
 import sample
 import textdata
 import train_vae
-import checkpoint
 import vae
 from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error, tiny_gpt2
 from vae_eval import char_similarity
@@ -55,20 +55,18 @@ def recomputed_metrics(out, data):
     weights on SMALL's held-out windows of data (2 batches of 4 spans of 8 tokens, every other one
     after an 8-token prefix): teacher-forced argmax accuracy with each span's z = mu, and with the
     next span's; the median similarity of each span's greedy decoding to it."""
-    args = train_vae.parse_args(["--resume", out, "--device", "cpu"])
-    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    vae = train_vae.load_vae(args, trainer.Run(torch.device("cpu")), state).eval()
-    _, val = textdata.split_streams(textdata.read_documents(data), vae.tokenizer, 16, data)
+    model = vae.load_vae(out, torch.device("cpu")).eval()
+    _, val = textdata.split_streams(textdata.read_documents(data), model.tokenizer, 16, data)
     right, right_shuffled, num_tokens, similarity = 0, 0, 0, []
     for i, starts in enumerate(textdata.spread_starts(val, 16, 2, 4)):
         batch = textdata.vae_batch(val, starts, 8, i % 2 == 0)
         target, prefix = batch["target_ids"], batch.get("prefix_ids")  # (4, 8) each
-        mu, _ = vae.encode(batch["input_ids"])
-        right += (vae(mu, target, prefix).argmax(-1) == target).sum().item()
-        right_shuffled += (vae(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
+        mu, _ = model.encode(batch["input_ids"])
+        right += (model(mu, target, prefix).argmax(-1) == target).sum().item()
+        right_shuffled += (model(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
         num_tokens += target.numel()
-        greedy = vae.generate(mu, 8, prefix, should_stop_at_eos=False)
-        similarity += map(char_similarity, vae.detokenize(target), vae.detokenize(greedy))
+        greedy = model.generate(mu, 8, prefix, should_stop_at_eos=False)
+        similarity += map(char_similarity, model.detokenize(target), model.detokenize(greedy))
     return {"val_acc": right / num_tokens, "val_acc_shuffled": right_shuffled / num_tokens,
             "val_char_similarity": statistics.median(similarity)}
 
@@ -263,7 +261,7 @@ def test_the_scripts_answer_help_without_loading_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.count("show this help message") == 5, done.stderr[-500:]
-    # train_agent.py takes train_wm.py's world-model flags from it, and with them its imports
+    # train_agent.py has the world-model flags (wm_setup.py) beside its own
     done = subprocess.run([sys.executable, "train_agent.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and "--wm-iters" in done.stdout and "--backbone" in done.stdout

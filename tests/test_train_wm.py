@@ -1,9 +1,10 @@
-"""Tests for train_wm.py and data_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful
+"""Tests for train_wm.py, wm_setup.py and data_wm.py: real Gymnasium envs (CartPole-v1, ALE/Pong-v5), a handful
 of steps. Every test runs in its own tmp directory, so the default --out-dir out-wm lands there."""
 
 import os
 import re
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,11 @@ import torch
 import data_wm
 import lm
 import lora
+import train_agent
 import train_wm
+import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
+from common import config_from
 from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
@@ -203,12 +207,22 @@ def test_lm_layers_trains_the_cut_lm_and_reloads_it_cut(tmp_path, capsys, saved_
 
 def test_collection_is_a_function_of_the_seed():
     env = data_wm.make_env("CartPole-v1")
-    tokenizer = train_wm.make_tokenizer(env, train_wm.parse_args([]))
+    tokenizer = wm_setup.make_tokenizer(env, wm_setup.TokenizerSettings())
     a, b = (data_wm.collect(env, tokenizer, 300, seed=3) for _ in range(2))
     c = data_wm.collect(env, tokenizer, 300, seed=4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["obs"], c["obs"])
     assert a["ends"].sum() == a["episode"][-1]  # every episode but the cut last one ends terminated
+
+
+@pytest.mark.parametrize("script", [train_wm, train_agent], ids=["train_wm", "train_agent"])
+def test_the_settings_default_to_the_flags_defaults(script):
+    """WorldModelSettings() and TokenizerSettings() are the flags' defaults in both scripts, but for what
+    each script settles after parsing: --model (tiny with --backbone lm) and --tokenizer-iters."""
+    flags = vars(script.parse_args([]))
+    assert wm_setup.settings_from(flags) == wm_setup.WorldModelSettings(model=None)
+    tokenizer = config_from(wm_setup.TokenizerSettings, {**flags, "tokenizer_iters": 0})
+    assert replace(tokenizer, fsq_levels=tuple(tokenizer.fsq_levels)) == wm_setup.TokenizerSettings()
 
 
 def test_pong_smoke(tmp_path, capsys):
