@@ -1,6 +1,7 @@
 """
 Benchmarks, measured side by side in one run and printed as one JSON line each (like
-nanoGPT's bench.py). Speed never goes in the tests; it goes here.
+nanoGPT's bench.py). Speed never goes in the tests; it goes here (and the memory of a
+Mistral-7B VAE in bench_memory.py).
 
     python bench.py lora                # our LoRA vs peft's: training step; merged vs base forward
     python bench.py lora --steps 3      # a quicker, noisier look
@@ -9,58 +10,28 @@ nanoGPT's bench.py). Speed never goes in the tests; it goes here.
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
     python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
                                         # CartPole steps, loss, backward, update), cache vs recompute, both backbones
-    python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3
-                                        # GPU: a Mistral-7B-sized VAE training step in bf16, 8-bit,
-                                        # 8-bit + checkpointing, 8-bit + offload, bf16 + offload
-    python bench.py mistral-memory --batch-size 4 --block-size 128 --steps 3 --scaled-down --device cpu
-                                        # the same code on a small Mistral config, on a CPU
-    python bench.py mistral-estimate --batch-size 4 --block-size 128
-                                        # the memory estimate for that VAE (meta device, any machine)
 
 Times are medians over steps that alternate between the contenders, so a machine that
 slows down or speeds up mid-run affects both alike.
 """
 
 import json
-
-from common import make_parser, parse, positive_int, run_cli
-
-BENCHMARK_NAMES = ["agent", "imagine", "lora", "mistral-estimate", "mistral-memory", "vae"]
-
-
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    parser.add_argument("name", choices=BENCHMARK_NAMES, help="which benchmark to run")
-    parser.add_argument("--steps", type=positive_int, default=8, help="timed calls per contender (default: "
-                        "%(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default: "
-                        "%(default)s)")
-    parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
-                        "%(default)s; mistral-memory: use 128)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent, "
-                        "mistral-memory: auto (cuda when available), cpu or cuda (default: %(default)s)")
-    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM "
-                        "backbone's shape, tiny's or GPT-2 small's (random weights; default: %(default)s)")
-    parser.add_argument("--scaled-down", action="store_true", help="mistral-memory: a small Mistral config, "
-                        "to run the same code on a CPU")
-    return parse(parser, argv)
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
-import contextlib
-import gc
 import statistics
 import sys
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
+import lm
 import lora
-import offload
+from agent import ActorCritic, ActorCriticConfig, imagine
+from common import make_parser, parse, positive_int, run_cli
+from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
+from lm_backbone import LMBackbone
+from obs_tokenizer import TokenObservations, VectorTokenizer, VectorTokenizerConfig
 from trainer import pick_device
+from vae import VAE, VAEConfig
+from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
 
 
 def timed(fn):
@@ -87,9 +58,16 @@ def alternate(contenders, steps, warmup=1):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def random_gpt2(shape="gpt2"):
+    """A GPT-2 LM with random weights, of tiny's shape or GPT-2 small's (124M): speed does not depend
+    on training."""
+    transformers = lm.import_transformers()  # here, not at the top: --help answers without it
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**lm.TINY_CONFIG if shape == "tiny" else {}))
+
+
 def gpt2_small(seed=0):
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config()).eval()  # GPT-2 small's shape (124M), random weights
+    return random_gpt2().eval()
 
 
 def training_step(model, ids):
@@ -153,9 +131,6 @@ def bench_vae(args):
     then greedy decoding of block_size tokens with the KV cache), on tiny and on GPT-2 small's shape
     (random weights, fp32, no grad). A third contender decodes without the cache (the whole
     sequence re-run for every token), to show what the cache buys."""
-    import lm
-    from vae import VAE, VAEConfig
-
     results = {}
     for name in ("tiny", "gpt2-small shape"):
         base = lm.load_base("tiny")[0] if name == "tiny" else gpt2_small()
@@ -200,18 +175,12 @@ def bench_imagine(args):
     6 actions, a 20-step context); random weights: speed does not depend on training. One
     observation then 19 imagined steps fill the context without a rebuild, so both ways compute
     the same logits."""
-    import lm
-    from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
-    from obs_tokenizer import TokenObservations
-    from worldmodel import TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
-
     device = args.device
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     latent_config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     backbones = world_model_backbones(args)
     iris_shape = TransformerConfig(width=128, num_layers=3, num_heads=4, dropout=0.1)
-    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
-    lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": GPT2LMHeadModel(lm_config)}
+    lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": random_gpt2(args.lm)}
     tokens_as_obs = TokenObservations()  # the timing is the world model, not a pixel decoder
     num_steps = config.max_steps - 1
     start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
@@ -250,14 +219,9 @@ def bench_imagine(args):
 def world_model_backbones(args):
     """IRIS's transformer at train_wm.py's default size (width 128, 3 layers, 4 heads) and the LM
     backbone (lm_backbone.py) on tiny's shape or, with --lm gpt2, GPT-2 small's; random weights."""
-    import lm
-    from lm_backbone import LMBackbone
-    from worldmodel import Transformer, TransformerConfig
-
-    lm_config = GPT2Config(**lm.TINY_CONFIG) if args.lm == "tiny" else GPT2Config()  # GPT-2 small: 124M
     torch.manual_seed(0)
     return {"iris": Transformer(TransformerConfig(width=128, num_layers=3, num_heads=4)),
-            f"lm_{args.lm}": LMBackbone(GPT2LMHeadModel(lm_config))}
+            f"lm_{args.lm}": LMBackbone(random_gpt2(args.lm))}
 
 
 def bench_agent(args):
@@ -265,10 +229,6 @@ def bench_agent(args):
     trajectories of 20 CartPole steps (4 obs tokens + 1 action each, 64 bins a number), the loss, its
     backward and the update, with the world model's KV cache vs recomputing the context for every
     token; the world model has a 20-step context, so the 20 steps rebuild it once (WorldModelEnv)."""
-    from agent import ActorCritic, ActorCriticConfig, imagine
-    from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
-    from worldmodel import WorldModel, WorldModelConfig, WorldModelEnv
-
     device = args.device
     tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=64)).to(device)
     tokenizer.fit(torch.randn(1000, 4, device=device))
@@ -298,140 +258,23 @@ def bench_agent(args):
     return out
 
 
-# Mistral-7B-v0.1's config.json, and a small stand-in with its architecture for CPUs.
-MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
-                  rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096)
-MISTRAL_SCALED_DOWN = dict(MISTRAL_7B, vocab_size=1000, hidden_size=256, intermediate_size=896,
-                           num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
-MEMORY_MODES = {  # name: (8-bit weights, per-layer activation checkpointing (offload.py), offload)
-    "bf16": (False, False, False),
-    "8bit": (True, False, False),
-    "8bit+checkpoint": (True, True, False),
-    "8bit+offload": (True, False, True),
-    "bf16+offload": (False, False, True),
-}
+BENCHMARKS = {"agent": bench_agent, "imagine": bench_imagine, "lora": bench_lora, "vae": bench_vae}
 
 
-def quantize_8bit(model):
-    """Replace the decoder layers' nn.Linear with bitsandbytes 8-bit layers, quantizing the
-    weights in place (what from_pretrained(..., load_in_8bit) does while loading)."""
-    import bitsandbytes as bnb
-
-    for layer in offload.decoder_layers(model):
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, torch.nn.Linear):
-                CB, SCB, _ = bnb.functional.int8_vectorwise_quant(module.weight.data.to(torch.float16))
-                q = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                        has_fp16_weights=False, device=module.weight.device)
-                q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False, CB=CB, SCB=SCB)
-                parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent), child, q)
-
-
-def vae_step_measurement(kw, mode, device, steps, batch_size, block_size):
-    """Build a random Mistral-shaped VAE in `mode`; seconds per training step and peak memory."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    from vae import VAE, VAEConfig
-
-    is_8bit, should_checkpoint, should_offload = MEMORY_MODES[mode]
-    cuda = device.type == "cuda"
-    torch.manual_seed(0)
-    with torch.device(device):  # random weights straight on the device: no download, no CPU init
-        base = AutoModelForCausalLM.from_config(MistralConfig(**kw), dtype=torch.bfloat16 if cuda else torch.float32)
-    if is_8bit:
-        quantize_8bit(base)
-    vae = VAE(base, VAEConfig())  # BigVAE's adapters (r 32, alpha 8, all 7 projections) and head
-    vae.head.to(device)
-    lora.mark_only_lora_trainable(base)
-    tokens = batch_size * block_size * 2  # the encoder reads the span, the decoder writes it
-    estimate = offload.estimate_memory(base, tokens, should_checkpoint, should_offload,
-                                       offload.activation_bytes(device))
-    if should_offload:
-        offload.offload_layers(base, device)
-    if should_checkpoint:
-        offload.checkpoint_layers(base)
-    vae.train()
-    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.99))
-    ids = torch.randint(0, kw["vocab_size"], (batch_size, block_size), device=device)
-    batch = {"input_ids": ids, "target_ids": ids}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-
-    def step():
-        with autocast:
-            loss = vae.compute_loss(batch, step=10**6)["loss"]  # full noise and KL weight
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    step()  # warm-up (allocates the optimizer state)
-    seconds = statistics.median(timed(step) for _ in range(steps))
-    gib = 2**30
-    return {"s_per_step": round(seconds, 3),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / gib, 2) if cuda else None,
-            "estimate_gib": round(estimate["total"] / gib, 2)}
-
-
-def meta_vae_base(kw, dtype):
-    """A Mistral-shaped base of config `kw` with the VAE's adapters, only they trainable, on the meta
-    device (no memory, no GPU): what offload.estimate_memory reads."""
-    from transformers import AutoModelForCausalLM, MistralConfig
-
-    from vae import VAE, VAEConfig
-
-    with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(MistralConfig(**kw), dtype=dtype)
-        VAE(base, VAEConfig())
-    lora.mark_only_lora_trainable(base)
-    return base
-
-
-def bench_mistral_memory(args):
-    device = args.device
-    kw = MISTRAL_SCALED_DOWN if args.scaled_down else MISTRAL_7B
-    # the first mode, bf16 (fp32 on a CPU), needs the most: refused here if it cannot fit, before it is built
-    offload.check_memory(meta_vae_base(kw, torch.bfloat16 if device.type == "cuda" else torch.float32), device,
-                         args.batch_size * args.block_size * 2, f"--batch-size (now {args.batch_size}), or add "
-                         "--scaled-down")
-    results = {}
-    for mode in MEMORY_MODES:
-        results[mode] = vae_step_measurement(kw, mode, device, args.steps, args.batch_size, args.block_size)
-        print(mode, results[mode], file=sys.stderr, flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"bench": "mistral-memory", "config": "scaled-down" if args.scaled_down else "Mistral-7B-v0.1",
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "weights_dtype": "bfloat16" if device.type == "cuda" else "float32", "lora": "r 32 on q,k,v,o,gate,up,down",
-            "batch": [args.batch_size, args.block_size], **results,
-            "offload_slowdown_8bit": round(results["8bit+offload"]["s_per_step"] / results["8bit"]["s_per_step"], 2),
-            "offload_slowdown_bf16": round(results["bf16+offload"]["s_per_step"] / results["bf16"]["s_per_step"], 2)}
-
-
-def bench_mistral_estimate(args):
-    """offload.estimate_memory for a Mistral-7B VAE in bf16 (meta_vae_base: any machine)."""
-    base = meta_vae_base(MISTRAL_7B, torch.bfloat16)
-    tokens = args.batch_size * args.block_size * 2
-    out = {"bench": "mistral-estimate", "batch": [args.batch_size, args.block_size]}
-    for mode, should_checkpoint, should_offload in (("bf16", False, False), ("bf16+checkpoint", True, False),
-                                                    ("bf16+offload", False, True)):
-        e = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
-        out[mode] = {"weights_gib": round(e["weights"] / 2**30, 2), "optimizer_gib": round(e["optimizer"] / 2**30, 2),
-                     "activations_mib_per_token": round(e["activations"] / tokens / 2**20, 3),
-                     "total_gib": round(e["total"] / 2**30, 2)}
-    return out
-
-
-BENCHMARKS = {"agent": bench_agent, "lora": bench_lora, "vae": bench_vae, "imagine": bench_imagine,
-              "mistral-memory": bench_mistral_memory,
-              "mistral-estimate": bench_mistral_estimate}
-assert sorted(BENCHMARKS) == BENCHMARK_NAMES  # the names parse_args offers, before these functions exist
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark to run")
+    parser.add_argument("--steps", type=positive_int, default=8, help="timed calls per contender (default: "
+                        "%(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default: "
+                        "%(default)s)")
+    parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
+                        "%(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent: auto "
+                        "(cuda when available), cpu or cuda (default: %(default)s)")
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM "
+                        "backbone's shape, tiny's or GPT-2 small's (random weights; default: %(default)s)")
+    return parse(parser, argv)
 
 
 def main(argv=None):

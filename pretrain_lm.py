@@ -20,32 +20,6 @@ name), replaced whole at each checkpoint, never half-written. The last line prin
 JSON object of the run's metrics.
 """
 
-from common import make_parser, parse, positive_int, run_cli
-from textdata import add_data_args
-from trainer import add_common_args
-
-MODEL_KEYS = ("model", "block_size", "synthetic")
-MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, stays under 64 MB  # what a checkpoint records and a resumed run takes from it
-
-
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    add_common_args(parser, model="tiny", out_dir="out-lm", max_iters=1500, eval_interval=500, batch_size=16,
-                    lr=1e-3, warmup_iters=100)
-    g = add_data_args(parser)
-    g.add_argument("--synthetic", default=None, choices=["markov"], help="pretrain on synthetic tokens instead "
-                   "of text: markov = a random one-step Markov chain over the vocabulary, seeded by --seed")
-    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
-                   "(default: %(default)s, train_vae.py's prefix + span)")
-    args = parse(parser, argv)
-    if args.synthetic is not None and args.data is not None:
-        parser.error("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
-    return args
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
 import json
 import os
 
@@ -57,8 +31,26 @@ import lm
 import offload
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import UserError, batch_seed, config_from, replace_folder
-from trainer import TrainConfig, finish, make_optimizer, setup, train
+from common import UserError, batch_seed, config_from, make_parser, parse, positive_int, replace_folder, run_cli
+from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
+
+MODEL_KEYS = ("model", "block_size", "synthetic")  # what a checkpoint records and a resumed run takes from it
+MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, stays under 64 MB
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    add_common_args(parser, model="tiny", out_dir="out-lm", max_iters=1500, eval_interval=500, batch_size=16,
+                    lr=1e-3, warmup_iters=100)
+    g = textdata.add_data_args(parser)
+    g.add_argument("--synthetic", default=None, choices=["markov"], help="pretrain on synthetic tokens instead "
+                   "of text: markov = a random one-step Markov chain over the vocabulary, seeded by --seed")
+    g.add_argument("--block-size", type=positive_int, default=128, help="tokens per training window "
+                   "(default: %(default)s, train_vae.py's prefix + span)")
+    args = parse(parser, argv)
+    if args.synthetic is not None and args.data is not None:
+        parser.error("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
+    return args
 
 
 class LanguageModel(nn.Module):

@@ -22,12 +22,20 @@ one longer than --context is cut to it (the encoder saw spans of that length), w
 Prints the texts, then one JSON object.
 """
 
+import json
 import math
 import sys
 
-from common import (UserError, add_machine_args, at_least_2, make_parser, nonneg_int, number, parse,
+import torch
+
+from checkpoint import load_checkpoint
+from common import (UserError, add_machine_args, at_least_2, config_from, make_parser, nonneg_int, number, parse,
                     positive_int, run_cli)
-from offload import add_memory_args
+from lm import num_positions
+from offload import MemoryConfig, add_memory_args, check_memory
+from router import load_router
+from trainer import pick_device
+from vae import load_vae
 
 finite = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")  # inf makes the logits NaN
 # flags that only one way of decoding reads: given without it they would do nothing, so they are refused
@@ -72,22 +80,6 @@ def parse_args(argv=None):
     if args.guide is not None and (args.router is None or args.target is None):
         parser.error("--guide needs --router DIR and --target TEXT")
     return args
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
-import json
-
-import torch
-
-from checkpoint import load_checkpoint
-from common import config_from
-from lm import num_positions
-from offload import MemoryConfig, check_memory
-from router import load_router
-from trainer import pick_device
-from vae import load_vae
 
 
 def checked_texts(texts, vae, context, what="text"):

@@ -21,31 +21,6 @@ LM's NLL per token of what was generated (fluency), each a mean with its 95% int
 The last line printed is one JSON object of the run's metrics.
 """
 
-from common import make_parser, nonneg_float, parse, positive_int, run_cli
-from textdata import add_data_args
-from trainer import add_common_args
-
-
-def parse_args(argv=None):
-    parser = make_parser(__doc__)
-    parser.add_argument("--vae", metavar="DIR", required=True, help="the --out-dir of the train_vae.py run to "
-                        "steer with (its base must be frozen)")
-    add_common_args(parser, has_model=False, out_dir="out-router", max_iters=2000, eval_interval=500, batch_size=16,
-                    lr=1e-3, warmup_iters=50)
-    add_data_args(parser)
-    g = parser.add_argument_group("steering sweep (router.py)")
-    g.add_argument("--scales", type=nonneg_float, nargs="+", default=[0.0, 1.0, 1.25, 2.0, 4.0],
-                   help="guidance scales to generate at; 0 is the base alone (BigVAE: 1.25; default: %(default)s)")
-    g.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature of the sweep "
-                   "(0: greedy; default: %(default)s)")
-    g.add_argument("--sweep-pairs", type=positive_int, default=64, help="held-out (context, span) pairs in the "
-                   "sweep (default: %(default)s)")
-    return parse(parser, argv)
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
 import json
 import math
 import os
@@ -57,10 +32,28 @@ import torch.nn.functional as F
 import peft_layout
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import TINY_MODELS, batch_seed, config_from
+from common import TINY_MODELS, batch_seed, config_from, make_parser, nonneg_float, parse, positive_int, run_cli
 from router import load_router
-from trainer import TrainConfig, finish, make_optimizer, setup, train
+from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
 from vae_eval import token_log_probs
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--vae", metavar="DIR", required=True, help="the --out-dir of the train_vae.py run to "
+                        "steer with (its base must be frozen)")
+    add_common_args(parser, has_model=False, out_dir="out-router", max_iters=2000, eval_interval=500, batch_size=16,
+                    lr=1e-3, warmup_iters=50)
+    textdata.add_data_args(parser)
+    g = parser.add_argument_group("steering sweep (router.py)")
+    g.add_argument("--scales", type=nonneg_float, nargs="+", default=[0.0, 1.0, 1.25, 2.0, 4.0],
+                   help="guidance scales to generate at; 0 is the base alone (BigVAE: 1.25; default: %(default)s)")
+    g.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature of the sweep "
+                   "(0: greedy; default: %(default)s)")
+    g.add_argument("--sweep-pairs", type=positive_int, default=64, help="held-out (context, span) pairs in the "
+                   "sweep (default: %(default)s)")
+    return parse(parser, argv)
+
 
 def mean_interval(values):
     """Mean and half-width of its 95% interval (normal approximation): (mean, half)."""

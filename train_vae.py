@@ -30,11 +30,18 @@ import json
 import os
 import time
 
-from common import (TINY_MODELS, fraction, make_parser, nonneg_float, nonneg_int, parse, positive_float, positive_int,
-                    run_cli)
-from offload import add_memory_args
-from textdata import add_data_args
-from trainer import add_common_args
+import torch
+
+import lora
+import peft_layout
+import textdata
+from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
+from common import (TINY_MODELS, batch_seed, config_from, fraction, make_parser, nonneg_float, nonneg_int, parse,
+                    positive_float, positive_int, run_cli)
+from offload import MemoryConfig, add_memory_args
+from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
+from vae import VAEConfig, build_vae, should_train_base
+from vae_eval import evaluate, evaluate_paragraphs
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
@@ -58,7 +65,7 @@ def parse_args(argv=None):
     add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=15000, eval_interval=2500, batch_size=16,
                     lr=None, lr_text=per_base("lr"),
                     warmup_iters=100)
-    g = add_data_args(parser)
+    g = textdata.add_data_args(parser)
     g.add_argument("--context", type=positive_int, default=None, help="tokens in the encoded span, and in the "
                    f"prefix before it (BigVAE: 64; default: {per_base('context')})")
     g.add_argument("--iw-samples", type=positive_int, default=32, help="posterior samples per span for the "
@@ -117,22 +124,6 @@ def parse_args(argv=None):
     args.noise_ramp_iters = rest if args.noise_ramp_iters is None else args.noise_ramp_iters
     args.kl_iters = rest if args.kl_iters is None else args.kl_iters
     return args
-
-
-if __name__ == "__main__":
-    parse_args()  # --help and bad flags answer before the heavy imports below
-
-import torch
-
-import lora
-import peft_layout
-import textdata
-from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import batch_seed, config_from
-from offload import MemoryConfig
-from trainer import TrainConfig, finish, make_optimizer, setup, train
-from vae import VAEConfig, build_vae, should_train_base
-from vae_eval import evaluate, evaluate_paragraphs
 
 
 def main(argv=None):

@@ -16,10 +16,15 @@ import math
 import os
 import sys
 
+import gymnasium as gym
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this repository's modules
 
+from agent import first_reaching  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
 from common import UserError, make_parser, run_cli  # noqa: E402
 from experiments.plot import draw  # noqa: E402
+
 T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # by degrees of freedom
 
 
@@ -47,11 +52,6 @@ def interval(values):
 
 
 def summarise(label, dirs, target):
-    import gymnasium as gym
-
-    from checkpoint import load_checkpoint
-    from agent import first_reaching
-
     runs = [load_checkpoint(d, "agent") for d in dirs]
     steps = [[h["env_steps"] for h in r["history"]] for r in runs]
     num_points = min(len(s) for s in steps)  # the shortest run's evaluations

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this repository's modules
 
+from checkpoint import load_checkpoint  # noqa: E402
 from common import UserError, make_parser, run_cli  # noqa: E402
 from experiments.plot import draw  # noqa: E402
 
@@ -32,8 +33,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from checkpoint import load_checkpoint
-
     series, points = [], {}
     for run in args.runs:
         label, _, path = run.partition("=") if "=" in run and not os.path.isdir(run) else ("", "", run)

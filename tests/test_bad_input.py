@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import bench
+import bench_memory
 import eval_wm
 import lm
 import offload
@@ -19,8 +20,8 @@ import pretrain_lm
 import sample
 import train_agent
 import train_router
-import train_vae
 import textdata
+import train_vae
 import train_wm
 import wm_setup
 from common import config_from
@@ -86,7 +87,7 @@ WRONG_CHECKPOINT = [
     *((train_vae, argv, saved, "train_vae.py run to --resume") for argv, saved in (
         ("--resume DIR", "wm"), ("--resume DIR", "lm"), ("--eval-only --resume DIR", "wm"), ("--resume DIR", "dict"),
         ("--eval-only --resume DIR", "tensor"))),
-    *((sample, "--resume DIR --sample 1", saved, "train_vae.py run")  # sample.py names no flag
+    *((sample, "--resume DIR --sample 1", saved, "train_vae.py run to --resume")
       for saved in ("wm", "lm", "dict", "tensor", "nothing")),
     (pretrain_lm, "--resume DIR", "vae", "pretrain_lm.py run to --resume"),
     (train_wm, "--resume DIR", "vae", "train_wm.py run to --resume"),
@@ -160,7 +161,7 @@ def test_resuming_with_a_batch_that_cannot_fit_leaves_the_checkpoint(tmp_path, c
 
 def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
     """train_vae.py's and train_wm.py's default models at their default batch size pass the check with
-    1 GiB free; so does the Mistral-shaped VAE of bench.py mistral-memory --scaled-down."""
+    1 GiB free; so does the Mistral-shaped VAE of bench_memory.py mistral-memory --scaled-down."""
     monkeypatch.setattr(offload, "free_memory", lambda device: 2**30)
     run = Run(torch.device("cpu"))
 
@@ -179,8 +180,8 @@ def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
     tokenizer = wm_setup.make_tokenizer(env, config_from(wm_setup.TokenizerSettings, vars(args)))
     wm_setup.build_world_model(wm_setup.settings_from(vars(args)), tokenizer, int(env.action_space.n), run.device,
                                args.batch_size, run.is_main)
-    scaled_down = bench.meta_vae_base(bench.MISTRAL_SCALED_DOWN, torch.float32)
-    offload.check_memory(scaled_down, run.device, 8 * 64 * 2, "--batch-size")
+    scaled_down = bench_memory.mistral_vae(bench_memory.MISTRAL_SCALED_DOWN, torch.float32, "meta").base
+    offload.check_memory(scaled_down, run.device, 4 * 128 * 2, "--batch-size")
 
 
 def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(capsys, monkeypatch):
@@ -189,8 +190,10 @@ def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(cap
     assert "invalid choice: 'mps'" in run_script_error(bench.main, ["imagine", "--device", "mps"], capsys)
     # Mistral-7B in fp32 on a CPU: ~27 GiB of weights alone, refused before it is built
     monkeypatch.setattr(offload, "free_memory", lambda device: 16 * 2**30)
-    err = run_script_error(bench.main, ["mistral-memory", "--device", "cpu", "--steps", "1"], capsys)
-    assert "16.0 GiB is free: lower --batch-size (now 8), or add --scaled-down" in err
+    err = run_script_error(bench_memory.main, ["mistral-memory", "--device", "cpu", "--steps", "1"], capsys)
+    assert "16.0 GiB is free: lower --batch-size (now 4), or add --scaled-down" in err
+    assert "invalid choice: 'mps'" in run_script_error(bench_memory.main, ["mistral-memory", "--device", "mps"],
+                                                       capsys)
 
 
 @pytest.fixture
