@@ -119,9 +119,9 @@ def bench_mistral_memory(args):
     device = args.device
     kw = MISTRAL_SCALED_DOWN if args.scaled_down else MISTRAL_7B
     # the first mode, bf16 (fp32 on a CPU), needs the most: refused here if it cannot fit, before it is built
-    offload.check_memory(mistral_vae(kw, torch.bfloat16 if device.type == "cuda" else torch.float32, "meta").base, device,
-                         args.batch_size * args.block_size * 2, f"--batch-size (now {args.batch_size}), or add "
-                         "--scaled-down")
+    biggest = mistral_vae(kw, torch.bfloat16 if device.type == "cuda" else torch.float32, "meta").base
+    offload.check_memory(biggest, device, args.batch_size * args.block_size * 2,
+                         f"--batch-size (now {args.batch_size}), or add --scaled-down")
     results = {}
     for mode in MEMORY_MODES:
         results[mode] = vae_step_measurement(kw, mode, device, args.steps, args.batch_size, args.block_size)

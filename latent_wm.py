@@ -14,7 +14,7 @@ Zhang et al. 2023: one token per frame from a VAE's latent).
 The VAE head is vae.VAEComponent (BigVAE's `f` pooling scores, `w_e`, `w_d`); the posterior is
 BigVAE's N(mu, I), so its KL to N(0, I) is |mu|^2 / 2 (small weight, BigVAE's sin^2 warm-up). The
 decoder trains on z = mu + noise * eps, after a plain autoencoder phase and with the noise ramped in
-(vae.noise_scale, vae.kl_weight), so it learns to read latents that are off by some noise, as
+(vae_math.noise_scale, vae_math.kl_weight), so it learns to read latents that are off by some noise, as
 predicted ones are; the dynamics read the posterior means, as imagination feeds them the prior's.
 The heads are worldmodel.Head: the dynamics heads read the action positions of 2-token blocks,
 exactly as IRIS's read the action position of its (K + 1)-token blocks, also inside a KV cache.
@@ -52,7 +52,8 @@ import torch.nn.functional as F
 import lora
 from lm import cache_kwarg, hidden_size
 from lm_backbone import LMBackbone, LMCache
-from vae import VAE, VAEComponent, VAEConfig, bidirectional_mask, kl_weight, noise_scale
+from vae import VAE, VAEComponent, VAEConfig
+from vae_math import bidirectional_mask, kl_weight, noise_scale
 from worldmodel import Head, WorldModelEnv, compute_labels, init_weights
 
 NEXT_LATENT = ("kl", "decode")

@@ -290,7 +290,7 @@ def read_only_cache_class():
     subclasses transformers' (see import_transformers)."""
 
     class ReadOnlyCache(import_transformers().DynamicCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        def update(self, key_states, value_states, layer_idx, *rest, **kwargs):
             layer = self.layers[layer_idx]
             return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
 

@@ -23,12 +23,12 @@ backward reads it there), so those two tensors are what moves for them; 4-bit la
 not supported. On a CPU-only machine the same code runs with the CPU as both storage and
 compute device (copies are clones), which is how the tests check it.
 
-Every script that loads a base (train_vae.py, train_router.py, sample.py, train_wm.py,
-train_agent.py) takes the same memory flags (add_memory_args), makes a MemoryConfig of them,
-loads the base through load_with_memory and puts its model on the device through place, at the
-end of this file. place also refuses, in one line, a run whose
-training step would not fit in the device's free memory (check_memory, which the scripts whose
-model has no base to place call themselves).
+Every script that loads a base (train_vae.py, sample.py, train_wm.py, train_agent.py) takes
+the same memory flags (add_memory_args), makes a MemoryConfig of them, loads the base through
+load_with_memory and puts its model on the device through place, at the end of this file
+(train_router.py: a MemoryConfig of its --dtype alone). place also refuses, in one line, a run
+whose training step would not fit in the device's free memory (check_memory, which the scripts
+whose model has no base to place call themselves).
 """
 
 import os
@@ -329,9 +329,9 @@ def place(model, base, memory, device, tokens_per_step, batch_size, should_print
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
     MemoryConfig asks: per-layer checkpointing, the memory check (check_memory: a step of
     batch_size sequences, tokens_per_step tokens, that cannot fit is refused; the estimate printed
-    on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already (bitsandbytes put it there
-    while loading; offload_layers just did), so only the parts of `model` outside it move;
-    otherwise all of `model` moves."""
+    on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
+    (bitsandbytes put it there while loading; offload_layers just did), so only the parts of `model`
+    outside it move; otherwise all of `model` moves."""
     if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
     estimate = check_memory(base, device, tokens_per_step, f"--batch-size (now {batch_size})",

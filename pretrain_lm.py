@@ -147,8 +147,8 @@ def main(argv=None):
     if run.is_main:
         print(f"{args.model}: {sum(p.numel() for p in base.parameters()):,} parameters, {len(train_stream):,} "
               f"training / {len(val_stream):,} held-out tokens")
-    metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches), config_from(TrainConfig, vars(args)), run,
-                    0 if state is None else state["step"], save)
+    metrics = train(model, optimizer, get_batch, lambda: evaluate(model, val_batches),
+                    config_from(TrainConfig, vars(args)), run, 0 if state is None else state["step"], save)
     finish(run, metrics)
 
 

@@ -7,7 +7,7 @@ text toward a latent while the base keeps it fluent.
     router = Router(vae)                                    # "router" adapter = a copy of "decoder"
     terms = router.compute_loss(batch, step)                # {"loss"}: z encodes the target span
     ids = router.generate(context_ids, z, num_spans=4, span_tokens=64, scale=1.25, temperature=0.8)
-    router, _, _ = load_router("out-vae", device, load_checkpoint("out-router", "router"))  # a trained one
+    router, _, _ = load_router("out-vae", device, load_checkpoint("out-router", "router"), "out-router")  # a trained one
 
 - Training input `[context, w_d(z), target[:-1]]` predicting `target`, z ~ q(z | target) from
   the VAE's frozen encoder. The router starts as the VAE's decoder: its adapter and its own
@@ -149,10 +149,12 @@ def fingerprint(vae_state):
     return f"{vae_state['config']['model']}@{vae_state['step']}:{hashlib.sha256(w_e).hexdigest()[:16]}"
 
 
-def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, batch_size=1, should_print=False):
+def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, memory=None, batch_size=1,
+                should_print=False):
     """The frozen VAE in vae_dir (given with vae_flag) and a router on it, with the weights of a router
     checkpoint `state` (from router_dir) when given; refuses a VAE with no plain base to guide against,
-    and a router trained on another VAE, before any base loads. batch_size, should_print: vae.build_vae's.
+    and a router trained on another VAE, before any base loads. memory, batch_size, should_print:
+    vae.load_vae's.
     Returns (router, the VAE's checkpoint, its fingerprint)."""
     vae_state = load_checkpoint(vae_dir, "vae", vae_flag)  # read here too: the refusals come before the base loads
     if should_train_base(vae_state["config"]["model"], vae_state["config"]["freeze_base"]):
@@ -163,7 +165,7 @@ def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, bat
     if state is not None and state["config"]["vae_fingerprint"] != vae_print:
         raise UserError(f"the router in {router_dir} was trained on another VAE ({state['config']['vae_fingerprint']}"
                         f"), not on {vae_dir} ({vae_print}); give the VAE it was trained on")
-    router = Router(load_vae(vae_dir, device, flag=vae_flag, batch_size=batch_size, should_print=should_print).eval())
+    router = Router(load_vae(vae_dir, device, memory, vae_flag, batch_size, should_print).eval())
     if state is not None:
         router.load_state_dict(state["model"], strict=False)  # strict=False: the VAE is not in it
     return router, vae_state, vae_print

@@ -109,7 +109,8 @@ def main(argv=None):
     device = torch.device(pick_device(args.device))
     torch.manual_seed(args.seed)
     if args.guide is not None:
-        router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router"), args.router)
+        router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router"), args.router,
+                                   memory=config_from(MemoryConfig, vars(args)))
         vae, context = router.vae, router.vae.cfg.prefix_slots  # the VAE's --context
         ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))
         with torch.no_grad():

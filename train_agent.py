@@ -118,7 +118,7 @@ def start_or_resume(args):
                             "above it to continue, or --eval-only to evaluate it")
         if args.eval_only and "actor_critic" not in state:
             raise UserError(f"{args.resume} has no trained agent yet; resume it without --eval-only")
-    check_model_flags(vars(args), args.explicit)
+    args.model = check_model_flags(vars(args), args.explicit)
     env = make_env(args.env)
     if args.tokenizer_iters is None:
         args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
@@ -242,9 +242,9 @@ def main(argv=None):
             return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon)
 
         t_ac = time.time()
-        ac_config = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
-                                 grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
-        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_config, run, epoch * args.ac_iters,
+        ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
+                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
+        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
                          schedule=lambda step, config: config.lr)
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
         # 5. evaluation on held-out real episodes

@@ -33,6 +33,7 @@ import peft_layout
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
 from common import TINY_MODELS, batch_seed, config_from, make_parser, nonneg_float, parse, positive_int, run_cli
+from offload import MemoryConfig
 from router import load_router
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
 from vae_eval import token_log_probs
@@ -103,8 +104,8 @@ def main(argv=None):
     state = open_run("router", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
-    router, vae_state, vae_print = load_router(args.vae, run.device, state, args.resume, "--vae", args.batch_size,
-                                               run.is_main)
+    router, vae_state, vae_print = load_router(args.vae, run.device, state, args.resume, "--vae",
+                                               MemoryConfig(dtype=args.dtype), args.batch_size, run.is_main)
     base_name, context_len = vae_state["config"]["model"], router.vae.cfg.prefix_slots  # the VAE's --model, --context
     tokenizer, span = router.vae.tokenizer, 2 * context_len
     train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,

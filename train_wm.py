@@ -98,7 +98,7 @@ def start_or_resume(args):
         if not args.eval_only and "world_model" in state and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at step {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
-    check_model_flags(vars(args), args.explicit)
+    args.model = check_model_flags(vars(args), args.explicit)
     env = make_env(args.env)
     if args.tokenizer_iters is None:  # frames: a short run gets a short tokenizer phase; vectors have none
         args.tokenizer_iters = min(2000, args.max_iters) if len(env.observation_space.shape) == 3 else 0

@@ -366,7 +366,8 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     prefix and a span of train_vae.py's --context), with should_print as offload.place's."""
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base)
     context = cfg.prefix_slots
-    needed = 2 * context + cfg.soft_tokens - 1 + (cfg.z_memory > 0)  # memory slot, soft tokens, prefix, span but its last token
+    # z's memory slot, the soft tokens, the prefix, the span but its last token
+    needed = 2 * context + cfg.soft_tokens - 1 + (cfg.z_memory > 0)
     if needed > num_positions(base):
         raise UserError(f"--context {context} needs {needed} positions, more than the {num_positions(base)} "
                         f"of {base_name}: use --context {(num_positions(base) - 1) // 2} or less")

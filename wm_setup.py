@@ -48,7 +48,8 @@ class WorldModelSettings:
     num_layers: int = 3  # its layers (IRIS: 10)
     num_heads: int = 4  # its attention heads, a divisor of width (IRIS: 4)
     dropout: float = 0.1  # its dropout (IRIS: 0.1)
-    model: str | None = "tiny"  # --backbone lm: the LM (a name lm.load_base knows, or a directory); iris: None
+    model: str | None = None  # --backbone lm: the LM (a name lm.load_base knows, or a directory; check_model_flags
+    #                           makes None tiny); iris: None
     embeddings: str = "iris"  # IRIS's own tables, or the LM's last rows: "lm-frozen" or "lm-trained"
     lm_init: str = "pretrained"  # "random": the same architecture with fresh weights, the control
     lm_layers: int | None = None  # keep only the LM's first N layers; None: all
@@ -156,25 +157,26 @@ def check_world_model_flags(parser, flags):
 
 def check_model_flags(flags, explicit):
     """Checked once a resumed run took its settings, before anything is written (flags: vars(args), explicit:
-    the flags given): LM flags need --backbone lm (which without --model takes tiny: set in flags), no
-    quantized random LM, --lm-layers within the LM's, and the latent world model's flags need --state latent."""
+    the flags given): LM flags need --backbone lm, no quantized random LM, --lm-layers within the LM's, and
+    the latent world model's flags need --state latent. Returns the --model to use: tiny for --backbone lm
+    without one."""
+    model = "tiny" if flags["backbone"] == "lm" and flags["model"] is None else flags["model"]
     if flags["backbone"] == "iris":
         given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in explicit]
         if given:
             raise UserError(f"{', '.join(given)} configure(s) the LM backbone: add --backbone lm, or size "
                             "IRIS's transformer with --width, --num-layers, --num-heads")
-    elif flags["model"] is None:
-        flags["model"] = "tiny"
     if flags["lm_init"] == "random" and (flags["load_8bit"] or flags["load_4bit"]):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
     if flags["lm_layers"] is not None:  # checked before a tokenizer trains and a checkpoint is written
-        num_layers = lm.num_layers(flags["model"])
+        num_layers = lm.num_layers(model)
         if flags["lm_layers"] > num_layers:
-            raise UserError(f"--lm-layers {flags['lm_layers']}: --model {flags['model']} has {num_layers} layers; "
+            raise UserError(f"--lm-layers {flags['lm_layers']}: --model {model} has {num_layers} layers; "
                             "give that many or fewer")
     given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in explicit]
     if flags["state"] == "tokens" and given:
         raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
+    return model
 
 
 # -----------------------------------------------------------------------------

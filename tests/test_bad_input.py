@@ -79,7 +79,7 @@ def test_a_number_out_of_range_is_refused_as_it_is_parsed(tmp_path, capsys, monk
     assert os.listdir(tmp_path) == []
 
 
-# what each kind of checkpoint is, as trainer.load_checkpoint names its writer
+# what each kind of checkpoint is, as checkpoint.load_checkpoint names its writer
 WRITTEN_BY = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
               "wm": "train_wm.py (a world model)"}
 # (script, its arguments with DIR for the directory given, what DIR's ckpt.pt holds, the run it wants instead)
@@ -175,7 +175,7 @@ def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
     with pytest.raises(Built):
         train_vae.main(["--device", "cpu", "--out-dir", str(tmp_path / "vae")])
     args = train_wm.parse_args([])
-    wm_setup.check_model_flags(vars(args), args.explicit)
+    args.model = wm_setup.check_model_flags(vars(args), args.explicit)
     env = train_wm.make_env(args.env)
     tokenizer = wm_setup.make_tokenizer(env, config_from(wm_setup.TokenizerSettings, vars(args)))
     wm_setup.build_world_model(wm_setup.settings_from(vars(args)), tokenizer, int(env.action_space.n), run.device,

@@ -13,9 +13,8 @@ import lm
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["train_vae.py", "train_router.py", "sample.py", "pretrain_lm.py", "train_wm.py", "train_agent.py", "bench.py",
            "bench_memory.py", "experiments/compare_wm.py", "experiments/agent_curve.py", "experiments/vae_curve.py"]
-LIBRARY = ["common", "trainer", "offload", "lm", "lora", "vae", "vae_math", "vae_eval", "router", "textdata",
-           "peft_layout", "worldmodel", "obs_tokenizer", "data_wm", "latent_wm", "lm_backbone", "agent", "eval_wm",
-           "wm_setup"]
+LIBRARY = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))
+                 if os.path.basename(p) not in SCRIPTS)  # every file at the top that is not a script
 
 
 def test_the_library_imports_without_transformers():
@@ -70,3 +69,15 @@ def test_every_script_has_its_imports_at_its_top_and_answers_help_without_transf
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     assert done.returncode == 0 and done.stdout.count("show this help message") == len(SCRIPTS), done.stderr[-500:]
+
+
+def test_no_library_function_takes_the_scripts_flags():
+    """Below the scripts, functions take values and config dataclasses: no parameter is named args."""
+    for name in LIBRARY:
+        with open(os.path.join(ROOT, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg] if p is not None]
+                assert "args" not in names, f"{name}.py:{node.lineno} takes args"

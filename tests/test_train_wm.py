@@ -218,9 +218,9 @@ def test_collection_is_a_function_of_the_seed():
 @pytest.mark.parametrize("script", [train_wm, train_agent], ids=["train_wm", "train_agent"])
 def test_the_settings_default_to_the_flags_defaults(script):
     """WorldModelSettings() and TokenizerSettings() are the flags' defaults in both scripts, but for what
-    each script settles after parsing: --model (tiny with --backbone lm) and --tokenizer-iters."""
+    each script settles after parsing: --tokenizer-iters (and --model, tiny with --backbone lm)."""
     flags = vars(script.parse_args([]))
-    assert wm_setup.settings_from(flags) == wm_setup.WorldModelSettings(model=None)
+    assert wm_setup.settings_from(flags) == wm_setup.WorldModelSettings()
     tokenizer = config_from(wm_setup.TokenizerSettings, {**flags, "tokenizer_iters": 0})
     assert replace(tokenizer, fsq_levels=tuple(tokenizer.fsq_levels)) == wm_setup.TokenizerSettings()
 
