@@ -25,6 +25,9 @@ trunk then follows the critic's large squared errors). Simplification against IR
 and no burn-in. IRIS's policy is recurrent and warms its state on 20 real frames before
 imagining; a feed-forward policy on one observation needs neither (CartPole's and Acrobot's vectors are the full state; for Pong
 one frame hides the ball's direction, which a recurrent core would recover).
+With --state latent --policy-input latent the policy reads the latent world model's z instead, as
+Dreamer's actor does: the prior's mean in imagination (nothing is decoded), the encoder's mean
+of the tokenized observation in the real env (policy_view).
 Since the policy is feed-forward, imagination samples actions without gradient and
 compute_loss recomputes logits and values on the whole trajectory in one batched pass.
 """
@@ -126,23 +129,32 @@ class ActorCritic(nn.Module):
                 "entropy": entropy, "imagined_return": imagined_return, "return_scale": self.return_scale.clone()}
 
 
-def policy_view(tokenizer, obs):
-    """What the policy sees of a real observation (N, *obs_shape): the tokenizer's reconstruction,
-    as in imagination."""
-    return tokenizer.decode(tokenizer.encode(obs))
+@torch.no_grad()
+def policy_view(tokenizer, obs, world_model=None):
+    """What the policy sees of a real observation (N, *obs_shape), as in imagination: the tokenizer's
+    reconstruction; with a latent world model given (--policy-input latent), its encoder's z = mu (N, D)."""
+    obs_tokens = tokenizer.encode(obs)  # (N, K)
+    if world_model is not None:
+        return world_model.encode(obs_tokens)
+    return tokenizer.decode(obs_tokens)
 
 
 @torch.no_grad()
-def imagine(actor_critic, wm_env, start_obs, horizon):
+def imagine(actor_critic, wm_env, start_obs, horizon, policy_input="obs"):
     """From real observations start_obs (B, *obs_shape), horizon steps in the world model with
-    actions sampled from the policy -> {"obs": (B, H + 1, *obs_shape) as decoded, "actions",
-    "rewards", "ends": (B, H)}. Random draws come from torch's global generator."""
-    obs, _ = wm_env.reset(start_obs)
-    trajectory = {"obs": [obs], "actions": [], "rewards": [], "ends": []}
+    actions sampled from the policy, which reads policy_input: "obs", each observation as decoded,
+    or "latent", the latent world model's z (LatentWorldModelEnv's info["latent"], (B, D)) ->
+    {"obs": (B, H + 1, ...) what the policy read, "actions", "rewards", "ends": (B, H)}.
+    Random draws come from torch's global generator."""
+    def seen(obs, info):
+        return obs if policy_input == "obs" else info["latent"]
+
+    obs, info = wm_env.reset(start_obs)
+    trajectory = {"obs": [seen(obs, info)], "actions": [], "rewards": [], "ends": []}
     for _ in range(horizon):
-        action = actor_critic.act(obs)
-        obs, reward, end, _, _ = wm_env.step(action)
-        for key, value in zip(("obs", "actions", "rewards", "ends"), (obs, action, reward, end)):
+        action = actor_critic.act(trajectory["obs"][-1])
+        obs, reward, end, _, info = wm_env.step(action)
+        for key, value in zip(("obs", "actions", "rewards", "ends"), (seen(obs, info), action, reward, end)):
             trajectory[key].append(value)
     return {key: torch.stack(values, dim=1) for key, values in trajectory.items()}
 

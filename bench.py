@@ -9,7 +9,8 @@ Mistral-7B VAE in bench_memory.py).
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
     python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
-                                        # CartPole steps, loss, backward, update), cache vs recompute, both backbones
+                                        # CartPole steps, loss, backward, update), cache vs recompute, both backbones,
+                                        # and the latent world model with a policy that reads z (no decoding)
 
 Times are medians over steps that alternate between the contenders, so a machine that
 slows down or speeds up mid-run affects both alike.
@@ -178,9 +179,7 @@ def bench_imagine(args):
     device = args.device
     config = WorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
     latent_config = LatentWorldModelConfig(tokens_per_obs=16, obs_vocab_size=512, num_actions=6, max_steps=20)
-    backbones = world_model_backbones(args)
-    iris_shape = TransformerConfig(width=128, num_layers=3, num_heads=4, dropout=0.1)
-    lms = {"iris": iris_sized_lm(iris_shape, latent_config), f"lm_{args.lm}": random_gpt2(args.lm)}
+    backbones, latents = world_model_backbones(args), latent_world_models(args, latent_config)
     tokens_as_obs = TokenObservations()  # the timing is the world model, not a pixel decoder
     num_steps = config.max_steps - 1
     start = torch.randint(config.obs_vocab_size, (args.batch_size, config.tokens_per_obs), device=device)
@@ -198,8 +197,7 @@ def bench_imagine(args):
     out = {"bench": "imagine", "device": str(device), "batch_size": args.batch_size,
            "context_steps": config.max_steps}
     for name, backbone in backbones.items():
-        tokens = WorldModel(config, backbone).to(device).eval()
-        latent = LatentWorldModel(latent_config, lms[name]).to(device).eval()
+        tokens, latent = WorldModel(config, backbone).to(device).eval(), latents[name]
         seconds = alternate({"tokens_kv_cache": imagine(WorldModelEnv, tokens, True),
                              "tokens_recompute": imagine(WorldModelEnv, tokens, False),
                              "latent_kv_cache": imagine(LatentWorldModelEnv, latent, True, should_decode=True),
@@ -224,36 +222,55 @@ def world_model_backbones(args):
             f"lm_{args.lm}": LMBackbone(random_gpt2(args.lm))}
 
 
+def latent_world_models(args, config):
+    """latent_wm.py's world model (LatentWorldModelConfig `config`) beside each of world_model_backbones:
+    a GPT-2-shaped transformer of IRIS's size, and the LM's shape; random weights, on args.device."""
+    torch.manual_seed(0)
+    iris_shape = TransformerConfig(width=128, num_layers=3, num_heads=4, dropout=0.1)
+    lms = {"iris": iris_sized_lm(iris_shape, config), f"lm_{args.lm}": random_gpt2(args.lm)}
+    return {name: LatentWorldModel(config, lm).to(args.device).eval() for name, lm in lms.items()}
+
+
 def bench_agent(args):
     """Imagined env steps/s while training the actor-critic (agent.py): one step = imagine --batch-size
     trajectories of 20 CartPole steps (4 obs tokens + 1 action each, 64 bins a number), the loss, its
-    backward and the update, with the world model's KV cache vs recomputing the context for every
-    token; the world model has a 20-step context, so the 20 steps rebuild it once (WorldModelEnv)."""
+    backward and the update. The token world model with its KV cache vs recomputing the context for
+    every token (its 20-step context is rebuilt once in the 20 steps: WorldModelEnv); beside it the
+    latent one (latent_wm.py, at the same shape) with a policy that reads z (train_agent.py
+    --policy-input latent): one cached 2-token dynamics pass per step and nothing decoded."""
     device = args.device
     tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=64)).to(device)
     tokenizer.fit(torch.randn(1000, 4, device=device))
-    config = WorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=20)
+    shapes = dict(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2, max_steps=20)
+    config, latent_config = WorldModelConfig(**shapes), LatentWorldModelConfig(**shapes)
     start = torch.randn(args.batch_size, 4, device=device)
     out = {"bench": "agent", "device": str(device), "batch_size": args.batch_size, "horizon": 20}
+    latents = latent_world_models(args, latent_config)
     for name, backbone in world_model_backbones(args).items():
         world_model = WorldModel(config, backbone).to(device).eval()
-        actor_critic = ActorCritic(ActorCriticConfig(), (4,), 2).to(device)
-        optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=1e-4)
 
-        def step(should_use_cache):
+        def step(make_env, policy_input="obs"):
+            obs_shape = (latent_config.latent_size,) if policy_input == "latent" else (4,)
+            actor_critic = ActorCritic(ActorCriticConfig(), obs_shape, 2).to(device)
+            optimizer = torch.optim.AdamW(actor_critic.parameters(), lr=1e-4)
+
             def fn():
                 torch.manual_seed(0)
-                batch = imagine(actor_critic, WorldModelEnv(world_model, tokenizer, should_use_cache), start, 20)
+                batch = imagine(actor_critic, make_env(), start, 20, policy_input)
                 actor_critic.compute_loss(batch)["loss"].backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             return fn
 
-        seconds = alternate({"kv_cache": step(True), "recompute": step(False)}, args.steps)
+        seconds = alternate({
+            "kv_cache": step(lambda: WorldModelEnv(world_model, tokenizer, True)),
+            "recompute": step(lambda: WorldModelEnv(world_model, tokenizer, False)),
+            "latent_policy": step(lambda: LatentWorldModelEnv(latents[name], tokenizer, should_decode=False), "latent"),
+        }, args.steps)
         steps_per_s = {way: args.batch_size * 20 / s for way, s in seconds.items()}
-        out[name] = {"kv_cache_steps_per_s": round(steps_per_s["kv_cache"], 1),
-                     "recompute_steps_per_s": round(steps_per_s["recompute"], 1),
-                     "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2)}
+        out[name] = {**{f"{way}_steps_per_s": round(v, 1) for way, v in steps_per_s.items()},
+                     "kv_cache_speedup": round(steps_per_s["kv_cache"] / steps_per_s["recompute"], 2),
+                     "latent_policy_vs_tokens": round(steps_per_s["latent_policy"] / steps_per_s["kv_cache"], 2)}
         print(name, out[name], file=sys.stderr, flush=True)
     return out
 

@@ -35,7 +35,8 @@ sit beside the token world model's (train_wm.py, eval_wm.py).
 LatentWorldModelEnv imagines behind WorldModelEnv's interface: reset(obs) encodes the observation;
 each step is ONE dynamics pass of 2 tokens (the current latent's soft token and the action)
 through the LM's KV cache; the observation is decoded (K cached single-token decoder passes) only
-when should_decode is on (eval_wm.py needs it; an agent reading latents need not).
+when should_decode is on (eval_wm.py needs it; an agent reading latents, train_agent.py
+--policy-input latent, need not).
 
     python train_wm.py --state latent                                  # CartPole, GPT-2-shaped, from scratch
     python train_wm.py --state latent --backbone lm                    # tiny LM + three adapters

@@ -10,6 +10,7 @@ model's imagination (agent.py), with train_wm.py's world model (both build it wi
         --wm-iters 10 --ac-iters 2 --ac-batch-size 8 --eval-episodes 1 --out-dir out-agent-pong   # smoke
     python train_agent.py --backbone lm --model out-lm/base --out-dir out-agent-lm   # an LM world model
     python train_agent.py --state latent --out-dir out-agent-latent   # practise in latent_wm.py's world model
+    python train_agent.py --state latent --policy-input latent --out-dir out-agent-z   # a policy that reads z
     python train_agent.py --resume out-agent --max-iters 30   # continue the loop up to epoch 30
     python train_agent.py --resume out-agent --eval-only      # play the held-out episodes again
     python experiments/agent_curve.py --runs iris out-agent   # the picture: held-out return vs real steps
@@ -29,8 +30,10 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
 4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
    steps imagined from real observations drawn from the data (agent.py). IRIS waits a few
    epochs before the first; here it trains from the first epoch on. With --state latent the
-   world model imagines in latent space and decodes each imagined observation for the policy,
-   which reads observations either way: only the world model differs between the two;
+   world model imagines in latent space and decodes each imagined observation for the policy;
+   with --policy-input latent too, the policy reads z instead (Dreamer's actor) and nothing is
+   decoded. Simplification: the encoder is the world model's, which the agent never trains, and
+   the world model trains every epoch, so what z means drifts under the policy (as in Dreamer);
 5. every --eval-interval epochs: play --eval-episodes real episodes on held-out seeds (never
    collected from) with the greedy and with the sampled policy; print; checkpoint.
 Every random draw is a function of --seed and the epoch or step, each stream with a seed of its
@@ -57,7 +60,7 @@ from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_m
                       restore, saved_state, segment_batches, settings_from, tokenize)
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
-              "lambda_", "entropy_weight", "ac_width", "eval_episodes")
+              "lambda_", "entropy_weight", "ac_width", "eval_episodes", "policy_input")
 # what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
 DATA_KEYS = ("env", "seed") + TOKENIZER_KEYS
 EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
@@ -100,6 +103,9 @@ def parse_args(argv=None):
                    "networks (default: %(default)s)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy (default: %(default)s)")
+    g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
+                   "the observation as the tokenizer reconstructs it; latent (--state latent), the world model's "
+                   "z, and imagination decodes nothing (default: %(default)s)")
     args = parse(parser, argv)
     check_world_model_flags(parser, vars(args))
     return args
@@ -119,6 +125,8 @@ def start_or_resume(args):
         if args.eval_only and "actor_critic" not in state:
             raise UserError(f"{args.resume} has no trained agent yet; resume it without --eval-only")
     args.model = check_model_flags(vars(args), args.explicit)
+    if args.policy_input == "latent" and args.state != "latent":
+        raise UserError("--policy-input latent reads the latent world model's z: add --state latent")
     env = make_env(args.env)
     if args.tokenizer_iters is None:
         args.tokenizer_iters = 2000 if len(env.observation_space.shape) == 3 else 0
@@ -178,7 +186,9 @@ def main(argv=None):
                                     run.is_main)
     optimizer = make_optimizer(world_model, args.lr, args.weight_decay)
     restore(world_model, optimizer, state, settings, args.resume)
+    reads_latent = args.policy_input == "latent"  # the policy reads z (D,), else observations as reconstructed
     obs_shape = tokenizer.preprocess(env.observation_space.sample()[None]).shape[1:]
+    obs_shape = (args.latent_size,) if reads_latent else obs_shape
     ac_config = ActorCriticConfig(width=args.ac_width, gamma=args.gamma, lambda_=args.lambda_,
                                   entropy_weight=args.entropy_weight)
     actor_critic = ActorCritic(ac_config, obs_shape, int(env.action_space.n)).to(run.device)
@@ -191,12 +201,14 @@ def main(argv=None):
     def policy(should_sample, generator=None):
         """act(env observation) -> action, for collect() and play()."""
         def act(obs):
-            view = policy_view(tokenizer, tokenizer.preprocess(obs[None]).to(run.device))
+            view = policy_view(tokenizer, tokenizer.preprocess(obs[None]).to(run.device),
+                               world_model if reads_latent else None)
             return int(actor_critic.act(view, should_sample, generator))
         return act
 
     def evaluate_policy(epoch):
         actor_critic.eval()
+        world_model.eval()  # --policy-input latent encodes with it; fresh (--eval-only) it is in train mode
         greedy = play(env, policy(False), args.eval_episodes, EVAL_SEED)
         generator = torch.Generator(run.device).manual_seed(stream_seed(args.seed, "evaluate", epoch))
         sampled = play(env, policy(True, generator), args.eval_episodes, EVAL_SEED)
@@ -222,6 +234,7 @@ def main(argv=None):
         seed = stream_seed(args.seed, "collect", epoch)
         act = None if epoch == 0 else policy(True, torch.Generator(run.device).manual_seed(seed))
         actor_critic.eval()
+        world_model.eval()  # as in evaluate_policy: a resumed run's is fresh, in train mode (dropout)
         new = collect(env, tokenizer, args.collect_steps, seed, act)
         data = append(data, new)
         # 2. the tokenizer, once (its error is measured on the same observations: nothing is held out)
@@ -235,11 +248,11 @@ def main(argv=None):
                          run, epoch * args.wm_iters, schedule=warmup_then_constant)
         # 4. the actor-critic, in imagination
         world_model.eval()
-        wm_env = imagination_env(world_model, tokenizer)
+        wm_env = imagination_env(world_model, tokenizer, **({"should_decode": False} if reads_latent else {}))
 
         def imagined_batch(index):  # train() seeded torch's generator from (seed, index) just before
             starts = torch.randint(len(data["obs"]), (args.ac_batch_size,))
-            return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon)
+            return imagine(actor_critic, wm_env, data["obs"][starts].to(run.device), args.horizon, args.policy_input)
 
         t_ac = time.time()
         ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,

@@ -1,6 +1,7 @@
 """Tests for agent.py and train_agent.py: lambda-returns by hand, gradients that never reach the
-world model, imagination that is causal and runs on the KV cache, the loop's exact resume and
-its one-line errors. Every test runs in its own tmp directory."""
+world model, imagination that is causal and runs on the KV cache, a policy that reads the latent
+world model's z without decoding, the loop's exact resume and its one-line errors. Every test runs
+in its own tmp directory."""
 
 import os
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 
 import train_agent
-from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, lambda_returns, still_running
+from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, lambda_returns, policy_view, still_running
 from checkpoint import save_checkpoint
-from conftest import crash_at_step_2_then_resume, run_script, run_script_error
+from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
+from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
 from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
 
@@ -95,6 +97,34 @@ def test_imagination_is_causal_a_longer_rollout_starts_with_the_shorter_one():
         assert torch.equal(short[key], long[key][:, :short[key].shape[1]]), key
 
 
+@pytest.mark.parametrize("policy_input", ["obs", "latent"])
+def test_a_policy_reading_z_imagines_without_the_decoder(policy_input, monkeypatch):
+    """--policy-input latent: imagination never runs the latent world model's decoder and the policy
+    reads z (B, D), the same view of a real observation as policy_view's; "obs" decodes every step."""
+    tokenizer, _, _, obs = cartpole_parts()
+    D = 8
+    config = LatentWorldModelConfig(tokens_per_obs=4, obs_vocab_size=tokenizer.vocab_size, num_actions=2,
+                                    max_steps=4, latent_size=D)
+    world_model = LatentWorldModel(config, tiny_gpt2(), r=4, alpha=8.0).eval()
+    reads_latent = policy_input == "latent"
+    actor_critic = ActorCritic(ActorCriticConfig(width=16), (D,) if reads_latent else (4,), 2)
+    adapters, inputs, run_adapter = [], [], LatentWorldModel.run_adapter
+
+    def noted(self, adapter, *args, **kwargs):  # the encoder's and the decoder's passes, named by their adapter
+        adapters.append(adapter)
+        return run_adapter(self, adapter, *args, **kwargs)
+
+    monkeypatch.setattr(LatentWorldModel, "run_adapter", noted)
+    actor_critic.register_forward_pre_hook(lambda module, args: inputs.append(args[0].shape))
+    env = LatentWorldModelEnv(world_model, tokenizer, should_decode=not reads_latent)
+    batch = imagine(actor_critic, env, obs[:5], horizon=6, policy_input=policy_input)  # the context rebuilt once
+    assert adapters.count("encoder") == 1  # the start observations, once
+    assert adapters.count("decoder") == (0 if reads_latent else 6 * 4)  # K cached passes per decoded step
+    assert inputs == [(5, D) if reads_latent else (5, 4)] * 6
+    assert batch["obs"].shape == ((5, 7, D) if reads_latent else (5, 7, 4))
+    assert torch.equal(batch["obs"][:, 0], policy_view(tokenizer, obs[:5], world_model if reads_latent else None))
+
+
 def test_a_policy_trained_on_fixed_imagined_returns_prefers_the_rewarded_action():
     # compute_loss is a real policy gradient: with reward 1 for action 1 and 0 for action 0, it learns action 1
     torch.manual_seed(0)
@@ -159,10 +189,11 @@ def test_the_loop_runs_and_reports_real_returns(capsys):
     assert metrics["eval_return"] == pytest.approx(sum(returns) / 3) and metrics["eval_return_min"] == min(returns)
 
 
-@pytest.mark.parametrize("state", ["tokens", "latent"])
-def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state):
-    """--state latent: the agent practises in latent_wm.py's world model (LatentWorldModelEnv), same loop."""
-    argv = QUICK + ["--max-iters", "3", "--state", state]
+@pytest.mark.parametrize("state, policy_input", [("tokens", "obs"), ("latent", "obs"), ("latent", "latent")])
+def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state, policy_input):
+    """--state latent: the agent practises in latent_wm.py's world model (LatentWorldModelEnv), same loop;
+    --policy-input latent: its policy reads z, in imagination and in the real env (collect, evaluate)."""
+    argv = QUICK + ["--max-iters", "3", "--state", state, "--policy-input", policy_input]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     metrics, _ = run_script(train_agent.main, argv + ["--out-dir", straight], capsys)
     assert ("wm_train_next" in metrics) == (state == "latent")  # the latent world model's loss terms
@@ -170,6 +201,8 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state):
     a = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     b = torch.load(os.path.join(crashed, "ckpt.pt"), weights_only=True)
     assert a["step"] == b["step"] == 3 and a["config"]["state"] == state
+    assert a["config"]["policy_input"] == policy_input
+    assert a["actor_critic"]["actor.0.0.weight"].shape[1] == (64 if policy_input == "latent" else 4)  # z or obs
     for part in ("world_model", "actor_critic", "data"):
         for name, tensor in a[part].items():
             assert torch.equal(tensor, b[part][name]), (part, name)
@@ -206,6 +239,7 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
     (["--env", "NoSuchEnv-v0"], "unknown Gymnasium env"),
     (["--lora-r", "4"], "--backbone lm"),
     (["--latent-size", "8"], "add --state latent"),
+    (["--policy-input", "latent"], "--policy-input latent reads the latent world model's z: add --state latent"),
 ])
 def test_bad_input_is_one_line(argv, says, capsys):
     err = run_script_error(train_agent.main, QUICK + argv, capsys)
