@@ -147,9 +147,10 @@ def add_adapter(model, name, r=8, alpha=16, dropout=0.0, targets=None):
     return names
 
 
-def set_adapter(model, name):
-    """Make adapter `name` active in every LoRA layer that has it; None runs the plain base model."""
-    layers = lora_layers(model)
+def set_adapter(model, name, layers=None):
+    """Make adapter `name` active in every LoRA layer that has it; None runs the plain base model.
+    layers: the model's LoRA layers when the caller has them (lora_layers walks every module)."""
+    layers = lora_layers(model) if layers is None else layers
     if name is not None and not any(name in layer.lora_A for layer in layers):
         known = sorted({n for layer in layers for n in layer.lora_A})
         raise ValueError(f"no adapter '{name}'; this model has: {', '.join(known) or 'none'}")
@@ -159,19 +160,22 @@ def set_adapter(model, name):
         layer.active = name if name in layer.lora_A else None
 
 
-def active_adapter(model):
-    return next((layer.active for layer in lora_layers(model) if layer.active is not None), None)
+def active_adapter(model, layers=None):
+    layers = lora_layers(model) if layers is None else layers
+    return next((layer.active for layer in layers if layer.active is not None), None)
 
 
 @contextlib.contextmanager
 def use_adapter(model, name):
-    """Run a block with adapter `name` (None: no adapter), then restore the previous one."""
-    previous = active_adapter(model)
-    set_adapter(model, name)
+    """Run a block with adapter `name` (None: no adapter), then restore the previous one. One walk
+    over the model's modules for all three steps: imagination switches adapters at every pass."""
+    layers = lora_layers(model)
+    previous = active_adapter(model, layers)
+    set_adapter(model, name, layers)
     try:
         yield model
     finally:
-        set_adapter(model, previous)
+        set_adapter(model, previous, layers)
 
 
 def merge(model):
