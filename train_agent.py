@@ -19,8 +19,8 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
    with a uniformly random one); episodes are seeded from (--seed, epoch), and an episode still
    running when the epoch's steps are spent is cut there (no end label), so every epoch starts
    from a fresh reset and a resumed run collects exactly what a straight one does;
-2. the first epoch fits the observation tokenizer to its observations (vectors: bin edges, which
-   by default also cover the observation space's finite bounds, --bin-range: the random policy's
+2. the first epoch fits the observation tokenizer to its observations (vectors: bin edges; with
+   --bin-range space they also cover the observation space's finite bounds: the random policy's
    CartPole cart stays within +-0.3, a good policy's drifts to the end at +-2.4; frames:
    --tokenizer-iters training steps); then it stays frozen. Simplification: IRIS trains
    its tokenizer again every epoch, which changes every stored observation's tokens under the
@@ -93,7 +93,7 @@ def parse_args(argv=None):
                    "0.001; default: %(default)s)")
     g.add_argument("--ac-width", type=positive_int, default=128, help="hidden width of the policy and value "
                    "networks (default: %(default)s)")
-    g.add_argument("--bin-range", default="space", choices=["data", "space"], help="vector observations: the "
+    g.add_argument("--bin-range", default="data", choices=["data", "space"], help="vector observations: the "
                    "tokenizer's bins cover the first epoch's data only, or it and the observation space's finite "
                    "bounds (data_wm.with_space_bounds; default: %(default)s)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "

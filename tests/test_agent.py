@@ -155,7 +155,7 @@ def test_the_loop_runs_and_reports_real_returns(capsys):
     assert sum(line.startswith("epoch ") for line in lines) == 2
     state = torch.load(os.path.join("out-agent", "ckpt.pt"), weights_only=True)
     assert state["kind"] == "agent" and len(state["history"]) == 2 and len(state["data"]["actions"]) == 240
-    assert state["config"]["bin_range"] == "space" and state["tokenizer"]["centers"][0].max() > 2.4
+    assert state["config"]["bin_range"] == "data" and state["tokenizer"]["centers"][0].abs().max() < 1.0
 
 
 @pytest.mark.parametrize("state", ["tokens", "latent"])
@@ -177,11 +177,11 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state):
 
 def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "data"], capsys)
+    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "space"], capsys)
     metrics, _ = run_script(train_agent.main, ["--resume", out, "--max-iters", "2", "--device", "cpu"], capsys)
     assert metrics["epoch"] == 2 and metrics["env_steps"] == 240  # --collect-steps 120 came from the checkpoint
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert state["config"]["bin_range"] == "data" and state["tokenizer"]["centers"][0].abs().max() < 1.0
+    assert state["config"]["bin_range"] == "space" and state["tokenizer"]["centers"][0].max() > 2.4
     err = run_script_error(train_agent.main, ["--resume", out, "--max-iters", "3", "--seed", "5"], capsys)
     assert "--seed 5" in err  # another seed would collect other data: refused, not mixed in
     again, _ = run_script(train_agent.main, ["--resume", out, "--eval-only", "--device", "cpu"], capsys)
