@@ -70,6 +70,19 @@ def collect(env, tokenizer, num_steps, seed, act=None):
             "rewards": torch.tensor(rewards, dtype=torch.float32), "episode": torch.tensor(episode)}
 
 
+def with_space_bounds(obs, space):
+    """Vector observations obs (N, D) and N more rows spread evenly over the finite bounds of the
+    Box space: what a vector tokenizer fits its bins to, so that states the first data never reached
+    (CartPole's cart beyond +-0.3, where a drifting policy ends at +-2.4) keep bins of their own.
+    A dimension without finite bounds takes obs's values again; frames come back unchanged."""
+    if len(space.shape) != 1:
+        return obs
+    low, high = (torch.as_tensor(b, dtype=obs.dtype) for b in (space.low, space.high))
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    grid = low + torch.linspace(0, 1, len(obs)).unsqueeze(1) * (high - low)  # (N, D); inf or nan where not finite
+    return torch.cat([obs, torch.where(finite, grid, obs)])
+
+
 def split(data, val_fraction):
     """Split by episode: the last val_fraction of the episodes (at least one) are held out."""
     num_episodes = int(data["episode"][-1]) + 1

@@ -20,8 +20,10 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
    with a uniformly random one); episodes are seeded from (--seed, epoch), and an episode still
    running when the epoch's steps are spent is cut there (no end label), so every epoch starts
    from a fresh reset and a resumed run collects exactly what a straight one does;
-2. the first epoch fits the observation tokenizer to its observations (vectors: bin edges;
-   frames: --tokenizer-iters training steps); then it stays frozen. Simplification: IRIS trains
+2. the first epoch fits the observation tokenizer to its observations (vectors: bin edges; with
+   --bin-range space they also cover the observation space's finite bounds: the random policy's
+   CartPole cart stays within +-0.3, a good policy's drifts to the end at +-2.4; frames:
+   --tokenizer-iters training steps); then it stays frozen. Simplification: IRIS trains
    its tokenizer again every epoch, which changes every stored observation's tokens under the
    world model; here they keep their meaning;
 3. train the world model --wm-iters steps on segments from all the real data so far (the world
@@ -52,7 +54,7 @@ from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, play,
 from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer, save_checkpoint
 from common import (UserError, batch_seed, config_from, fraction, make_parser, nonneg_float, parse, positive_float,
                     positive_int, run_cli)
-from data_wm import collect, make_env
+from data_wm import collect, make_env, with_space_bounds
 from latent_wm import imagination_env
 from trainer import TrainConfig, add_common_args, finish, format_seconds, make_optimizer, setup, train
 from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_model_args, build_world_model,
@@ -62,7 +64,7 @@ from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_m
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
               "lambda_", "entropy_weight", "ac_width", "eval_episodes", "policy_input")
 # what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
-DATA_KEYS = ("env", "seed") + TOKENIZER_KEYS
+DATA_KEYS = ("env", "seed", "bin_range") + TOKENIZER_KEYS
 EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
 # the random streams: the world model's steps draw from --seed itself (as train_wm.py's), the
 # others from --seed + stream * 2**22, so that no two streams, nor the same stream of runs with
@@ -101,6 +103,9 @@ def parse_args(argv=None):
                    "0.001; default: %(default)s)")
     g.add_argument("--ac-width", type=positive_int, default=128, help="hidden width of the policy and value "
                    "networks (default: %(default)s)")
+    g.add_argument("--bin-range", default="data", choices=["data", "space"], help="vector observations: the "
+                   "tokenizer's bins cover the first epoch's data only, or it and the observation space's finite "
+                   "bounds (data_wm.with_space_bounds; default: %(default)s)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy (default: %(default)s)")
     g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
@@ -239,7 +244,9 @@ def main(argv=None):
         data = append(data, new)
         # 2. the tokenizer, once (its error is measured on the same observations: nothing is held out)
         if epoch == 0:
-            prepare_tokenizer(tokenizer, data, data["obs"], obs_scale(data["obs"]), tokenizer_settings, train_config,
+            fit = data if args.bin_range == "data" else {**data, "obs": with_space_bounds(data["obs"],
+                                                                                          env.observation_space)}
+            prepare_tokenizer(tokenizer, fit, data["obs"], obs_scale(data["obs"]), tokenizer_settings, train_config,
                               run, state)
         tokenize(tokenizer, data, run.device)  # every epoch all of it again: a few ms for vectors, seconds for frames
         # 3. the world model

@@ -6,6 +6,7 @@ in its own tmp directory."""
 import os
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ import train_agent
 from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, lambda_returns, policy_view, still_running
 from checkpoint import save_checkpoint
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
+from data_wm import collect, make_env, with_space_bounds
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
 from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig, WorldModelEnv
@@ -178,6 +180,24 @@ def greedy_returns(state, num_episodes):
     return returns
 
 
+def test_bins_over_the_space_bounds_keep_the_cart_near_its_edge():
+    env = make_env("CartPole-v1")  # bounds: cart +-4.8, pole +-0.42 rad; the velocities have none
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=64))
+    obs = collect(env, tokenizer, 1000, seed=0)["obs"]  # a random policy's: the cart stays within +-0.4
+    sample = with_space_bounds(obs, env.observation_space)
+    assert sample.shape == (2000, 4) and torch.equal(sample[:1000], obs)
+    assert torch.allclose(sample[1000:, 0], torch.linspace(-4.8, 4.8, 1000), atol=1e-5)
+    assert torch.equal(sample[1000:, 1], obs[:, 1]) and torch.equal(sample[1000:, 3], obs[:, 3])
+    near_edge = torch.tensor([[-2.4, 0.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [2.4, 0.0, 0.0, 0.0]])
+    tokenizer.fit(obs)
+    assert tokenizer.decode(tokenizer.encode(near_edge))[:, 0].abs().max() < 0.5  # data only: all look central
+    tokenizer.fit(sample)
+    assert (tokenizer.decode(tokenizer.encode(near_edge))[:, 0] - near_edge[:, 0]).abs().max() < 0.35
+    assert (tokenizer.edges[2].abs() < 0.21).sum() >= 40  # most pole-angle bins stay where episodes run
+    frames = torch.zeros(3, 64, 64, 3, dtype=torch.uint8)
+    assert with_space_bounds(frames, gym.spaces.Box(0, 255, (210, 160, 3), dtype=np.uint8)) is frames
+
+
 def test_the_loop_runs_and_reports_real_returns(capsys):
     metrics, lines = run_script(train_agent.main, QUICK + ["--max-iters", "2", "--eval-episodes", "3"], capsys)
     assert metrics["epoch"] == 2 and metrics["env_steps"] == 240 and metrics["imagined_steps_per_s"] > 0
@@ -187,6 +207,7 @@ def test_the_loop_runs_and_reports_real_returns(capsys):
     assert state["kind"] == "agent" and len(state["history"]) == 2 and len(state["data"]["actions"]) == 240
     returns = greedy_returns(state, 3)
     assert metrics["eval_return"] == pytest.approx(sum(returns) / 3) and metrics["eval_return_min"] == min(returns)
+    assert state["config"]["bin_range"] == "data" and state["tokenizer"]["centers"][0].abs().max() < 1.0
 
 
 @pytest.mark.parametrize("state, policy_input", [("tokens", "obs"), ("latent", "obs"), ("latent", "latent")])
@@ -211,9 +232,11 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state, policy_i
 
 def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out], capsys)
+    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "space"], capsys)
     metrics, _ = run_script(train_agent.main, ["--resume", out, "--max-iters", "2", "--device", "cpu"], capsys)
     assert metrics["epoch"] == 2 and metrics["env_steps"] == 240  # --collect-steps 120 came from the checkpoint
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["config"]["bin_range"] == "space" and state["tokenizer"]["centers"][0].max() > 2.4
     err = run_script_error(train_agent.main, ["--resume", out, "--max-iters", "3", "--seed", "5"], capsys)
     assert "--seed 5" in err  # another seed would collect other data: refused, not mixed in
     again, _ = run_script(train_agent.main, ["--resume", out, "--eval-only", "--device", "cpu"], capsys)
