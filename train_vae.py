@@ -51,6 +51,7 @@ MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", 
 # learn in minutes, with word dropout; a frozen pretrained base starts from BigVAE's settings
 TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
+VAE_TRAIN_KEYS = ("head_lr_scale",)  # optimisation settings of this script alone (a flag given wins)
 SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
                  "word_dropout")
 
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--decoder-init", default="bigvae", choices=["bigvae", "lm"], help="bigvae: w_d starts as "
                    "w_e's transpose (BigVAE); lm: the decoder starts as the frozen LM itself, z adding nothing yet "
                    "(for a pretrained base; default: %(default)s)")
+    g.add_argument("--head-lr-scale", type=positive_float, default=1.0, help="the VAE head (f, w_e, w_d, z's "
+                   "keys/values) trains at this multiple of --lr, the adapters at --lr (BigVAE: one lr; default: "
+                   "%(default)s)")
     g.add_argument("--freeze-base", action="store_true", help="keep tiny's base frozen too (pretrained bases "
                    "always are)")
     g = parser.add_argument_group("noise and KL schedule (vae.py)")
@@ -131,7 +135,8 @@ def main(argv=None):
     run = setup(args.device, args.seed)
     state = open_run("vae", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:  # the checkpoint's settings: the optimisation's unless given, the model's always
-        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + VAE_TRAIN_KEYS, args.resume,
+                     overridable=True)
         adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0
@@ -156,7 +161,7 @@ def main(argv=None):
     if args.eval_only:
         print(json.dumps({**evaluate_all(), "step": state["step"]}))
         return
-    optimizer = make_optimizer(model, args.lr, args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, lr_scales=[(model.head, args.head_lr_scale)])
     if state is not None:
         load_optimizer(optimizer, state["optimizer"])
     t_start = time.time()
@@ -177,7 +182,7 @@ def main(argv=None):
         if last_eval:  # an evaluation since the last save
             history.append({"step": step, **last_eval})
             last_eval.clear()
-        config = {k: getattr(args, k) for k in TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
+        config = {k: getattr(args, k) for k in TRAIN_KEYS + VAE_TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "vae_config": dataclasses.asdict(model.cfg),
                                        "base": args.model, "step": step, "history": history,
                                        "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),

@@ -147,15 +147,20 @@ def setup(device_name, seed):
     return Run(torch.device(device), rank, world_size)
 
 
-def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99)):
+def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99), lr_scales=()):
     """AdamW over the trainable parameters, with one rule for weight decay (IRIS's and minGPT's):
     the weights of linear layers decay (nn.Linear, GPT-2's Conv1D, LoRA's A and B); embedding
-    tables, norms and biases do not."""
+    tables, norms and biases do not. lr_scales: (module, scale) pairs whose parameters train at
+    scale x the lr (their groups carry "lr_scale", which train() reads)."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) or lora.is_conv1d(m)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+    scale_of = {id(p): scale for module, scale in lr_scales for p in module.parameters()}
+    groups = {}  # (no decay, scale) -> params, sorted: unscaled, the two groups of old (decayed first)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        groups.setdefault((id(p) not in decayed, scale_of.get(id(p), 1.0)), []).append(p)
+    return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+                               **({"lr_scale": scale} if scale != 1.0 else {})}
+                              for (no_decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])],
+                             lr=lr, betas=betas)
 
 
 # -----------------------------------------------------------------------------

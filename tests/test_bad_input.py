@@ -43,7 +43,7 @@ OUT_OF_RANGE = [
     out_of_range(train_vae, "--prefix-drop 1.5", FRACTION), out_of_range(train_vae, "--prefix-drop -0.1", FRACTION),
     out_of_range(train_vae, "--kl-max -1", NUM_0), out_of_range(train_vae, "--free-bits -0.1", NUM_0),
     out_of_range(train_vae, "--free-bits inf", "finite"), out_of_range(train_vae, "--lr nan", "a number > 0"),
-    out_of_range(train_vae, "--lr 0", "a number > 0"),
+    out_of_range(train_vae, "--lr 0", "a number > 0"), out_of_range(train_vae, "--head-lr-scale 0", "a number > 0"),
     out_of_range(train_vae, "--eval-paragraphs -1", "an integer >= 0"),
     (train_vae, "--batch-size x", "'x' is not an integer"),
     (train_vae, "--posterior gaussian", "invalid choice: 'gaussian' (choose from 'bigvae', 'diagonal')"),

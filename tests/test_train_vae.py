@@ -281,6 +281,23 @@ def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch, text_file
     assert "no evaluation history" in run_error(vae_curve.main, [str(tmp_path / "old")], capsys)
 
 
+def test_the_head_trains_at_its_own_lr_and_a_resumed_run_keeps_it(tmp_path, capsys, text_file, base_dir):
+    """--head-lr-scale: the head's parameters (f, w_e, w_d, z's keys/values) in groups at that multiple of the
+    adapters' lr, in the checkpoint's optimizer state; a resumed run takes the scale from the checkpoint."""
+    out = str(tmp_path / "run")
+    argv = SMALL + ["--model", base_dir, "--data", text_file, "--eval-paragraphs", "0", "--eval-interval", "2"]
+    run_main(argv + ["--out-dir", out, "--max-iters", "2", "--head-lr-scale", "10"], capsys)
+    run_main(["--resume", out, "--data", text_file, "--max-iters", "3", "--device", "cpu"], capsys)
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["step"] == 3 and state["config"]["head_lr_scale"] == 10.0
+    groups = state["optimizer"]["param_groups"]
+    scaled, plain = [g for g in groups if "lr_scale" in g], [g for g in groups if "lr_scale" not in g]
+    head_params = {"f", "w_e", "w_d", "w_memory"}
+    assert sum(len(g["params"]) for g in scaled) == 2 * len(head_params)  # a weight and a bias each
+    assert len({g["lr"] for g in plain}) == 1
+    assert [g["lr"] for g in scaled] == pytest.approx([10 * plain[0]["lr"]] * len(scaled))
+
+
 def test_defaults_per_base(base_dir):
     """tiny's CPU values for tiny models, BigVAE's (lr 1e-4, 64-token spans, no word dropout) for any
     pretrained base; a given flag wins."""

@@ -220,6 +220,22 @@ def test_one_weight_decay_rule():
     assert sum(len(g["params"]) for g in groups) == 5
 
 
+def test_lr_scales_train_a_module_at_a_multiple_of_the_lr():
+    """A module given a scale gets groups of its own whose lr train() sets to scale x the schedule's; without
+    scales the optimizer has the two groups of old (no "lr_scale" in its saved state)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    assert [set(g) - {"params"} for g in trainer.make_optimizer(model, 1e-3, 0.1).state_dict()["param_groups"]] == [
+        set(torch.optim.AdamW(model.parameters()).defaults)] * 2
+    optimizer = trainer.make_optimizer(model, 1e-3, 0.1, lr_scales=[(model[1], 10.0)])
+    scaled = {id(p) for g in optimizer.param_groups if g.get("lr_scale") == 10.0 for p in g["params"]}
+    assert scaled == {id(model[1].weight), id(model[1].bias)} and len(optimizer.param_groups) == 4
+    model.compute_loss = lambda batch, step: {"loss": model(batch["x"]).pow(2).mean()}
+    config = trainer.TrainConfig(max_iters=3, warmup_iters=10, eval_interval=100, log_interval=100, lr=1e-3)
+    trainer.train(model, optimizer, lambda i: {"x": torch.randn(2, 4)}, None, config, trainer.Run(torch.device("cpu")))
+    for g in optimizer.param_groups:
+        assert g["lr"] == pytest.approx(trainer.lr_at(2, config) * g.get("lr_scale", 1.0))
+
+
 def test_lr_schedule():
     config = trainer.TrainConfig(lr=1.0, warmup_iters=10, max_iters=110)
     assert trainer.lr_at(0, config) == pytest.approx(0.1)
