@@ -8,6 +8,7 @@ Mistral-7B VAE in bench_memory.py).
     python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
+    python bench.py vae-step --lm smollm2 --steps 4   # a VAE training step: fp32, bf16 autocast, torch.compile
     python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
                                         # CartPole steps, loss, backward, update), cache vs recompute, both backbones,
                                         # and the latent world model with a policy that reads z (no decoding)
@@ -26,7 +27,7 @@ import torch
 import lm
 import lora
 from agent import ActorCritic, ActorCriticConfig, imagine
-from common import make_parser, parse, positive_int, run_cli
+from common import UserError, make_parser, parse, positive_int, run_cli
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv, iris_sized_lm
 from lm_backbone import LMBackbone
 from obs_tokenizer import TokenObservations, VectorTokenizer, VectorTokenizerConfig
@@ -165,6 +166,47 @@ def bench_vae(args):
             "dtype": "float32", "z_memory": True, **results}
 
 
+def bench_vae_step(args):
+    """One VAE training step (compute_loss, backward, AdamW; the autoencoder phase, no prefix) in fp32,
+    under bf16 autocast, and compiled (torch.compile of compute_loss, fp32), on a frozen base of
+    SmolLM2-135M's shape with random weights (--lm smollm2) or on tiny's. bf16 pays only where the CPU
+    multiplies bf16 natively (AVX512-BF16 or AMX; `bf16_native` below); without it, it is slower."""
+    transformers = lm.import_transformers()
+    torch.manual_seed(0)
+    if args.lm == "smollm2":  # SmolLM2-135M's shape (its config.json), random weights
+        base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True))
+    else:
+        base = random_gpt2(args.lm)
+    base.requires_grad_(False)
+    vae = VAE(base, VAEConfig(decoder_init="lm", prefix_slots=args.block_size))
+    vae.train()
+    batch = {"input_ids": torch.randint(0, base.config.vocab_size - 1, (args.batch_size, args.block_size))}
+    batch["target_ids"] = batch["input_ids"]
+    optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
+    compiled = torch.compile(vae.compute_loss)
+
+    def step(autocast=False, loss_fn=vae.compute_loss):
+        def fn():
+            with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = loss_fn(batch, 0)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return fn
+
+    t = alternate({"fp32": step(), "bf16_autocast": step(autocast=True), "compiled": step(loss_fn=compiled)},
+                  args.steps)
+    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    return {"bench": "vae-step", "lm": f"{args.lm} shape (random init), frozen", "batch": [args.batch_size,
+            args.block_size], "threads": torch.get_num_threads(), "device": args.device.type,
+            "bf16_native": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+            **{f"step_s_{k}": round(v, 4) for k, v in t.items()},
+            "speedup_bf16_autocast": round(t["fp32"] / t["bf16_autocast"], 3),
+            "speedup_compiled": round(t["fp32"] / t["compiled"], 3)}
+
+
 def bench_imagine(args):
     """Imagined steps/s of the token world model (worldmodel.py) and the latent one (latent_wm.py),
     side by side in one run, with the KV cache and recomputing the context every step.
@@ -275,7 +317,8 @@ def bench_agent(args):
     return out
 
 
-BENCHMARKS = {"agent": bench_agent, "imagine": bench_imagine, "lora": bench_lora, "vae": bench_vae}
+BENCHMARKS = {"agent": bench_agent, "imagine": bench_imagine, "lora": bench_lora, "vae": bench_vae,
+              "vae-step": bench_vae_step}
 
 
 def parse_args(argv=None):
@@ -289,14 +332,17 @@ def parse_args(argv=None):
                         "%(default)s)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent: auto "
                         "(cuda when available), cpu or cuda (default: %(default)s)")
-    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2"], help="imagine, agent: the LM "
-                        "backbone's shape, tiny's or GPT-2 small's (random weights; default: %(default)s)")
+    parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2", "smollm2"], help="imagine, agent: the "
+                        "LM backbone's shape, tiny's or GPT-2 small's; vae-step: also SmolLM2-135M's (random "
+                        "weights; default: %(default)s)")
     return parse(parser, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     args.device = torch.device(pick_device(args.device))  # --device cuda without a GPU: one line
+    if args.lm == "smollm2" and args.name != "vae-step":
+        raise UserError(f"bench.py {args.name} takes --lm tiny or gpt2; smollm2's shape is for vae-step")
     print(json.dumps(BENCHMARKS[args.name](args)))
 
 
