@@ -29,6 +29,8 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
 3. train the world model --wm-iters steps on segments from all the real data so far (the world
    model's flags, --state among them, --batch-size, --lr, --warmup-iters, --weight-decay and
    --grad-clip are train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
+   with --end-share, that share of each batch's segments holds an episode end (wm_setup.segment_batches),
+   which a uniform draw rarely gives once episodes grow long;
 4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
    steps imagined from real observations drawn from the data (agent.py). IRIS waits a few
    epochs before the first; here it trains from the first epoch on. With --state latent the
@@ -62,7 +64,7 @@ from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_m
                       restore, saved_state, segment_batches, settings_from, tokenize)
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
-              "lambda_", "entropy_weight", "ac_width", "eval_episodes", "policy_input")
+              "lambda_", "entropy_weight", "ac_width", "eval_episodes", "policy_input", "end_share")
 # what makes the data and the tokenizer; a resumed run takes these, the model's and the agent's from its checkpoint
 DATA_KEYS = ("env", "seed", "bin_range") + TOKENIZER_KEYS
 EVAL_SEED = 2**31  # the held-out episodes: env seeds EVAL_SEED + i, far from every collection seed
@@ -106,6 +108,10 @@ def parse_args(argv=None):
     g.add_argument("--bin-range", default="data", choices=["data", "space"], help="vector observations: the "
                    "tokenizer's bins cover the first epoch's data only, or it and the observation space's finite "
                    "bounds (data_wm.with_space_bounds; default: %(default)s)")
+    g.add_argument("--end-share", type=fraction, default=0.0, help="the share of each world-model batch drawn "
+                   "to hold an episode end, at a uniform position in its segment, the others from uniform starts: "
+                   "a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
+                   "episode uniformly, which weighs short episodes' ends up; default: %(default)s, all uniform)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy (default: %(default)s)")
     g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
@@ -250,7 +256,8 @@ def main(argv=None):
                               run, state)
         tokenize(tokenizer, data, run.device)  # every epoch all of it again: a few ms for vectors, seconds for frames
         # 3. the world model
-        get_batch = segment_batches(data, tokenizer, args.segment_steps, args.batch_size, args.seed, run.device)
+        get_batch = segment_batches(data, tokenizer, args.segment_steps, args.batch_size, args.seed, run.device,
+                                    args.end_share)
         wm_terms = train(world_model, optimizer, get_batch, None, phase_config(train_config, epoch, args.wm_iters),
                          run, epoch * args.wm_iters, schedule=warmup_then_constant)
         # 4. the actor-critic, in imagination

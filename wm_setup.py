@@ -315,14 +315,27 @@ def latent_world_model(settings, config, device, batch_size, should_print):
     return world_model
 
 
-def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device):
+def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device, end_share=0.0):
     """get_batch(index) for trainer.train: batch_size segments of segment_steps steps from random starts in data,
-    drawn from (seed, index)."""
+    drawn from (seed, index). end_share: round(end_share * batch_size) of them are drawn to hold an episode end
+    instead, a rare event (IRIS draws each segment's episode uniformly, so a short episode's end weighs as much
+    as a long one's; here ends are drawn outright): one of data's ends, uniformly, at a uniform position in the
+    segment (never before its episode's start, so never padded); the others start uniformly. With no end in data
+    all start uniformly; with end_share 0 nothing more is drawn, so the batches are the uniform ones exactly."""
     num_tokens = batch_size * segment_steps * (tokenizer.tokens_per_obs + 1)
+    end_steps = torch.nonzero(data["ends"]).squeeze(1)  # (E,)
+    num_ends = round(end_share * batch_size) if len(end_steps) > 0 else 0
+    # an end at step e lies unpadded in the segment from e - p for p up to segment_steps - 1 within its episode
+    num_positions = (end_steps - data["episode_start"][end_steps]).clamp(max=segment_steps - 1) + 1  # (E,)
 
     def get_batch(index):
         g = torch.Generator().manual_seed(batch_seed(seed, index))
-        starts = torch.randint(len(data["actions"]), (batch_size,), generator=g)
+        starts = torch.randint(len(data["actions"]), (batch_size - num_ends,), generator=g)
+        if num_ends > 0:
+            picks = torch.randint(len(end_steps), (num_ends,), generator=g)
+            # uniform in 0 .. num_positions - 1 (float64: the product never rounds up to num_positions)
+            positions = (torch.rand(num_ends, generator=g, dtype=torch.float64) * num_positions[picks]).long()
+            starts = torch.cat([starts, end_steps[picks] - positions])
         batch = {k: v.to(device) for k, v in segments(data, starts, segment_steps).items()}
         return {**batch, "num_tokens": num_tokens}
 

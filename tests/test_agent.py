@@ -232,17 +232,23 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state, policy_i
 
 def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "space"], capsys)
+    run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "space",
+                                          "--end-share", "0.5"], capsys)
     metrics, _ = run_script(train_agent.main, ["--resume", out, "--max-iters", "2", "--device", "cpu"], capsys)
     assert metrics["epoch"] == 2 and metrics["env_steps"] == 240  # --collect-steps 120 came from the checkpoint
     state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert state["config"]["bin_range"] == "space" and state["tokenizer"]["centers"][0].max() > 2.4
+    assert state["config"]["end_share"] == 0.5
     err = run_script_error(train_agent.main, ["--resume", out, "--max-iters", "3", "--seed", "5"], capsys)
     assert "--seed 5" in err  # another seed would collect other data: refused, not mixed in
     again, _ = run_script(train_agent.main, ["--resume", out, "--eval-only", "--device", "cpu"], capsys)
     history = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["history"]
     assert again["eval_return"] == history[-1]["eval_return"]
     assert again["eval_return_sampled"] == history[-1]["eval_return_sampled"]
+    state["config"].pop("end_share")  # a checkpoint from before --end-share: its draws were all uniform
+    save_checkpoint(out, state)
+    run_script(train_agent.main, ["--resume", out, "--max-iters", "3", "--device", "cpu"], capsys)
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["end_share"] == 0.0
 
 
 def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_counted():

@@ -60,6 +60,7 @@ OUT_OF_RANGE = [
       for flags in ("--dropout 1", "--dropout -0.1")),
     (train_wm, "--next-latent mse", "invalid choice: 'mse' (choose from 'kl', 'decode')"),
     out_of_range(train_agent, "--gamma 1.5", FRACTION), out_of_range(train_agent, "--segment-steps 1", INT_2),
+    out_of_range(train_agent, "--end-share 1.5", FRACTION),
     out_of_range(train_router, "--scales -1", NUM_0),
     *(out_of_range(sample, flags, INT_1) for flags in ("--sample 0", "--sample -1", "--num-tokens 0")),
     *(out_of_range(sample, flags, INT_2) for flags in ("--interp-steps 1", "--interp-steps 0")),

@@ -16,7 +16,7 @@ import train_agent
 import train_wm
 import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
-from common import config_from
+from common import batch_seed, config_from
 from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
@@ -88,6 +88,52 @@ def test_segments_pad_past_the_episode_end():
     batch = data_wm.segments(data, torch.tensor([1, 3]), num_steps=3)
     assert batch["mask_padding"].tolist() == [[True, True, False], [True, True, False]]
     assert batch["actions"][:, :2].tolist() == [[1, 2], [3, 4]]  # never crosses into the next episode
+
+
+def end_data(lengths, ends):
+    """Episodes of these lengths, each ending (a true end on its last step) or cut, tokenized for segments()."""
+    episode = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    is_end = torch.cat([torch.arange(n) == n - 1 if e else torch.zeros(n, dtype=torch.bool)
+                        for n, e in zip(lengths, ends)])
+    n = len(episode)
+    data = {"episode": episode, "obs_tokens": torch.arange(4 * n).view(n, 4), "actions": torch.arange(n),
+            "rewards": torch.zeros(n), "ends": is_end}
+    data_wm.add_episode_bounds(data)
+    return data
+
+
+def test_segment_batches_oversample_episode_ends():
+    """--end-share: that share of each batch holds a true end, unpadded, at every position of the segment
+    across batches; the rest start uniformly. Episodes of 1 and 3 steps are shorter than the segment."""
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=8))
+    data = end_data([40, 1, 3, 60, 25, 30], [True, True, True, True, False, True])  # the 25-step one is cut
+    get_batch = wm_setup.segment_batches(data, tokenizer, 6, 8, seed=3, device="cpu", end_share=0.5)
+    positions = set()
+    for index in range(30):
+        batch = get_batch(index)
+        assert batch["obs_tokens"].shape == (8, 6, 4) and batch["num_tokens"] == 8 * 6 * 5
+        holds_end = batch["ends"] & batch["mask_padding"]  # (B, L)
+        assert holds_end.any(1).sum() >= 4
+        assert holds_end[4:].any(1).all()  # the drawn ones: after the uniform ones
+        positions |= set(holds_end[4:].nonzero()[:, 1].tolist())
+        assert torch.equal(batch["actions"], get_batch(index)["actions"])  # a pure function of (seed, index)
+    assert positions == set(range(6))
+
+
+def test_segment_batches_without_end_share_draw_uniform_starts_as_before():
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=8))
+    data = end_data([40, 1, 3, 60, 25, 30], [True, True, True, True, False, True])
+    get_batch = wm_setup.segment_batches(data, tokenizer, 6, 8, seed=3, device="cpu")
+    for index in range(3):
+        g = torch.Generator().manual_seed(batch_seed(3, index))
+        expected = data_wm.segments(data, torch.randint(len(data["actions"]), (8,), generator=g), 6)  # the old draw
+        batch = get_batch(index)
+        for key, tensor in expected.items():
+            assert torch.equal(batch[key], tensor), key
+    # no end in the data: every segment starts uniformly, whatever the share
+    no_ends = end_data([40, 30], [False, False])
+    batch = wm_setup.segment_batches(no_ends, tokenizer, 6, 8, seed=3, device="cpu", end_share=1.0)(0)
+    assert batch["obs_tokens"].shape == (8, 6, 4) and not batch["ends"].any()
 
 
 def test_cartpole_trains_evaluates_and_draws(tmp_path, capsys):
