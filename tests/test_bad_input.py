@@ -189,6 +189,7 @@ def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(cap
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "no CUDA GPU; use --device cpu" in run_script_error(bench.main, ["imagine", "--device", "cuda"], capsys)
     assert "invalid choice: 'mps'" in run_script_error(bench.main, ["imagine", "--device", "mps"], capsys)
+    assert "smollm2's shape is for vae-step" in run_script_error(bench.main, ["agent", "--lm", "smollm2"], capsys)
     # Mistral-7B in fp32 on a CPU: ~27 GiB of weights alone, refused before it is built
     monkeypatch.setattr(offload, "free_memory", lambda device: 16 * 2**30)
     err = run_script_error(bench_memory.main, ["mistral-memory", "--device", "cpu", "--steps", "1"], capsys)
