@@ -169,8 +169,8 @@ def bench_vae(args):
 def bench_vae_step(args):
     """One VAE training step (compute_loss, backward, AdamW; the autoencoder phase, no prefix) in fp32,
     under bf16 autocast, and compiled (torch.compile of compute_loss, fp32), on a frozen base of
-    SmolLM2-135M's shape with random weights (--lm smollm2) or on tiny's. bf16 pays only where the CPU
-    multiplies bf16 natively (AVX512-BF16 or AMX; `bf16_native` below); without it, it is slower."""
+    SmolLM2-135M's shape with random weights (--lm smollm2), GPT-2 small's or tiny's. bf16 pays only where the CPU
+    multiplies bf16 natively (AVX512-BF16 or AMX; `cpu_bf16_native` below); without it, it is slower."""
     transformers = lm.import_transformers()
     torch.manual_seed(0)
     if args.lm == "smollm2":  # SmolLM2-135M's shape (its config.json), random weights
@@ -180,9 +180,10 @@ def bench_vae_step(args):
     else:
         base = random_gpt2(args.lm)
     base.requires_grad_(False)
-    vae = VAE(base, VAEConfig(decoder_init="lm", prefix_slots=args.block_size))
+    vae = VAE(base, VAEConfig(decoder_init="lm", prefix_slots=args.block_size, ae_iters=1)).to(args.device)
     vae.train()
-    batch = {"input_ids": torch.randint(0, base.config.vocab_size - 1, (args.batch_size, args.block_size))}
+    ids = torch.randint(0, base.config.vocab_size - 1, (args.batch_size, args.block_size), device=args.device)
+    batch = {"input_ids": ids}
     batch["target_ids"] = batch["input_ids"]
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
     compiled = torch.compile(vae.compute_loss)
@@ -198,10 +199,14 @@ def bench_vae_step(args):
 
     t = alternate({"fp32": step(), "bf16_autocast": step(autocast=True), "compiled": step(loss_fn=compiled)},
                   args.steps)
-    flags = open("/proc/cpuinfo").read() if sys.platform.startswith("linux") else ""
+    try:  # the CPU's flags, on Linux
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
     return {"bench": "vae-step", "lm": f"{args.lm} shape (random init), frozen", "batch": [args.batch_size,
             args.block_size], "threads": torch.get_num_threads(), "device": args.device.type,
-            "bf16_native": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+            "cpu_bf16_native": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
             **{f"step_s_{k}": round(v, 4) for k, v in t.items()},
             "speedup_bf16_autocast": round(t["fp32"] / t["bf16_autocast"], 3),
             "speedup_compiled": round(t["fp32"] / t["compiled"], 3)}
@@ -330,8 +335,8 @@ def parse_args(argv=None):
                         "%(default)s)")
     parser.add_argument("--block-size", type=positive_int, default=64, help="tokens per sequence (default: "
                         "%(default)s)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent: auto "
-                        "(cuda when available), cpu or cuda (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="imagine, agent, vae-step: "
+                        "auto (cuda when available), cpu or cuda (default: %(default)s)")
     parser.add_argument("--lm", default="tiny", choices=["tiny", "gpt2", "smollm2"], help="imagine, agent: the "
                         "LM backbone's shape, tiny's or GPT-2 small's; vae-step: also SmolLM2-135M's (random "
                         "weights; default: %(default)s)")

@@ -153,9 +153,16 @@ def open_run(kind, out_dir, resume, eval_only, max_iters):
 
 
 def load_optimizer(optimizer, state_dict):
-    """Restore a checkpoint's optimizer state (moments, steps), keeping the weight decay the
-    optimizer was made with: this run's --weight-decay, which may differ on resume."""
-    decays = [group["weight_decay"] for group in optimizer.param_groups]
+    """Restore a checkpoint's optimizer state (moments, steps), keeping the weight decay and lr scales
+    the optimizer was made with: this run's --weight-decay and --head-lr-scale, which may differ on
+    resume. Parameters grouped otherwise than when saved (a scale given or dropped) are refused."""
+    made = [{k: group[k] for k in ("weight_decay", "lr_scale") if k in group} for group in optimizer.param_groups]
+    sizes = ([len(group["params"]) for group in optimizer.param_groups],
+             [len(group["params"]) for group in state_dict["param_groups"]])
+    if sizes[0] != sizes[1]:
+        raise UserError(f"the checkpoint's optimizer groups its parameters as {sizes[1]}, this run as {sizes[0]}: "
+                        "a learning-rate scale (--head-lr-scale) was turned on or off; resume without it")
     optimizer.load_state_dict(state_dict)
-    for group, weight_decay in zip(optimizer.param_groups, decays):
-        group["weight_decay"] = weight_decay
+    for group, kept in zip(optimizer.param_groups, made):
+        group.pop("lr_scale", None)
+        group.update(kept)

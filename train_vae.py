@@ -95,7 +95,7 @@ def parse_args(argv=None):
                    "w_e's transpose (BigVAE); lm: the decoder starts as the frozen LM itself, z adding nothing yet "
                    "(for a pretrained base; default: %(default)s)")
     g.add_argument("--head-lr-scale", type=positive_float, default=1.0, help="the VAE head (f, w_e, w_d, z's "
-                   "keys/values) trains at this multiple of --lr, the adapters at --lr (BigVAE: one lr; default: "
+                   "keys/values, w_logvar) trains at this multiple of --lr, the adapters at --lr (BigVAE: one lr; default: "
                    "%(default)s)")
     g.add_argument("--freeze-base", action="store_true", help="keep tiny's base frozen too (pretrained bases "
                    "always are)")

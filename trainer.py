@@ -154,12 +154,12 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99), lr_scales=()):
     scale x the lr (their groups carry "lr_scale", which train() reads)."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) or lora.is_conv1d(m)}
     scale_of = {id(p): scale for module, scale in lr_scales for p in module.parameters()}
-    groups = {}  # (no decay, scale) -> params, sorted: unscaled, the two groups of old (decayed first)
+    groups = {}  # (no decay, scale) -> params; without scales, the two groups of old in their order
     for p in (p for p in model.parameters() if p.requires_grad):
         groups.setdefault((id(p) not in decayed, scale_of.get(id(p), 1.0)), []).append(p)
     return torch.optim.AdamW([{"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
                                **({"lr_scale": scale} if scale != 1.0 else {})}
-                              for (no_decay, scale), params in sorted(groups.items(), key=lambda kv: kv[0])],
+                              for (no_decay, scale), params in sorted(groups.items())],
                              lr=lr, betas=betas)
 
 

@@ -318,8 +318,8 @@ def latent_world_model(settings, config, device, batch_size, should_print):
 def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device, end_share=0.0):
     """get_batch(index) for trainer.train: batch_size segments of segment_steps steps from random starts in data,
     drawn from (seed, index). end_share: round(end_share * batch_size) of them are drawn to hold an episode end
-    instead, a rare event (IRIS draws each segment's episode uniformly, so a short episode's end weighs as much
-    as a long one's; here ends are drawn outright): one of data's ends, uniformly, at a uniform position in the
+    instead, a rare event (IRIS draws each segment's episode uniformly, which weighs short episodes' ends up;
+    here ends are drawn outright): one of data's ends, uniformly, at a uniform position in the
     segment (never before its episode's start, so never padded); the others start uniformly. With no end in data
     all start uniformly; with end_share 0 nothing more is drawn, so the batches are the uniform ones exactly."""
     num_tokens = batch_size * segment_steps * (tokenizer.tokens_per_obs + 1)

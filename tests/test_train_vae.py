@@ -296,6 +296,25 @@ def test_the_head_trains_at_its_own_lr_and_a_resumed_run_keeps_it(tmp_path, caps
     assert sum(len(g["params"]) for g in scaled) == 2 * len(head_params)  # a weight and a bias each
     assert len({g["lr"] for g in plain}) == 1
     assert [g["lr"] for g in scaled] == pytest.approx([10 * plain[0]["lr"]] * len(scaled))
+    # the optimizer's groups change with the scale turned off: refused in one line, the checkpoint unchanged
+    before = read_bytes(os.path.join(out, "ckpt.pt"))
+    err = run_error(train_vae.main, ["--resume", out, "--data", text_file, "--max-iters", "4", "--device", "cpu",
+                                     "--head-lr-scale", "1"], capsys)
+    assert "a learning-rate scale (--head-lr-scale) was turned on or off; resume without it" in err
+    assert read_bytes(os.path.join(out, "ckpt.pt")) == before
+
+
+def test_a_checkpoint_from_before_head_lr_scale_resumes_with_one_lr(trained, tmp_path, capsys, text_file):
+    """A config saved without the key had one lr: a resumed run keeps its two optimizer groups, unscaled."""
+    state = checkpoint.load_checkpoint(trained, "vae")
+    del state["config"]["head_lr_scale"]
+    checkpoint.save_checkpoint(str(tmp_path), state)
+    run_main(["--resume", str(tmp_path), "--data", text_file, "--max-iters", "5", "--device", "cpu",
+              "--eval-paragraphs", "0"], capsys)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert state["step"] == 5 and state["config"]["head_lr_scale"] == 1.0
+    assert len(state["optimizer"]["param_groups"]) == 2
+    assert not any("lr_scale" in g for g in state["optimizer"]["param_groups"])
 
 
 def test_defaults_per_base(base_dir):

@@ -236,6 +236,20 @@ def test_lr_scales_train_a_module_at_a_multiple_of_the_lr():
         assert g["lr"] == pytest.approx(trainer.lr_at(2, config) * g.get("lr_scale", 1.0))
 
 
+def test_a_resumed_optimizer_keeps_this_runs_weight_decay_and_lr_scales():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    saved = trainer.make_optimizer(model, 1e-3, 0.1, lr_scales=[(model[1], 10.0)])
+    model(torch.randn(2, 4)).sum().backward()
+    saved.step()
+    optimizer = trainer.make_optimizer(model, 1e-3, 0.0, lr_scales=[(model[1], 20.0)])
+    checkpoint.load_optimizer(optimizer, saved.state_dict())
+    assert [(g["weight_decay"], g.get("lr_scale")) for g in optimizer.param_groups] == [
+        (0.0, None), (0.0, 20.0), (0.0, None), (0.0, 20.0)]
+    assert len(optimizer.state) == 4  # the moments came back
+    with pytest.raises(UserError, match="was turned on or off"):
+        checkpoint.load_optimizer(trainer.make_optimizer(model, 1e-3, 0.1), saved.state_dict())
+
+
 def test_lr_schedule():
     config = trainer.TrainConfig(lr=1.0, warmup_iters=10, max_iters=110)
     assert trainer.lr_at(0, config) == pytest.approx(0.1)
