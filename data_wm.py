@@ -37,9 +37,9 @@ def make_env(env_id):
     is_vector = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     is_frame = (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
                 and space.dtype == np.uint8)
-    if not (is_vector or is_frame):
-        raise UserError(f"{env_id} has observations {space}; supported are vectors (a 1-D Box) and RGB "
-                        "frames (an (H, W, 3) uint8 Box)")
+    if not (is_vector or is_frame or isinstance(space, gym.spaces.Discrete)):
+        raise UserError(f"{env_id} has observations {space}; supported are vectors (a 1-D Box), RGB "
+                        "frames (an (H, W, 3) uint8 Box) and states (Discrete, e.g. FrozenLake-v1)")
     return env
 
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 from common import UserError, run_cli, write_failure
 from data_wm import segments
 from latent_wm import imagination_env
+from obs_tokenizer import DiscreteTokenizer
 
 
 @torch.no_grad()
@@ -97,6 +98,8 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
         curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
     i = len(starts) // 2  # a start from the middle of the held-out data, not an episode's first frame
     example = {"real": val["obs"][starts[i]:starts[i] + H + 1], "imagined": torch.stack(imagined)[:, i]}
+    if isinstance(tokenizer, DiscreteTokenizer):  # the state's number: one plot, not one per one-hot dimension
+        example = {k: tokenizer.encode(v).float() for k, v in example.items()}
     return curves, example, len(starts) * H / seconds
 
 

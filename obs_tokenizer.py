@@ -34,6 +34,9 @@ Both tokenizers share one interface:
   small objects never appear); the background removed (the paddles come out sharp in
   2000 steps, 100 codes used instead of 16); no residual/attention blocks and no
   perceptual loss. The 1-pixel Pong ball is still mostly lost.
+- DiscreteTokenizer (FrozenLake, Taxi, CliffWalking): the observation is one integer of n, a
+  state's number; it is its own token (K = 1, vocabulary n), so nothing is fitted or lost. The
+  stored form is the one-hot vector (n,), which the policy's MLP reads like any vector.
 - TokenObservations: observations that already are K tokens; encode and decode pass them
   through. For the tests and bench.py's imagination timing, where the world model alone matters.
 """
@@ -92,6 +95,33 @@ class VectorTokenizer(nn.Module):
         # a token t of dimension d sits at row d of centers, column t - d * num_bins;
         # centers.flatten() is laid out exactly like the vocabulary
         return self.centers.flatten()[tokens]  # (N, D)
+
+
+# ----------------------------------------------------------------------------- states
+
+
+class DiscreteTokenizer(nn.Module):
+    """A Discrete(num_states, start) observation: state s is token s - start, stored one-hot."""
+
+    def __init__(self, num_states: int, start: int = 0):
+        super().__init__()
+        self.num_states, self.start = num_states, start
+        self.tokens_per_obs = 1
+        self.vocab_size = num_states
+
+    def preprocess(self, raw_obs) -> torch.Tensor:
+        """States (N,) -> one-hot float (N, num_states)."""
+        states = torch.as_tensor(raw_obs, dtype=torch.long).reshape(-1) - self.start
+        return F.one_hot(states, self.num_states).float()
+
+    def fit(self, obs: torch.Tensor):
+        """Nothing to read off the data: every state has its token."""
+
+    def encode(self, obs: torch.Tensor) -> torch.Tensor:
+        return obs.argmax(-1, keepdim=True)  # (N, num_states) -> (N, 1)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(tokens[:, 0], self.num_states).float()  # (N, 1) -> (N, num_states)
 
 
 # ----------------------------------------------------------------------------- tokens

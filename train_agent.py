@@ -6,6 +6,7 @@ model's imagination (agent.py), with train_wm.py's world model (both build it wi
     python train_agent.py --max-iters 2 --collect-steps 300 --wm-iters 20 --ac-iters 5 \
         --out-dir out-agent-quick                          # a quick look at the loop, CPU: ~30 s
     python train_agent.py --env Acrobot-v1 --out-dir out-agent-acrobot
+    python train_agent.py --env FrozenLake-v1 --out-dir out-agent-frozenlake   # a Discrete state, slippery ice
     python train_agent.py --env ALE/Pong-v5 --max-iters 2 --collect-steps 500 --tokenizer-iters 50 \
         --wm-iters 10 --ac-iters 2 --ac-batch-size 8 --eval-episodes 1 --out-dir out-agent-pong   # smoke
     python train_agent.py --backbone lm --model out-lm/base --out-dir out-agent-lm   # an LM world model
@@ -50,6 +51,7 @@ JSON object of the run's metrics; `history` in the checkpoint holds every evalua
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, play, policy_view
@@ -212,7 +214,7 @@ def main(argv=None):
     def policy(should_sample, generator=None):
         """act(env observation) -> action, for collect() and play()."""
         def act(obs):
-            view = policy_view(tokenizer, tokenizer.preprocess(obs[None]).to(run.device),
+            view = policy_view(tokenizer, tokenizer.preprocess(np.asarray(obs)[None]).to(run.device),
                                world_model if reads_latent else None)
             return int(actor_critic.act(view, should_sample, generator))
         return act

@@ -5,6 +5,7 @@ it on held-out episodes against the copy-last-observation baseline.
     python train_wm.py                                    # CartPole-v1, 1500 steps on one CPU core: ~6 min
     python train_wm.py --max-iters 100 --out-dir out-wm-quick   # a quick look: ~30 s
     python train_wm.py --env ALE/Pong-v5 --max-iters 600  # Atari through ale-py (ROMs ship with it)
+    python train_wm.py --env FrozenLake-v1                # a Discrete state (the cell): one token a step
     python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run, with the settings it was started with
 
@@ -24,15 +25,16 @@ Steps, as IRIS (Micheli et al. 2023) with the agent left out:
 1. collect --collect-steps transitions with a uniformly random policy (seeded), split by
    episode into train and held-out (the last --val-fraction of the episodes);
 2. fit the observation tokenizer to the training observations (vectors: bin edges;
-   frames: the background), train it (frames: --tokenizer-iters), then turn every
-   observation into K tokens once (the tokenizer is frozen from then on);
+   frames: the background; a Discrete state, e.g. FrozenLake-v1's cell, is its own token),
+   train it (frames: --tokenizer-iters), then turn every observation into K tokens once
+   (the tokenizer is frozen from then on);
 3. train the world model on segments of --segment-steps steps from random starts, padded
    past an episode's end (mask_padding), as IRIS samples them;
 4. evaluate on the held-out episodes: obs-token accuracy and cross-entropy, reward and
    end accuracy, and open-loop imagination: from real observations, imagine --horizon
    steps with the real actions and compare with the real future, and with the baseline
-   that predicts "nothing changes". Error: vectors, mean |x - x_real| in units of each
-   dimension's standard deviation; frames, mean |pixel - pixel_real| / 255 at 64x64.
+   that predicts "nothing changes". Error: vectors (and states, one-hot), mean |x - x_real| in
+   units of each dimension's standard deviation; frames, mean |pixel - pixel_real| / 255 at 64x64.
    A picture of real vs imagined goes to OUT_DIR/imagination.png.
 A resumed run takes its data and architecture settings from the checkpoint. The last line
 printed is one JSON object of the run's metrics.

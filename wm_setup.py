@@ -10,6 +10,7 @@ the scripts, everything takes these dataclasses or plain values.
 
 from dataclasses import dataclass, field, fields, replace
 
+import gymnasium as gym
 import torch
 
 import lm
@@ -20,7 +21,8 @@ from common import (TINY_MODELS, UserError, at_least_2, batch_seed, config_from,
 from data_wm import add_episode_bounds, segments
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, iris_sized_lm
 from lm_backbone import LMBackbone, first_layers, lm_token_tables, randomized
-from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
+from obs_tokenizer import (DiscreteTokenizer, FrameTokenizer, FrameTokenizerConfig, VectorTokenizer,
+                           VectorTokenizerConfig)
 from offload import MemoryConfig, add_memory_args, check_memory, load_with_memory, place
 from trainer import make_optimizer, train
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
@@ -184,8 +186,12 @@ def check_model_flags(flags, explicit):
 
 
 def make_tokenizer(env, settings):
-    """Bins for vector observations, the FSQ autoencoder for frames (obs_tokenizer.py)."""
-    shape = env.observation_space.shape
+    """Bins for vector observations, the FSQ autoencoder for frames, a state's own token for Discrete
+    observations (obs_tokenizer.py)."""
+    space = env.observation_space
+    if isinstance(space, gym.spaces.Discrete):
+        return DiscreteTokenizer(int(space.n), int(space.start))
+    shape = space.shape
     if len(shape) == 1:
         return VectorTokenizer(VectorTokenizerConfig(obs_dim=shape[0], num_bins=settings.num_bins))
     return FrameTokenizer(FrameTokenizerConfig(levels=tuple(settings.fsq_levels)))
@@ -245,8 +251,12 @@ def tokenizer_metrics(tokenizer, obs, scale, device):
 
 
 def obs_scale(obs):
-    """What one unit of error is: 255 for frames, each dimension's std for vectors."""
-    return 255.0 if obs.dtype == torch.uint8 else obs.float().std(0).clamp(min=1e-8)
+    """What one unit of error is: 255 for frames, each dimension's std for vectors (1 where a dimension
+    never changes, e.g. a one-hot state never visited)."""
+    if obs.dtype == torch.uint8:
+        return 255.0
+    std = obs.float().std(0)
+    return torch.where(std > 0, std, torch.ones_like(std))
 
 
 # -----------------------------------------------------------------------------

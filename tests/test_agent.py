@@ -210,6 +210,17 @@ def test_the_loop_runs_and_reports_real_returns(capsys):
     assert state["config"]["bin_range"] == "data" and state["tokenizer"]["centers"][0].abs().max() < 1.0
 
 
+def test_the_loop_on_states_reads_them_one_hot(capsys):
+    """FrozenLake-v1 (16 cells, reward 1 at the goal): a Discrete observation is one token a step, and the
+    policy reads the cell one-hot, in the real env (through the tokenizer) and in imagination alike."""
+    metrics, _ = run_script(train_agent.main, QUICK + ["--env", "FrozenLake-v1", "--max-iters", "1"], capsys)
+    assert metrics["reward_threshold"] == 0.7 and 0.0 <= metrics["eval_return"] <= 1.0
+    state = torch.load(os.path.join("out-agent", "ckpt.pt"), weights_only=True)
+    obs = state["data"]["obs"]
+    assert obs.shape == (120, 16) and torch.equal(obs.sum(1), torch.ones(120))  # one cell a step
+    assert state["actor_critic"]["actor.0.0.weight"].shape[1] == 16
+
+
 @pytest.mark.parametrize("state, policy_input", [("tokens", "obs"), ("latent", "obs"), ("latent", "latent")])
 def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state, policy_input):
     """--state latent: the agent practises in latent_wm.py's world model (LatentWorldModelEnv), same loop;

@@ -1,10 +1,11 @@
 """Tests for worldmodel.py and obs_tokenizer.py: tiny models, CPU, a few seconds each."""
 
+import numpy as np
 import pytest
 import torch
 
-from obs_tokenizer import (FrameTokenizer, FrameTokenizerConfig, TokenObservations, VectorTokenizer,
-                           VectorTokenizerConfig)
+from obs_tokenizer import (DiscreteTokenizer, FrameTokenizer, FrameTokenizerConfig, TokenObservations,
+                           VectorTokenizer, VectorTokenizerConfig)
 from worldmodel import (Embedder, Head, Slicer, Transformer, TransformerConfig, WorldModel,
                         WorldModelConfig, WorldModelEnv, compute_labels, interleave)
 
@@ -154,6 +155,17 @@ def test_vector_tokenizer_bins_and_round_trip():
     assert torch.equal(tok.encode(decoded), tokens)  # a bin's mean lies inside the bin
     # error well under one bin: the mean bin width is about range / 16
     assert ((decoded - data).abs().mean(0) / data.std(0)).max() < 0.1
+
+
+def test_discrete_tokenizer_gives_each_state_its_token_and_back():
+    tok = DiscreteTokenizer(num_states=5, start=-2)  # gym's Discrete(5, start=-2): states -2 .. 2
+    obs = tok.preprocess(np.array([-2, 0, 2, 1]))
+    assert torch.equal(obs, torch.eye(5)[[0, 2, 4, 3]])  # one-hot (N, 5)
+    tokens = tok.encode(obs)
+    assert tokens.tolist() == [[0], [2], [4], [3]] and tok.tokens_per_obs == 1 and tok.vocab_size == 5
+    assert torch.equal(tok.decode(tokens), obs)  # nothing lost
+    tok.fit(obs)  # nothing to fit, nothing to save
+    assert tok.state_dict() == {} and torch.equal(tok.encode(obs), tokens)
 
 
 def test_frame_tokenizer_shapes_and_a_dim_ball_survives_resizing():
