@@ -14,6 +14,7 @@ model's imagination (agent.py), with train_wm.py's world model (both build it wi
     python train_agent.py --state latent --policy-input latent --out-dir out-agent-z   # a policy that reads z
     python train_agent.py --resume out-agent --max-iters 30   # continue the loop up to epoch 30
     python train_agent.py --resume out-agent --eval-only      # play the held-out episodes again
+    python train_agent.py --resume out-agent --eval-only --eval-episodes 100   # more of them, a tighter mean
     python experiments/agent_curve.py --runs iris out-agent   # the picture: held-out return vs real steps
 
 One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
@@ -115,7 +116,7 @@ def parse_args(argv=None):
                    "a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
                    "episode uniformly, which weighs short episodes' ends up; default: %(default)s, all uniform)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
-                   "evaluation, each policy (default: %(default)s)")
+                   "evaluation, each policy; --eval-only may play more than the run did (default: %(default)s)")
     g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
                    "the observation as the tokenizer reconstructs it; latent (--state latent), the world model's "
                    "z, and imagination decodes nothing (default: %(default)s)")
@@ -130,8 +131,11 @@ def start_or_resume(args):
     state = {"kind": "agent", "step": 0, "history": []}
     if args.resume is not None:
         state = load_checkpoint(args.resume, "agent", "--resume")
-        adopt_config(vars(args), args.explicit, state["config"], DATA_KEYS + MODEL_KEYS + AGENT_KEYS, args.resume)
-        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
+        # --eval-only saves nothing, so it may play another number of held-out episodes than the run did
+        played = ("eval_episodes",) if args.eval_only else ()
+        kept = tuple(k for k in DATA_KEYS + MODEL_KEYS + AGENT_KEYS if k not in played)
+        adopt_config(vars(args), args.explicit, state["config"], kept, args.resume)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + played, args.resume, overridable=True)
         if not args.eval_only and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at epoch {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")

@@ -241,7 +241,7 @@ def test_the_loop_resumes_exactly(tmp_path, monkeypatch, capsys, state, policy_i
     assert [h["eval_return"] for h in a["history"]] == [h["eval_return"] for h in b["history"]]
 
 
-def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
+def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     run_script(train_agent.main, QUICK + ["--max-iters", "1", "--out-dir", out, "--bin-range", "space",
                                           "--end-share", "0.5"], capsys)
@@ -256,6 +256,13 @@ def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys)
     history = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["history"]
     assert again["eval_return"] == history[-1]["eval_return"]
     assert again["eval_return_sampled"] == history[-1]["eval_return_sampled"]
+    calls = []
+    monkeypatch.setattr(train_agent, "play", lambda env, act, num, seed: calls.append(num) or [1.0] * num)
+    run_script(train_agent.main, ["--resume", out, "--eval-only", "--eval-episodes", "7", "--device", "cpu"], capsys)
+    assert calls == [7, 7]  # greedy and sampled: --eval-only plays what it is told, and saves nothing
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["eval_episodes"] == 2
+    err = run_script_error(train_agent.main, ["--resume", out, "--max-iters", "3", "--eval-episodes", "7"], capsys)
+    assert "--eval-episodes 7" in err  # a training run keeps the count its history was measured with
     state["config"].pop("end_share")  # a checkpoint from before --end-share: its draws were all uniform
     save_checkpoint(out, state)
     run_script(train_agent.main, ["--resume", out, "--max-iters", "3", "--device", "cpu"], capsys)
