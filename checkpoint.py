@@ -108,7 +108,7 @@ def adopt_config(flags, explicit, saved, keys, path, overridable=False):
     """A resumed run takes these settings (keys) from its checkpoint's config `saved` into `flags`
     (the parsed flags as a dict, vars(args)) unless the flag was given (`explicit`, from
     common.parse). A given flag that differs is an error, every conflict listed at once; with
-    overridable (the optimisation settings, TRAIN_KEYS) it wins instead."""
+    overridable (the optimisation settings, TRAIN_KEYS, and what a run only reads) it wins instead."""
     conflicts = [k for k in keys if k in explicit and k in saved and saved[k] != flags[k]]
     if conflicts and not overridable:
         given = ", ".join(f"--{k.replace('_', '-')} {flags[k]!r} (saved: {saved[k]!r})" for k in conflicts)

@@ -40,6 +40,9 @@ def make_env(env_id):
     if not (is_vector or is_frame or isinstance(space, gym.spaces.Discrete)):
         raise UserError(f"{env_id} has observations {space}; supported are vectors (a 1-D Box), RGB "
                         "frames (an (H, W, 3) uint8 Box) and states (Discrete, e.g. FrozenLake-v1)")
+    if env.spec.max_episode_steps is None and not env_id.startswith("ALE/"):  # Atari ends games itself
+        raise UserError(f"{env_id} sets no time limit, so a policy that never reaches an end would play one "
+                        "episode forever; choose an env with one (e.g. FrozenLake-v1, Taxi-v4, CartPole-v1)")
     return env
 
 
@@ -74,7 +77,7 @@ def with_space_bounds(obs, space):
     """Vector observations obs (N, D) and N more rows spread evenly over the finite bounds of the
     Box space: what a vector tokenizer fits its bins to, so that states the first data never reached
     (CartPole's cart beyond +-0.3, where a drifting policy ends at +-2.4) keep bins of their own.
-    A dimension without finite bounds takes obs's values again; frames come back unchanged."""
+    A dimension without finite bounds takes obs's values again; frames and states come back unchanged."""
     if len(space.shape) != 1:
         return obs
     low, high = (torch.as_tensor(b, dtype=obs.dtype) for b in (space.low, space.high))

@@ -98,13 +98,13 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
         curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
     i = len(starts) // 2  # a start from the middle of the held-out data, not an episode's first frame
     example = {"real": val["obs"][starts[i]:starts[i] + H + 1], "imagined": torch.stack(imagined)[:, i]}
-    if isinstance(tokenizer, DiscreteTokenizer):  # the state's number: one plot, not one per one-hot dimension
+    if isinstance(tokenizer, DiscreteTokenizer):  # the state's token (state - start): one plot, not one per cell
         example = {k: tokenizer.encode(v).float() for k, v in example.items()}
     return curves, example, len(starts) * H / seconds
 
 
 def draw(example, curves, path):
-    """Real vs imagined: frames side by side, or one plot per vector dimension; and the
+    """Real vs imagined: frames side by side, or one plot per vector dimension (a state: its token); and the
     error per horizon of the world model and of the copy baseline."""
     from PIL import Image, ImageDraw
 

@@ -90,7 +90,7 @@ def lm_token_tables(lm, obs_vocab_size, num_actions, should_train=False):
     if needed > vocab_size:
         raise UserError(f"the LM's vocabulary has {vocab_size} rows, fewer than the {obs_vocab_size} observation "
                         f"+ {num_actions} action tokens: use --embeddings iris, or fewer observation tokens "
-                        "(--num-bins)")
+                        "(--num-bins, for vectors; a Discrete env has a token per state)")
     rows = table[vocab_size - needed:]
     obs = nn.Embedding.from_pretrained(rows[:obs_vocab_size].clone(), freeze=not should_train)
     act = nn.Embedding.from_pretrained(rows[obs_vocab_size:].clone(), freeze=not should_train)

@@ -6,7 +6,7 @@ each 64x64 frame into a 4x4 grid of codebook indices (16 tokens, vocabulary 512)
 the world model predicts those. The tokenizer is trained (or fitted) first, then frozen,
 so it lives in its own file; worldmodel.py only sees `tokens_per_obs` and `vocab_size`.
 
-Both tokenizers share one interface:
+The tokenizers share one interface:
     preprocess(raw_obs)   env observations (N, *env_shape) -> tensor (N, *obs_shape)
                           the form that is stored, encoded, decoded and compared
     fit(obs)              set what is read off the training data (before any training)
@@ -34,7 +34,7 @@ Both tokenizers share one interface:
   small objects never appear); the background removed (the paddles come out sharp in
   2000 steps, 100 codes used instead of 16); no residual/attention blocks and no
   perceptual loss. The 1-pixel Pong ball is still mostly lost.
-- DiscreteTokenizer (FrozenLake, Taxi, CliffWalking): the observation is one integer of n, a
+- DiscreteTokenizer (FrozenLake, Taxi): the observation is one integer of n, a
   state's number; it is its own token (K = 1, vocabulary n), so nothing is fitted or lost. The
   stored form is the one-hot vector (n,), which the policy's MLP reads like any vector.
 - TokenObservations: observations that already are K tokens; encode and decode pass them

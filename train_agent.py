@@ -116,7 +116,7 @@ def parse_args(argv=None):
                    "a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
                    "episode uniformly, which weighs short episodes' ends up; default: %(default)s, all uniform)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
-                   "evaluation, each policy; --eval-only may play more than the run did (default: %(default)s)")
+                   "evaluation, each policy; --eval-only may play another number (default: %(default)s)")
     g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
                    "the observation as the tokenizer reconstructs it; latent (--state latent), the world model's "
                    "z, and imagination decodes nothing (default: %(default)s)")
@@ -240,7 +240,8 @@ def main(argv=None):
             "actor_critic": actor_critic.state_dict(), "ac_optimizer": ac_optimizer.state_dict()})
 
     if args.eval_only:
-        finish(run, {**evaluate_policy(state["step"] - 1), "epoch": state["step"], "env_steps": len(data["actions"])})
+        finish(run, {**evaluate_policy(state["step"] - 1), "epoch": state["step"], "env_steps": len(data["actions"]),
+                     "eval_episodes": args.eval_episodes})
         return
 
     t_loop, start_epoch = time.time(), state["step"]

@@ -93,8 +93,8 @@ def add_world_model_args(parser, tokenizer_iters_default):
     and the observation tokenizer; tokenizer_iters_default: --tokenizer-iters's default, in words."""
     g = parser.add_argument_group("what to model")
     g.add_argument("--env", default="CartPole-v1", help="Gymnasium id with a Discrete action space and a "
-                   "vector or RGB-frame Box observation, e.g. CartPole-v1, Acrobot-v1, ALE/Pong-v5 "
-                   "(default: %(default)s)")
+                   "vector or RGB-frame Box observation or a Discrete state, e.g. CartPole-v1, Acrobot-v1, "
+                   "ALE/Pong-v5, FrozenLake-v1 (default: %(default)s)")
     g.add_argument("--backbone", default="iris", choices=["iris", "lm"], help="the transformer inside the world "
                    "model: iris = IRIS's minGPT, sized by --width, --num-layers, --num-heads; lm = the --model "
                    "LM, fed embeddings, with a LoRA adapter (default: %(default)s)")

@@ -214,11 +214,13 @@ def test_the_loop_on_states_reads_them_one_hot(capsys):
     """FrozenLake-v1 (16 cells, reward 1 at the goal): a Discrete observation is one token a step, and the
     policy reads the cell one-hot, in the real env (through the tokenizer) and in imagination alike."""
     metrics, _ = run_script(train_agent.main, QUICK + ["--env", "FrozenLake-v1", "--max-iters", "1"], capsys)
-    assert metrics["reward_threshold"] == 0.7 and 0.0 <= metrics["eval_return"] <= 1.0
+    assert metrics["reward_threshold"] == 0.7
     state = torch.load(os.path.join("out-agent", "ckpt.pt"), weights_only=True)
     obs = state["data"]["obs"]
     assert obs.shape == (120, 16) and torch.equal(obs.sum(1), torch.ones(120))  # one cell a step
-    assert state["actor_critic"]["actor.0.0.weight"].shape[1] == 16
+    assert state["actor_critic"]["actor.0.0.weight"].shape[1] == 16 and state["tokenizer"] == {}
+    again, _ = run_script(train_agent.main, ["--resume", "out-agent", "--max-iters", "2", "--device", "cpu"], capsys)
+    assert again["epoch"] == 2 and again["env_steps"] == 240  # resumed: nothing to load into the tokenizer
 
 
 @pytest.mark.parametrize("state, policy_input", [("tokens", "obs"), ("latent", "obs"), ("latent", "latent")])

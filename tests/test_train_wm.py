@@ -5,7 +5,9 @@ import os
 import re
 import sys
 from dataclasses import replace
+from types import SimpleNamespace
 
+import gymnasium as gym
 import pytest
 import torch
 
@@ -170,7 +172,10 @@ def test_frozenlake_states_are_tokens_and_draw_one_plot(tmp_path, capsys):
     assert state["tokenizer"] == {} and state["world_model"]["embedder.tables.0.weight"].shape[0] == 16
     from PIL import Image
     with Image.open(os.path.join(out, "imagination.png")) as picture:
-        assert picture.width == 2 * 300  # the cell's number, and the error per step: not 16 one-hot plots
+        assert picture.width == 2 * 300  # the cell's token, and the error per step: not 16 one-hot plots
+    env = SimpleNamespace(observation_space=gym.spaces.Discrete(16, start=-2))  # states -2 .. 13
+    offset = wm_setup.make_tokenizer(env, None)
+    assert offset.encode(offset.preprocess([-2, 13])).tolist() == [[0], [15]]
 
 
 LM_BACKBONE = ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4"]  # 4 x 16 + 2 tokens fit a 257-row vocabulary
@@ -319,6 +324,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "unknown Gymnasium env" in run_error(["--env", "NoSuchEnv-v0"], capsys)
     assert "Discrete action space" in run_error(["--env", "Pendulum-v1"], capsys)
     assert "observations Tuple" in run_error(["--env", "Blackjack-v1"], capsys)
+    assert "sets no time limit" in run_error(["--env", "CliffWalking-v1"], capsys)  # a Discrete state, no end
     assert not os.path.exists("out-wm")  # nothing was made for a run that could not start
     monkeypatch.setitem(sys.modules, "Box2D", None)  # as on a machine without it (import Box2D fails)
     for name in [m for m in sys.modules if m.startswith("gymnasium.envs.box2d")]:
