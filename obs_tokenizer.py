@@ -111,8 +111,8 @@ class DiscreteTokenizer(nn.Module):
 
     def preprocess(self, raw_obs) -> torch.Tensor:
         """States (N,) -> one-hot float (N, num_states)."""
-        states = torch.as_tensor(raw_obs, dtype=torch.long).reshape(-1) - self.start
-        return F.one_hot(states, self.num_states).float()
+        states = torch.as_tensor(raw_obs, dtype=torch.long) - self.start  # (N,)
+        return F.one_hot(states, self.num_states).float()  # (N, num_states)
 
     def fit(self, obs: torch.Tensor):
         """Nothing to read off the data: every state has its token."""
