@@ -68,10 +68,11 @@ class Router(nn.Module):
                 if lora.is_lora_key(k, "router") or not k.startswith("vae.")}
 
     def inputs(self, z, context_ids, ids=None):
-        """Router inputs [context, w_d(z), ids], positioned after z's memory: (B, L, C), (1, L)."""
+        """Router inputs [context, w_d(z), ids], positioned after z's memory: (B, L, C), (1, L). w_d(z) is the
+        VAE's K soft tokens (vae.head.soft_tokens with the router's w_d); the context comes first, so no lead token."""
         embed = self.vae.base.get_input_embeddings()
         parts = [embed(context_ids)] if context_ids is not None and context_ids.shape[1] > 0 else []
-        parts.append(self.w_d(z)[:, None].to(embed.weight.dtype))
+        parts.append(self.vae.head.soft_tokens(z, self.w_d).to(embed.weight.dtype))  # (B, K, C)
         parts += [embed(ids)] if ids is not None and ids.shape[1] > 0 else []
         embeds = torch.cat(parts, 1)  # (B, L, C)
         start = 1 if self.w_memory is not None else 0  # as the VAE's decoder: memory first

@@ -128,7 +128,8 @@ def main(argv=None):
     vae = load_vae(args.resume, device, config_from(MemoryConfig, vars(args)), "--resume").eval()
     context = vae.cfg.prefix_slots  # the VAE's --context
     num_tokens = context if args.num_tokens is None else args.num_tokens
-    check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None))
+    check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None)  # and the inputs
+                 - (vae.cfg.soft_tokens - 1) - vae.cfg.lead_token)  # before the first token beyond one soft token
     # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
     # decoding's cache), refused if it cannot fit
     rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None

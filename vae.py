@@ -63,6 +63,8 @@ class VAEConfig:
     #                        without one (0: a prefix shifts the target's positions)
     word_dropout: float = 0.0  # in training, share of the decoder's teacher-forced target tokens blanked to a zero
     #                            embedding, so it must read them from z (Bowman et al. 2016; 0: off)
+    lead_token: bool = False  # an end-of-text token before the soft tokens: a pretrained LM's first position is an
+    #                           attention sink its heads read little from (Xiao et al. 2023); off: BigVAE's order
 
 
 POSTERIORS = ("bigvae", "diagonal")
@@ -209,6 +211,8 @@ class VAE(nn.Module):
         show; the others become zero vectors (word dropout)."""
         embed = self.base.get_input_embeddings()
         parts = [self.head.soft_tokens(z).to(embed.weight.dtype)]
+        if self.cfg.lead_token:
+            parts.insert(0, embed.weight[self.eos_id].expand(z.shape[0], 1, -1))  # (B, 1, C)
         if prefix_ids is not None and prefix_ids.shape[1] > 0:
             parts.append(embed(prefix_ids))
         if ids is not None and ids.shape[1] > 0:

@@ -21,9 +21,9 @@ VAE_SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--la
              "--device", "cpu", "--iw-samples", "2", "--max-iters", "2", "--eval-interval", "2"]
 
 
-def make_router(z_memory=1):
-    vae = VAE(tiny_gpt2(), VAEConfig(latent_size=8, lora_r=4, z_memory=z_memory, prefix_slots=6),
-              lm.ByteTokenizer()).eval()
+def make_router(z_memory=1, soft_tokens=1, lead_token=False):
+    vae = VAE(tiny_gpt2(), VAEConfig(latent_size=8, lora_r=4, z_memory=z_memory, prefix_slots=6, soft_tokens=soft_tokens,
+                                     lead_token=lead_token), lm.ByteTokenizer()).eval()
     torch.manual_seed(1)
     for layer in lora.lora_layers(vae.base):  # a decoder that is not zero, so "equal" means something
         for p in layer.lora_B["decoder"].parameters():
@@ -83,9 +83,9 @@ def recomputed_generation(router, context, z, num_spans, span_tokens, scale):
     return text[:, context.shape[1]:]
 
 
-@pytest.mark.parametrize("z_memory", [1, 0])
-def test_cached_generation_equals_recomputation(z_memory):
-    router = make_router(z_memory)
+@pytest.mark.parametrize("z_memory, soft_tokens, lead_token", [(1, 1, False), (0, 1, False), (1, 3, True)])
+def test_cached_generation_equals_recomputation(z_memory, soft_tokens, lead_token):
+    router = make_router(z_memory, soft_tokens, lead_token)
     torch.manual_seed(2)
     context, z = torch.randint(0, 256, (2, 6)), torch.randn(2, 8)
     for scale in (0.0, 1.0, 1.25):

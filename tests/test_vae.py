@@ -138,9 +138,10 @@ def test_frozen_base_gets_no_gradients():
     assert all(p.grad is not None for p in vae.head.parameters())
 
 
-@pytest.mark.parametrize("soft_tokens, z_memory", [(1, 1), (3, 1), (3, 0)])
-def test_generation_builds_no_graph_and_matches_teacher_forcing(soft_tokens, z_memory):
-    vae = make_vae(prefix_slots=5, soft_tokens=soft_tokens, z_memory=z_memory)
+@pytest.mark.parametrize("soft_tokens, z_memory, lead_token", [(1, 1, False), (3, 1, False), (3, 0, False),
+                                                              (1, 1, True), (3, 0, True)])
+def test_generation_builds_no_graph_and_matches_teacher_forcing(soft_tokens, z_memory, lead_token):
+    vae = make_vae(prefix_slots=5, soft_tokens=soft_tokens, z_memory=z_memory, lead_token=lead_token)
     for p in lora.lora_parameters(vae.base):
         torch.nn.init.normal_(p, std=0.05)
     z, prefix = torch.randn(2, 16), torch.randint(0, 256, (2, 3))
@@ -178,6 +179,17 @@ def test_soft_tokens_are_k_blocks_of_w_d():
     assert torch.equal(vae.head.w_d.weight, vae.head.w_e.weight.T)  # Q = K: block k reads what query k wrote
     inputs = vae.decoder_inputs(z, ids=ids([5, 6], [7, 8]))
     assert inputs.shape[1] == 3 + 2 and torch.equal(inputs[:, :3], tokens)
+
+
+def test_lead_token_is_end_of_text_before_the_soft_tokens():
+    """lead_token: the decoder's first input is the end-of-text embedding, the same for every z; then
+    the K soft tokens and the text, as without it."""
+    vae, plain = make_vae(soft_tokens=2, lead_token=True), make_vae(soft_tokens=2)
+    z = torch.randn(2, 16)
+    inputs, without = vae.decoder_inputs(z, ids=ids([5, 6], [7, 8])), plain.decoder_inputs(z, ids=ids([5, 6], [7, 8]))
+    eos = vae.base.get_input_embeddings().weight[vae.eos_id]
+    assert inputs.shape[1] == 1 + 2 + 2 and torch.equal(inputs[:, 0], eos.expand(2, -1))
+    assert torch.equal(inputs[:, 1:], without)
 
 
 def test_reconstruct_ids_chains_spans():
