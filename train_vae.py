@@ -94,8 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--decoder-init", default="bigvae", choices=["bigvae", "lm"], help="bigvae: w_d starts as "
                    "w_e's transpose (BigVAE); lm: the decoder starts as the frozen LM itself, z adding nothing yet "
                    "(for a pretrained base; default: %(default)s)")
-    g.add_argument("--lead-token", action="store_true", help="put an end-of-text token before z's soft token, "
-                   "which then is not the first position, a pretrained LM's attention sink (default: BigVAE's order)")
+    g.add_argument("--lead-token", action="store_true", help="put an end-of-text token before z's soft tokens, "
+                   "so that they are not the first position, a pretrained LM's attention sink (default: BigVAE's order, "
+                   "the soft token first)")
     g.add_argument("--head-lr-scale", type=positive_float, default=1.0, help="the VAE head (f, w_e, w_d, z's "
                    "keys/values, w_logvar) trains at this multiple of --lr, the adapters at --lr (BigVAE: one lr; default: "
                    "%(default)s)")

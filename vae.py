@@ -15,7 +15,8 @@ One base LM, two LoRA adapters (lora.py) switched per call:
   padded) positions and `w_e` give mu (and log-variance for the diagonal posterior);
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
   BigVAE's one soft token in `inputs_embeds` (`soft_tokens` K > 1: w_d(z) cut into K of them,
-  ICAE's memory slots, z still one vector; they did not pay on tiny, results/vae_levers.md). With `z_memory` z is also an extra
+  ICAE's memory slots, z still one vector; they did not pay on tiny, results/vae_levers.md; `lead_token`: an
+  end-of-text token before them, off a pretrained LM's attention sink). With `z_memory` z is also an extra
   key/value in every layer (Optimus's "memory" injection). In our CPU prototype the small
   decoder learned to read z far sooner this way (README, "The text VAE"); 8 keys/values per
   layer, all made from the one z, gained a little more (results/vae_levers.md).
@@ -63,8 +64,9 @@ class VAEConfig:
     #                        without one (0: a prefix shifts the target's positions)
     word_dropout: float = 0.0  # in training, share of the decoder's teacher-forced target tokens blanked to a zero
     #                            embedding, so it must read them from z (Bowman et al. 2016; 0: off)
-    lead_token: bool = False  # an end-of-text token before the soft tokens: a pretrained LM's first position is an
-    #                           attention sink its heads read little from (Xiao et al. 2023); off: BigVAE's order
+    lead_token: bool = False  # an end-of-text token before the soft tokens, which then are not the first position: a
+    #                           pretrained LM's attention sink (Xiao et al. 2023), that all its layers are tuned to
+    #                           (off: BigVAE's order)
 
 
 POSTERIORS = ("bigvae", "diagonal")
@@ -207,8 +209,8 @@ class VAE(nn.Module):
         return (1 if self.head.w_memory is not None else 0) + max(0, self.cfg.prefix_slots - prefix_len)
 
     def decoder_inputs(self, z, prefix_ids=None, ids=None, keep=None):
-        """inputs_embeds [w_d(z), prefix, ids]: (B, 1 + P + T, C). keep (B, T) bool: ids' tokens to
-        show; the others become zero vectors (word dropout)."""
+        """inputs_embeds [end of text (cfg.lead_token), w_d(z), prefix, ids]: (B, (1 +) K + P + T, C).
+        keep (B, T) bool: ids' tokens to show; the others become zero vectors (word dropout)."""
         embed = self.base.get_input_embeddings()
         parts = [self.head.soft_tokens(z).to(embed.weight.dtype)]
         if self.cfg.lead_token:
