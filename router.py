@@ -78,6 +78,11 @@ class Router(nn.Module):
         start = 1 if self.w_memory is not None else 0  # as the VAE's decoder: memory first
         return embeds, torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
 
+    def text_start(self, context_len):
+        """Position of the first token after a context of context_len tokens (inputs' layout); a span of T
+        tokens reaches text_start + T - 2 (its last token is never an input)."""
+        return (1 if self.w_memory is not None else 0) + context_len + self.vae.cfg.soft_tokens
+
     def forward(self, z, target_ids, context_ids=None):
         """Teacher-forced router logits for target_ids given the context and z: (B, T, V)."""
         embeds, positions = self.inputs(z, context_ids, target_ids[:, :-1])

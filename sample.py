@@ -117,9 +117,7 @@ def main(argv=None):
             z = vae.encode(ids, mask)[0].mean(0, keepdim=True)  # (1, D): the targets' mean latent
         context_ids = torch.tensor([vae.tokenizer.encode(args.guide)[-context:]], device=z.device)
         span_tokens = context if args.span_tokens is None else args.span_tokens
-        # the router's positions: z's memory, the window, w_d(z), then each token but the last
-        check_length("--span-tokens", span_tokens, num_positions(vae.base) - (router.w_memory is not None)
-                     - context_ids.shape[1])
+        check_length("--span-tokens", span_tokens, num_positions(vae.base) - router.text_start(context_ids.shape[1]) + 1)
         generated = router.generate(context_ids, z, args.num_spans, span_tokens, args.scale, args.temperature)
         result = {"guided": vae.detokenize(generated), "scale": args.scale, "num_spans": args.num_spans}
         print(args.guide + result["guided"][0])
@@ -128,8 +126,7 @@ def main(argv=None):
     vae = load_vae(args.resume, device, config_from(MemoryConfig, vars(args)), "--resume").eval()
     context = vae.cfg.prefix_slots  # the VAE's --context
     num_tokens = context if args.num_tokens is None else args.num_tokens
-    check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.first_position(None)  # and the inputs
-                 - (vae.cfg.soft_tokens - 1) - vae.cfg.lead_token)  # before the first token beyond one soft token
+    check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.text_start(None) + 1)
     # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
     # decoding's cache), refused if it cannot fit
     rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None

@@ -140,7 +140,9 @@ def main(argv=None):
     if state is not None:  # the checkpoint's settings: the optimisation's unless given, the model's always
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + VAE_TRAIN_KEYS, args.resume,
                      overridable=True)
-        adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + SCHEDULE_KEYS, args.resume)
+        # a model key the checkpoint lacks came after it was saved: that run had VAEConfig's default (the feature off)
+        layout = {k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}
+        adopt_config(vars(args), args.explicit, {**layout, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0
     should_train = should_train_base(args.model, args.freeze_base)

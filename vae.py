@@ -208,6 +208,12 @@ class VAE(nn.Module):
             raise ValueError(f"a prefix of {prefix_len} tokens does not fit prefix_slots={self.cfg.prefix_slots}")
         return (1 if self.head.w_memory is not None else 0) + max(0, self.cfg.prefix_slots - prefix_len)
 
+    def text_start(self, prefix_ids):
+        """Position of the text's first token, after the lead token, the K soft tokens and the prefix. A
+        text of T tokens reaches position text_start + T - 2 (its last token is never an input)."""
+        prefix_len = 0 if prefix_ids is None else prefix_ids.shape[1]
+        return self.first_position(prefix_ids) + self.cfg.lead_token + self.cfg.soft_tokens + prefix_len
+
     def decoder_inputs(self, z, prefix_ids=None, ids=None, keep=None):
         """inputs_embeds [end of text (cfg.lead_token), w_d(z), prefix, ids]: (B, (1 +) K + P + T, C).
         keep (B, T) bool: ids' tokens to show; the others become zero vectors (word dropout)."""
@@ -372,12 +378,11 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     prefix and a span of train_vae.py's --context), with should_print as offload.place's."""
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base)
     context = cfg.prefix_slots
-    # z's memory slot, the soft tokens, the prefix, the span but its last token
-    needed = 2 * context + cfg.soft_tokens - 1 + (cfg.z_memory > 0)
+    vae = VAE(base, cfg, tokenizer)
+    needed = vae.text_start(None) + context - 1  # the prefix's slots, then a span of --context tokens
     if needed > num_positions(base):
         raise UserError(f"--context {context} needs {needed} positions, more than the {num_positions(base)} "
-                        f"of {base_name}: use --context {(num_positions(base) - 1) // 2} or less")
-    vae = VAE(base, cfg, tokenizer)
+                        f"of {base_name}: use --context {(num_positions(base) - needed + 2 * context) // 2} or less")
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
     offload.place(vae, base, memory, device, batch_size * 3 * context, batch_size, should_print)

@@ -355,6 +355,18 @@ def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_p
         assert built[0].word_dropout == expected
 
 
+def test_a_checkpoint_from_before_a_model_flag_refuses_it(trained, tmp_path, capsys, text_file):
+    """A model key the saved config lacks came later: that run had VAEConfig's default (here one soft
+    token, no lead token), so resuming with another value is the same conflict as with a saved one."""
+    state = checkpoint.load_checkpoint(trained, "vae")
+    for key in ("soft_tokens", "lead_token"):
+        del state["config"][key]
+    checkpoint.save_checkpoint(str(tmp_path), state)
+    argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2"]
+    assert ("with other settings: --soft-tokens 2 (saved: 1), --lead-token True (saved: False)"
+            in run_error(train_vae.main, argv, capsys))
+
+
 def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(trained, tmp_path):
     """A checkpoint holds the VAEConfig and the base's name; one saved before it did (flags only, and
     none for --word-dropout) loads to the same model: the same config (--context as prefix_slots, no

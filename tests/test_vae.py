@@ -192,6 +192,23 @@ def test_lead_token_is_end_of_text_before_the_soft_tokens():
     assert torch.equal(inputs[:, 1:], without)
 
 
+@pytest.mark.parametrize("soft_tokens, z_memory, lead_token", [(1, 1, False), (3, 1, True), (3, 0, True)])
+def test_text_start_is_the_first_text_position_and_a_text_fits_up_to_the_last(soft_tokens, z_memory, lead_token):
+    """text_start: after z's memory, the prefix's slots, the lead token and the K soft tokens, with or
+    without a prefix; a text of num_positions - text_start + 1 tokens fits tiny GPT-2's 64 positions,
+    one more indexes past its position table."""
+    vae = make_vae(prefix_slots=5, soft_tokens=soft_tokens, z_memory=z_memory, lead_token=lead_token)
+    z, prefix = torch.randn(1, 16), ids([1, 2, 3])
+    start = vae.text_start(None)
+    assert start == vae.first_position(None) + vae.decoder_inputs(z).shape[1] == vae.text_start(prefix)
+    T = lm.num_positions(vae.base) - start + 1
+    with torch.no_grad():
+        for p in (None, prefix):
+            assert vae(z, torch.randint(0, 256, (1, T)), p).shape == (1, T, 257)
+            with pytest.raises(IndexError):
+                vae(z, torch.randint(0, 256, (1, T + 1)), p)
+
+
 def test_reconstruct_ids_chains_spans():
     """A text longer than a span: span by span, each decoded after the decoded tokens before it as its
     prefix, the last span overlapping the one before (BigVAE's chaining)."""
