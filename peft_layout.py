@@ -116,11 +116,14 @@ def load_bigvae(vae, directory):
     DecoderOnlyTransformerVAE.save_pretrained) into `vae` (vae.VAE): directory/encoder/ and
     directory/decoder/ are peft adapters, directory/vae.safetensors is the head's f, w_e and w_d.
     BigVAE's head pools once and has no variance head and no z memory, so `vae` must be built with
-    pool_queries=1, posterior="bigvae", z_memory=0, soft_tokens=1 (and its r and alpha). latent_rms stays 1."""
+    pool_queries=1, posterior="bigvae", z_memory=0, soft_tokens=1, lead_token=False (and its r and alpha).
+    latent_rms stays 1."""
     cfg, head = vae.cfg, vae.head
-    if cfg.pool_queries != 1 or cfg.posterior != "bigvae" or cfg.z_memory != 0 or cfg.soft_tokens != 1:
-        raise UserError("BigVAE's head pools once, has no variance head, no z memory and one soft token: build the "
-                        "VAE with pool_queries=1, posterior='bigvae', z_memory=0, soft_tokens=1 to load it")
+    if (cfg.pool_queries != 1 or cfg.posterior != "bigvae" or cfg.z_memory != 0 or cfg.soft_tokens != 1
+            or cfg.lead_token):
+        raise UserError("BigVAE's head pools once, has no variance head, no z memory and one soft token first: build "
+                        "the VAE with pool_queries=1, posterior='bigvae', z_memory=0, soft_tokens=1, lead_token=False "
+                        "to load it")
     head_path = os.path.join(directory, "vae.safetensors")
     if not os.path.isfile(head_path):
         raise UserError(f"no vae.safetensors in {directory}; pass a folder saved by minihf's VAE save_pretrained")

@@ -18,7 +18,7 @@ text toward a latent while the base keeps it fluent.
   pushes past the router, away from the base. The base is the frozen LM with no adapter, so a
   VAE whose base trained (tiny trained fully) has no base to guide against (VAE.base_logits).
 - Each span: both passes prefill on the last `context` tokens of the text so far (the window
-  the router was trained on; the router's with z's soft token after it), then decode one token
+  the router was trained on; the router's with z's K soft tokens after it), then decode one token
   per step, each with its own KV cache.
 """
 
@@ -118,7 +118,7 @@ class Router(nn.Module):
             seen = text[:, max(0, text.shape[1] - window):]
             step_logits, caches, positions = {}, {}, {}
             # the base: prefill on the window (after end of text when it is empty)
-            start = seen if seen.shape[1] > 0 else torch.full_like(text[:, :1], self.vae.eos_id)
+            start = seen if seen.shape[1] > 0 else torch.full((text.shape[0], 1), self.vae.eos_id, device=text.device)
             caches["base"] = DynamicCache(config=base.config)
             with lora.use_adapter(base, None):
                 out = base(input_ids=start, use_cache=True, logits_to_keep=1, **cache_kwarg(base, caches["base"]))

@@ -115,10 +115,15 @@ def main(argv=None):
         ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))
         with torch.no_grad():
             z = vae.encode(ids, mask)[0].mean(0, keepdim=True)  # (1, D): the targets' mean latent
-        context_ids = torch.tensor([vae.tokenizer.encode(args.guide)[-context:]], device=z.device)
+        guide_ids = vae.tokenizer.encode(args.guide)
+        if not guide_ids:
+            raise UserError("--guide is empty; give the text to continue, at least one character")
+        context_ids = torch.tensor([guide_ids[-context:]], dtype=torch.long, device=z.device)
         span_tokens = context if args.span_tokens is None else args.span_tokens
-        check_length("--span-tokens", span_tokens, num_positions(vae.base) - router.text_start(context_ids.shape[1]) + 1)
-        generated = router.generate(context_ids, z, args.num_spans, span_tokens, args.scale, args.temperature)
+        check_length("--span-tokens", span_tokens, num_positions(vae.base) - router.text_start(context) + 1)
+        # every span sees the last --context tokens, the window the router was trained on
+        generated = router.generate(context_ids, z, args.num_spans, span_tokens, args.scale, args.temperature,
+                                    window=context)
         result = {"guided": vae.detokenize(generated), "scale": args.scale, "num_spans": args.num_spans}
         print(args.guide + result["guided"][0])
         print(json.dumps(result))
@@ -127,12 +132,11 @@ def main(argv=None):
     context = vae.cfg.prefix_slots  # the VAE's --context
     num_tokens = context if args.num_tokens is None else args.num_tokens
     check_length("--num-tokens", num_tokens, num_positions(vae.base) - vae.text_start(None) + 1)
-    # all rows decode at once: estimated as a training step of the base over them (which keeps far more than
-    # decoding's cache), refused if it cannot fit
-    rows, flag = ((len(args.reconstruct), "the number of texts") if args.reconstruct is not None
-                  else (args.interp_steps, "--interp-steps") if args.interpolate is not None
-                  else (args.sample, "--sample"))
-    check_memory(vae.base, device, rows * (context + num_tokens), f"{flag} (now {rows})")
+    # --sample's and --interpolate's rows decode at once (--reconstruct's texts one at a time): estimated as a
+    # training step of the base over them (which keeps far more than decoding's cache), refused if it cannot fit
+    if args.reconstruct is None:
+        rows, flag = (args.interp_steps, "--interp-steps") if args.interpolate is not None else (args.sample, "--sample")
+        check_memory(vae.base, device, rows * (vae.text_start(None) + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, math.inf),
                                                      args.temperature)}

@@ -80,7 +80,7 @@ KL_SCHEDULES = ("cosine", "cyclical", "constant")
 
 class VAEComponent(nn.Module):
     """BigVAE's head: `f` scores positions for pooling, `w_e` maps the pooled state to mu,
-    `w_d` maps z to one soft token; plus `w_logvar` (diagonal posterior) and `w_memory`
+    `w_d` maps z to K soft tokens; plus `w_logvar` (diagonal posterior) and `w_memory`
     (z as a key/value per layer) when chosen.
     With Q = cfg.pool_queries > 1, `f` scores every position Q times and the Q pooled states are
     concatenated (B, Q * C) before `w_e`. BigVAE pools once: on a 4096-wide Mistral one pooled state
@@ -201,7 +201,7 @@ class VAE(nn.Module):
         return cache
 
     def first_position(self, prefix_ids):
-        """Position of the soft token: after z's memory (when there), and right-aligned with the prefix
+        """Position of the decoder's first input: after z's memory (when there), and right-aligned with the prefix
         so that the target starts at the same position with or without it (cfg.prefix_slots)."""
         prefix_len = 0 if prefix_ids is None else prefix_ids.shape[1]
         if self.cfg.prefix_slots and prefix_len > self.cfg.prefix_slots:
@@ -374,18 +374,19 @@ def should_train_base(base_name, freeze_base):
 
 def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, should_print):
     """A VAE over the base named base_name, placed on the device as the offload.MemoryConfig `memory`
-    asks; its memory check is for a step of batch_size windows of 2 x cfg.prefix_slots tokens (a
-    prefix and a span of train_vae.py's --context), with should_print as offload.place's."""
+    asks; its memory check is for a step of batch_size windows (the encoder's span of train_vae.py's
+    --context, the decoder's inputs: a prefix, the soft tokens, a span), with should_print as offload.place's."""
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base)
     context = cfg.prefix_slots
     vae = VAE(base, cfg, tokenizer)
     needed = vae.text_start(None) + context - 1  # the prefix's slots, then a span of --context tokens
     if needed > num_positions(base):
-        raise UserError(f"--context {context} needs {needed} positions, more than the {num_positions(base)} "
-                        f"of {base_name}: use --context {(num_positions(base) - needed + 2 * context) // 2} or less")
+        fit = (num_positions(base) - needed + 2 * context) // 2  # the longest --context that would fit
+        raise UserError(f"--context {context} needs {needed} positions, more than the {num_positions(base)} of "
+                        f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    offload.place(vae, base, memory, device, batch_size * 3 * context, batch_size, should_print)
+    offload.place(vae, base, memory, device, batch_size * (context + needed), batch_size, should_print)
     return vae
 
 

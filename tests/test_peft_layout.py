@@ -187,6 +187,9 @@ def test_load_bigvae_layout(saved_model_dir, tmp_path):
     with pytest.raises(UserError, match="build the VAE with pool_queries=1, posterior='bigvae', z_memory=0"):
         peft_layout.load_bigvae(VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=16, lora_r=4, lora_alpha=8)),
                          str(tmp_path))
+    led = VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=16, lora_r=4, lora_alpha=8, z_memory=0, lead_token=True))
+    with pytest.raises(UserError, match="one soft token first"):
+        peft_layout.load_bigvae(led, str(tmp_path))
     narrower = VAE(load_base(saved_model_dir)[0], VAEConfig(latent_size=8, lora_r=4, lora_alpha=8, z_memory=0))
     with pytest.raises(UserError, match="does not fit this VAE's head"):
         peft_layout.load_bigvae(narrower, str(tmp_path))

@@ -128,11 +128,21 @@ def test_train_eval_resume_and_guide(tmp_path, capsys, monkeypatch, text_file, v
                                               text_file] + SMALL, capsys)
     assert again["val_acc_router"] == pytest.approx(metrics["val_acc_router"])
     guided_ids.clear()  # train_router.py's sweep generated too
-    guided, lines = run_script(sample.main, ["--resume", vae_dirs["a"], "--router", straight, "--guide", "the model",
+    noted, windows = Router.generate, []  # guided_ids' wrapper
+
+    def with_window(self, *args, window=None, **kwargs):
+        windows.append(window)
+        return noted(self, *args, window=window, **kwargs)
+
+    monkeypatch.setattr(Router, "generate", with_window)
+    guided, lines = run_script(sample.main, ["--resume", vae_dirs["a"], "--router", straight, "--guide", "the",
                                              "--target", "a file line.", "reads a span.", "--num-spans", "2",
                                              "--span-tokens", "4", "--device", "cpu"], capsys)
     (ids,) = guided_ids  # sample.py's: 2 spans of 4 tokens, and the text is theirs
     assert ids.shape == (1, 8) and guided["guided"] == [lm.ByteTokenizer().decode(ids[0].tolist())]
+    assert windows == [8]  # the second span sees the VAE's --context 8, not the 3-token guide alone
+    assert "--guide is empty" in run_script_error(sample.main, ["--resume", vae_dirs["a"], "--router", straight,
+                                                                "--guide", "", "--target", "a", "--device", "cpu"], capsys)
 
 
 @pytest.mark.parametrize("argv, message", [

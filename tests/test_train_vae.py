@@ -218,6 +218,7 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
     (["--data", "{one_line}"], "has 1 document(s); it needs at least 10 (every 10th is held out)"),
     (["--eval-only"], "pass --resume DIR too"),
     (["--context", "256"], "positions, more than the 512 of tiny: use --context 255 or less"),
+    (["--context", "2", "--soft-tokens", "600"], "positions, more than the 512 of tiny: lower --soft-tokens"),
     (["--out-dir", "{file}/run"], "cannot write to --out-dir"),
     (["--offload"], "this base trains: freeze it (train_vae.py: add --freeze-base"),
     (["--lr", "1e6", "--grad-clip", "0"], "stopped before saving")])  # a fresh run that diverges
