@@ -265,6 +265,7 @@ positive_float = number(float, lambda v: v > 0, "a number > 0")
 nonneg_float = number(float, lambda v: v >= 0, "a number >= 0")
 fraction = number(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
 at_least_2 = number(int, lambda v: v >= 2, "an integer >= 2")
+seed_int = number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")  # numpy's and gymnasium's range
 
 
 def device_name(text):
@@ -287,8 +288,9 @@ def add_machine_args(group):
 
 def batch_seed(seed, index):
     """The seed of micro-batch `index` (its data and its noise): a pure function of (--seed, index),
-    so a resumed run, or the ranks of a distributed one, draw exactly what one straight run draws."""
-    return seed * 1_000_003 + index
+    so a resumed run, or the ranks of a distributed one, draw exactly what one straight run draws.
+    Kept below 2**64, torch's limit: train_agent.py derives a seed of seeds (stream_seed) from it."""
+    return (seed * 1_000_003 + index) % 2**64
 
 
 # ----------------------------------------------------------------------------- writing folders whole

@@ -34,6 +34,9 @@ def make_env(env_id):
     if not isinstance(env.action_space, gym.spaces.Discrete):
         raise UserError(f"{env_id} has actions {env.action_space}; the world model needs a Discrete "
                         "action space (e.g. CartPole-v1, ALE/Pong-v5)")
+    if env.action_space.start != 0:  # actions index the embedding table and the policy's logits
+        raise UserError(f"{env_id}'s actions are numbered from {env.action_space.start}; the world model numbers "
+                        "them from 0: wrap the env so that they start at 0 (gymnasium.ActionWrapper)")
     is_vector = isinstance(space, gym.spaces.Box) and len(space.shape) == 1
     is_frame = (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[2] == 3
                 and space.dtype == np.uint8)

@@ -29,8 +29,8 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import (UserError, add_machine_args, at_least_2, config_from, make_parser, nonneg_int, number, parse,
-                    positive_int, run_cli)
+from common import (UserError, add_machine_args, at_least_2, config_from, make_parser, number, parse,
+                    positive_int, run_cli, seed_int)
 from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
 from router import load_router
@@ -70,7 +70,7 @@ def parse_args(argv=None):
                    "the checkpoint's --context)")
     g = parser.add_argument_group("machine")
     add_machine_args(g)
-    g.add_argument("--seed", type=nonneg_int, default=1337, help="seed of the noise (default: %(default)s)")
+    g.add_argument("--seed", type=seed_int, default=1337, help="seed of the noise (default: %(default)s)")
     add_memory_args(parser)
     args = parse(parser, argv)
     for mode, flags in ONLY_WITH.items():

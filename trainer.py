@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import lora
 from common import (Interrupted, UserError, add_machine_args, batch_seed, nonneg_float, nonneg_int, positive_float,
-                    positive_int, release_out_dir, signals_held, standing)
+                    positive_int, release_out_dir, seed_int, signals_held, standing)
 
 
 def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
@@ -64,7 +64,8 @@ def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
     g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: "
                    f"{d.get('lr_text', '%(default)s')})")
     g.add_argument("--warmup-iters", type=nonneg_int, default=d["warmup_iters"],
-                   help="linear lr warm-up steps; cosine decay to lr/10 after (default: %(default)s)")
+                   help="linear lr warm-up steps; cosine decay to lr/10 after (train_agent.py: constant after) (default: "
+                   "%(default)s)")
     g.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],
                    help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--grad-clip", type=nonneg_float, default=d["grad_clip"], help="clip the gradient norm to this; "
@@ -72,7 +73,7 @@ def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
     g.add_argument("--weight-decay", type=nonneg_float, default=d["weight_decay"], help="AdamW weight decay on "
                    "the weights of linear layers (make_optimizer; default: %(default)s)")
     add_machine_args(g)
-    g.add_argument("--seed", type=nonneg_int, default=1337, help="seed for initialisation, data order and noise "
+    g.add_argument("--seed", type=seed_int, default=1337, help="seed for initialisation, data order and noise "
                    "(default: %(default)s)")
     g.add_argument("--log-interval", type=positive_int, default=d["log_interval"], help="print a progress line every "
                    "this many steps (default: %(default)s)")

@@ -325,6 +325,18 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "Discrete action space" in run_error(["--env", "Pendulum-v1"], capsys)
     assert "observations Tuple" in run_error(["--env", "Blackjack-v1"], capsys)
     assert "sets no time limit" in run_error(["--env", "CliffWalking-v1"], capsys)  # a Discrete state, no end
+
+    class FromOne(gym.ActionWrapper):  # CartPole with its actions numbered 1 and 2
+        def __init__(self, env):
+            super().__init__(env)
+            self.action_space = gym.spaces.Discrete(2, start=1)
+
+        def action(self, action):
+            return action - 1
+
+    spec = gym.envs.registration.EnvSpec("FromOne-v0", lambda: FromOne(gym.make("CartPole-v1")), max_episode_steps=500)
+    monkeypatch.setitem(gym.envs.registration.registry, "FromOne-v0", spec)
+    assert "actions are numbered from 1; the world model numbers them from 0" in run_error(["--env", "FromOne-v0"], capsys)
     assert not os.path.exists("out-wm")  # nothing was made for a run that could not start
     monkeypatch.setitem(sys.modules, "Box2D", None)  # as on a machine without it (import Box2D fails)
     for name in [m for m in sys.modules if m.startswith("gymnasium.envs.box2d")]:

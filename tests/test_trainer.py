@@ -280,12 +280,23 @@ def test_run_cli_turns_user_errors_into_exit_code_2(capsys):
     (["--grad-clip", "inf"], "--grad-clip: inf is out of range: it must be finite"),
     (["--lr", "x"], "--lr: 'x' is not a number"),
     (["--weight-decay", "-1"], "--weight-decay: -1 is out of range"),
+    (["--seed", str(2**32)], "--seed: 4294967296 is out of range: it must be an integer from 0 to 2**32 - 1"),
 ])
 def test_numeric_flags_are_checked_at_parse_time(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         make_args(tmp_path, argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+
+
+def test_every_seed_the_flag_allows_is_one_torch_takes():
+    """train_agent.py seeds each phase's micro-batches from a seed of seeds (stream_seed, then
+    batch_seed again in train()): kept below torch's 2**64 for the largest --seed."""
+    from train_agent import STREAMS, stream_seed
+
+    for seed in (0, 2**32 - 1):
+        for stream in STREAMS:
+            torch.manual_seed(common.batch_seed(stream_seed(seed, stream, 10**6), 10**6))
 
 
 def test_explicit_flags_are_the_ones_given():
