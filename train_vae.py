@@ -16,8 +16,8 @@ every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 The data (textdata.py): windows of 2 x --context tokens; the first half is `prefix_ids`, the
 second the span that is encoded and reconstructed. As BigVAE, the prefix is dropped for half
 the batches (--prefix-drop; per batch, so a batch without it is also shorter), and during the
-autoencoder phase (--ae-iters) for all: with the prefix in view a small decoder learns to
-predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 16 bytes and its decoder
+autoencoder phase (--ae-iters) for all unless --ae-prefix: with the prefix in view a small decoder
+learns to predict from it and ignores z (README, "The text VAE"). `tiny`'s spans are 16 bytes and its decoder
 trains with word dropout (TINY_DEFAULTS below; a pretrained base has BigVAE's).
 `tiny`'s base trains too (it has nothing pretrained to protect; --freeze-base stops it): its
 checkpoint holds everything. Any other base is frozen; only the adapters and the VAE head
@@ -52,7 +52,7 @@ MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", 
 TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 VAE_TRAIN_KEYS = ("head_lr_scale",)  # optimisation settings of this script alone (a flag given wins)
-SCHEDULE_KEYS = ("ae_iters", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
+SCHEDULE_KEYS = ("ae_iters", "ae_prefix", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
                  "word_dropout")
 
 
@@ -105,6 +105,8 @@ def parse_args(argv=None):
     g = parser.add_argument_group("noise and KL schedule (vae.py)")
     g.add_argument("--ae-iters", type=nonneg_int, default=None, help="first steps as a plain autoencoder: "
                    "z = mu, no KL (default: half of --max-iters)")
+    g.add_argument("--ae-prefix", action="store_true", help="keep the prefix in the autoencoder phase too "
+                   "(dropped for --prefix-drop of the batches, as after it; default: no prefix before the noise)")
     g.add_argument("--noise-ramp-iters", type=nonneg_int, default=None, help="then grow the sampling noise "
                    "from 0 to full over this many steps (default: the rest of the run)")
     g.add_argument("--kl-schedule", default="cosine", choices=["cosine", "cyclical", "constant"], help="cosine: "
@@ -174,8 +176,9 @@ def main(argv=None):
     def get_batch(index):
         g = torch.Generator().manual_seed(batch_seed(args.seed, index))
         step = index // (args.grad_accum * run.world_size)
-        # the autoencoder phase never sees a prefix
-        should_keep_prefix = step >= args.ae_iters and torch.rand((), generator=g).item() >= args.prefix_drop
+        # the autoencoder phase sees no prefix unless --ae-prefix
+        should_keep_prefix = ((step >= args.ae_iters or args.ae_prefix)
+                              and torch.rand((), generator=g).item() >= args.prefix_drop)
         batch = textdata.vae_batch(train_stream, textdata.random_starts(train_stream, span, args.batch_size, g),
                                    args.context, should_keep_prefix)
         return textdata.to_device(batch, run.device)

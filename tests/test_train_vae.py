@@ -152,6 +152,22 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file, base_dir):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.parametrize("should_keep", [False, True])
+def test_the_autoencoder_phase_keeps_the_prefix_only_with_ae_prefix(tmp_path, capsys, monkeypatch, text_file,
+                                                                     should_keep):
+    """Every training batch of a run that is all autoencoder phase (--ae-iters = --max-iters), with
+    --prefix-drop 0: none has a prefix by default, all have one with --ae-prefix."""
+    kept = []
+    real_batch = textdata.vae_batch
+    monkeypatch.setattr(textdata, "vae_batch", lambda stream, starts, context, should_keep_prefix: (
+        kept.append(should_keep_prefix), real_batch(stream, starts, context, should_keep_prefix))[1])
+    argv = SMALL + ["--data", text_file, "--out-dir", str(tmp_path / "run"), "--max-iters", "3", "--eval-interval",
+                    "3", "--ae-iters", "3", "--prefix-drop", "0"] + (["--ae-prefix"] if should_keep else [])
+    run_main(argv, capsys)
+    assert kept[:2] == [True, False]  # the 2 held-out batches, every other one with its prefix
+    assert kept[2:] == [should_keep] * 3  # the 3 training batches
+
+
 def test_tiny_trains_its_base_by_default(tmp_path, capsys, text_file):
     out = str(tmp_path / "tiny")
     run_main(SMALL + ["--data", text_file, "--out-dir", out, "--max-iters", "1", "--eval-interval", "1"], capsys)
