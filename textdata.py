@@ -28,7 +28,8 @@ HELD_OUT_EVERY = 10  # every 10th document is held out
 
 
 def add_data_args(parser):
-    """The data flags of train_vae.py and pretrain_lm.py; returns their group for the script's own."""
+    """The data flags of train_vae.py, train_router.py and pretrain_lm.py; returns their group for the
+    script's own."""
     g = parser.add_argument_group("data (textdata.py)")
     g.add_argument("--data", default=None, help="UTF-8 text file, one document per line or paragraphs "
                    "(default: the standard library's docstrings)")

@@ -2,8 +2,9 @@
 Train BigVAE's router (router.py) on a finished, frozen text VAE (train_vae.py's checkpoint),
 then measure how far guided generation steers toward a latent and what it costs in fluency.
 
-    python pretrain_lm.py --model tiny-bpe --block-size 48 --max-iters 3000   # an LM to guide against (6 min)
-    python train_vae.py --model out-lm/base --context 24 --z-memory 8 --max-iters 4000 --out-dir out-vae-lm
+    python pretrain_lm.py --model tiny-bpe --block-size 48 --max-iters 3000 --out-dir out-lm-bpe   # an LM (6 min)
+    python train_vae.py --model out-lm-bpe/base --lr 1e-3 --context 24 --z-memory 8 --max-iters 4000 \
+        --out-dir out-vae-lm
     python train_router.py --vae out-vae-lm                    # the router, CPU: 6 min on one core
     python train_router.py --vae out-vae-lm --resume out-router --eval-only
     python train_router.py --vae out-vae-gpt2 --lr 1e-4        # any pretrained --model base (GPU)
