@@ -100,8 +100,9 @@ def load_checkpoint(ckpt_dir, kind, flag=None):
     return state
 
 
-# the optimisation settings a checkpoint records: a resumed run continues with them unless a flag changes one
-TRAIN_KEYS = ("seed", "lr", "warmup_iters", "batch_size", "grad_accum", "grad_clip", "weight_decay")
+# the optimisation settings a checkpoint records, and the base's --dtype: a resumed run continues with them
+# unless a flag changes one (a resume typed without --dtype keeps the precision the run started with)
+TRAIN_KEYS = ("seed", "lr", "warmup_iters", "batch_size", "grad_accum", "grad_clip", "weight_decay", "dtype")
 
 
 def adopt_config(flags, explicit, saved, keys, path, overridable=False):

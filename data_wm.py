@@ -6,7 +6,7 @@ episode's end with mask_padding). Everything is a flat tensor of steps:
 
     obs (N, *obs_shape)   as the tokenizer's preprocess gives it (frames: 64x64 uint8)
     actions, rewards, ends (terminated), episode (N,)
-    obs_tokens (N, K)     added by train_wm.py once the tokenizer is trained
+    obs_tokens (N, K)     added by wm_setup.tokenize once the tokenizer is ready
     episode_start, episode_end (N,)   added by add_episode_bounds
 """
 
@@ -84,7 +84,7 @@ def with_space_bounds(obs, space):
     if len(space.shape) != 1:
         return obs
     low, high = (torch.as_tensor(b, dtype=obs.dtype) for b in (space.low, space.high))
-    finite = torch.isfinite(low) & torch.isfinite(high)
+    finite = torch.isfinite(high - low)  # also False for bounds at float32's largest value, whose range overflows
     grid = low + torch.linspace(0, 1, len(obs)).unsqueeze(1) * (high - low)  # (N, D); inf or nan where not finite
     return torch.cat([obs, torch.where(finite, grid, obs)])
 

@@ -69,16 +69,22 @@ def heldout_metrics(world_model, val, segment_steps, device):
     return metrics
 
 
-def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, device):
-    """Open-loop imagination from up to num_starts held-out starts, evenly spread, with the real actions,
-    `horizon` steps (sampled from seed); per-horizon token accuracy and error of the world model and of
-    copying the start observation; imagined steps per second (all starts imagine at once, as one batch)."""
-    H = horizon
-    valid = torch.nonzero(torch.arange(len(val["episode"])) + H < val["episode_end"]).squeeze(1)
+def imagination_starts(episode, horizon, num_starts):
+    """Up to num_starts held-out steps, evenly spread, each with `horizon` more steps in its episode
+    (episode: (N,) episode numbers); train_wm.py asks before training, so a bad --horizon costs nothing."""
+    valid = torch.nonzero(episode[horizon:] == episode[:max(0, len(episode) - horizon)]).squeeze(1)
     if len(valid) == 0:
-        raise UserError(f"no held-out episode has more than --horizon {H} steps: lower --horizon, or raise "
+        raise UserError(f"no held-out episode has more than --horizon {horizon} steps: lower --horizon, or raise "
                         "--collect-steps or --val-fraction")
-    starts = valid[torch.linspace(0, len(valid) - 1, min(num_starts, len(valid))).long()]
+    return valid[torch.linspace(0, len(valid) - 1, min(num_starts, len(valid))).long()]
+
+
+def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, device):
+    """Open-loop imagination from up to num_starts held-out starts (imagination_starts) with the real
+    actions, `horizon` steps (sampled from seed); per-horizon token accuracy and error of the world model
+    and of copying the start observation; imagined steps per second (all starts imagine at once, as one batch)."""
+    H = horizon
+    starts = imagination_starts(val["episode"], H, num_starts)
     env = imagination_env(world_model, tokenizer, generator=torch.Generator(device).manual_seed(seed))
     obs, info = env.reset(val["obs"][starts].to(device))
     real_tokens = val["obs_tokens"][starts]

@@ -51,10 +51,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from lm import cache_kwarg, hidden_size
+from lm import hidden_size
 from lm_backbone import LMBackbone, LMCache
 from vae import VAE, VAEComponent, VAEConfig
-from vae_math import bidirectional_mask, kl_weight, noise_scale
+from vae_math import kl_weight, noise_scale
 from worldmodel import Head, WorldModelEnv, compute_labels, init_weights
 
 NEXT_LATENT = ("kl", "decode")
@@ -88,7 +88,7 @@ class LatentWorldModelConfig:
 
 
 def masked_mean(values, mask):
-    """Mean of values (N, ...) over the rows where mask (N,) holds; 0 when none does."""
+    """Mean of values over the positions where mask (the same shape, e.g. (B, L)) holds; 0 when none does."""
     return values[mask].sum() / mask.sum().clamp(min=1)
 
 
@@ -108,7 +108,7 @@ class LatentWorldModel(nn.Module):
         for name in ("encoder", "decoder"):  # fresh adapters: trainable from the start
             lora.add_adapter(lm, name, r=r, alpha=alpha)
         C, V = hidden_size(lm), config.obs_vocab_size
-        new = []  # what this file creates gets IRIS's initialisation
+        new = []  # what this file creates gets IRIS's initialisation (the head keeps BigVAE's, vae.py)
         if tables is None:
             tables = (nn.Embedding(V, C), nn.Embedding(config.num_actions, C))
             new += tables
@@ -124,15 +124,9 @@ class LatentWorldModel(nn.Module):
     # --- the three passes --------------------------------------------------------------------
 
     def run_adapter(self, adapter, embeds, cache=None, mask=None):
-        """The LM's body with one adapter on: embeds (B, T, C) -> hidden (B, T, C). mask (B, T):
-        bidirectional over those positions (the encoder); None: causal. cache: an LMCache to extend."""
-        lm = self.backbone.lm
-        dtype = lm.get_input_embeddings().weight.dtype
-        extra = {} if mask is None else {"attention_mask": bidirectional_mask(mask, dtype)}
-        with lora.use_adapter(lm, adapter):
-            out = self.backbone.body(inputs_embeds=embeds.to(dtype), use_cache=cache is not None, **extra,
-                                     **cache_kwarg(self.backbone.body, None if cache is None else cache.past))
-        return out.last_hidden_state.to(embeds.dtype)
+        """The LM's body with one adapter on (LMBackbone.run): embeds (B, T, C) -> hidden (B, T, C). mask
+        (B, T): bidirectional over those positions (the encoder); None: causal. cache: an LMCache to extend."""
+        return self.backbone.run(adapter, embeds, cache, mask)
 
     def encode(self, obs_tokens):
         """Posterior means of observations: obs tokens (N, K) -> mu (N, D)."""
@@ -202,8 +196,8 @@ class LatentWorldModel(nn.Module):
         return pairs
 
     def compute_loss(self, batch: dict, step: int = 0) -> dict:
-        """rec (the observations through encoder and decoder), next (the next latent, per next_latent),
-        reward and end cross-entropies, and beta * kl (|mu|^2 / 2); all per observation token."""
+        """rec (the observations through encoder and decoder), next (the next latent, per next_latent) and
+        beta * kl (|mu|^2 / 2), each per observation token; reward and end cross-entropies, per step."""
         cfg = self.config
         K = cfg.tokens_per_obs
         mask = batch["mask_padding"]  # (B, L)

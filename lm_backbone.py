@@ -36,6 +36,7 @@ import lora
 import offload
 from common import UserError
 from lm import cache_kwarg, hidden_size
+from vae_math import bidirectional_mask
 
 
 class LMCache:
@@ -71,12 +72,18 @@ class LMBackbone(nn.Module):
     def new_cache(self, batch_size, max_tokens):
         return LMCache()  # grows as needed; the world model rebuilds it when its context is full
 
-    def forward(self, embeds, cache=None):
+    def run(self, adapter, embeds, cache=None, mask=None):
+        """The body with one adapter on: embeds (B, T, C) -> hidden (B, T, C), in the LM's dtype inside.
+        cache: an LMCache to extend; mask (B, T): bidirectional over those positions (None: causal)."""
         dtype = self.lm.get_input_embeddings().weight.dtype
-        with lora.use_adapter(self.lm, "dynamics"):
-            out = self.body(inputs_embeds=embeds.to(dtype), use_cache=cache is not None,
+        extra = {} if mask is None else {"attention_mask": bidirectional_mask(mask, dtype)}
+        with lora.use_adapter(self.lm, adapter):
+            out = self.body(inputs_embeds=embeds.to(dtype), use_cache=cache is not None, **extra,
                             **cache_kwarg(self.body, None if cache is None else cache.past))
-        return out.last_hidden_state.to(embeds.dtype)  # (B, T, C)
+        return out.last_hidden_state.to(embeds.dtype)
+
+    def forward(self, embeds, cache=None):
+        return self.run("dynamics", embeds, cache)  # (B, T, C)
 
 
 def lm_token_tables(lm, obs_vocab_size, num_actions, should_train=False):

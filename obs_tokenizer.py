@@ -177,7 +177,8 @@ class FrameTokenizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, obs: torch.Tensor, max_frames: int = 1000):
-        """Set the background to the per-pixel median of up to max_frames of obs (N, 64, 64, 3)."""
+        """Set the background to the per-pixel median of obs (N, 64, 64, 3) taken every N // max_frames
+        frames (between max_frames and 2 * max_frames - 1 of them when N >= max_frames)."""
         sample = obs[:: max(1, len(obs) // max_frames)].float() / 255
         self.background.copy_(sample.median(0).values.permute(2, 0, 1))  # (3, 64, 64)
 

@@ -48,7 +48,7 @@ import torch
 from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, save_checkpoint
 from common import UserError, config_from, make_parser, number, parse, positive_int, run_cli
 from data_wm import collect, make_env, split
-from eval_wm import evaluate
+from eval_wm import evaluate, imagination_starts
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
 from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_model_args, build_world_model,
                       check_model_flags, check_world_model_flags, make_tokenizer, obs_scale, prepare_tokenizer,
@@ -137,6 +137,7 @@ def main(argv=None):
     t_collect = time.time()
     data = collect(env, tokenizer, args.collect_steps, args.seed)
     train_data, val_data = split(data, args.val_fraction)
+    imagination_starts(val_data["episode"], args.horizon, args.num_imagine)  # refuses a --horizon too long now
     scale = obs_scale(train_data["obs"])
     if run.is_main:
         print(f"collected {len(data['actions'])} steps, {int(data['episode'][-1]) + 1} episodes "

@@ -195,20 +195,20 @@ class LossOf(nn.Module):
         return self.model.compute_loss(batch, step)
 
 
-def stop(what, config, run, has_updated=True):
+def stop(what, config, run, has_updated=True, lr_flag="--lr"):
     """A diverged run ends before anything is saved, with what can cause it: float16 (it overflows,
-    on a CPU most of all), the learning rate only once the optimizer has updated the weights."""
+    on a CPU most of all), the learning rate (set by lr_flag) only once the optimizer has updated the weights."""
     if config.dtype == "float16":
         hint = f"float16 overflows{' on a CPU' if run.device.type == 'cpu' else ''}: use --dtype float32 or bfloat16"
     elif not has_updated:
         hint = "it came before any update, so not from --lr: check the data and the model's flags"
     else:
-        hint = f"lower --lr (now {config.lr:g}) or keep --grad-clip on"
+        hint = f"lower {lr_flag} (now {config.lr:g}) or keep gradient clipping on"
     raise UserError(f"{what}; stopped before saving (the last checkpoint in {config.out_dir}, if any, is unchanged): "
                     f"{hint}")
 
 
-def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save=None, schedule=lr_at):
+def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save=None, schedule=lr_at, lr_flag="--lr"):
     """Optimise from start_step to config.max_iters (a TrainConfig); returns the last evaluation's metrics.
 
     get_batch(index) -> batch (a dict; "num_tokens" in it feeds the tokens/s figure);
@@ -218,7 +218,8 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
     finished since the last save (a cluster preempting the job: resuming loses nothing).
     schedule(step, config) -> lr (default: warm-up then cosine); a param group may carry
     "lr_scale" to train at a multiple of it.
-    A loss or gradient that is not finite stops the run (UserError) before anything is saved.
+    A loss or gradient that is not finite stops the run (UserError) before anything is saved; the message
+    names lr_flag, the flag that set config.lr (a phase with its own, e.g. --tokenizer-lr).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_of = LossOf(model)
@@ -251,7 +252,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
             if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
                 bad = ", ".join(k for k, v in sums.items() if not math.isfinite(v)) or "the gradient alone"
                 stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1} "
-                     f"(not finite: {bad})", config, run, has_updated=bool(optimizer.state))
+                     f"(not finite: {bad})", config, run, has_updated=bool(optimizer.state), lr_flag=lr_flag)
             with signals_held():  # a step is taken whole or not at all
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -282,7 +283,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
                     model.train()
                     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
                     if bad:
-                        stop(f"{', '.join(bad)} not finite at step {done}", config, run)
+                        stop(f"{', '.join(bad)} not finite at step {done}", config, run, lr_flag=lr_flag)
                     print(f"eval at step {done} | " + format_terms(
                         {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
                         flush=True)

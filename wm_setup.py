@@ -238,7 +238,7 @@ def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, settings, confi
     if run.is_main:
         print(f"training the frame tokenizer for {settings.tokenizer_iters} steps")
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run.device),
-          config, run, start_step=state.get("tokenizer_step", 0), save=save)
+          config, run, start_step=state.get("tokenizer_step", 0), save=save, lr_flag="--tokenizer-lr")
     tokenizer.eval()
 
 
@@ -314,14 +314,15 @@ def latent_world_model(settings, config, device, batch_size, should_print):
     """The latent world model (LatentWorldModelConfig `config`): --backbone iris, a GPT-2-shaped transformer
     from scratch (every weight trains, plus the adapters); --backbone lm, the LM pretrained or random, frozen
     + the three adapters or --train-base, with the tables --embeddings picks, placed as the memory settings ask."""
+    num_tokens = batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)  # encoder, dynamics, decoder
     if settings.backbone == "iris":
         world_model = LatentWorldModel(config, iris_sized_lm(settings.transformer, config), should_train_base=True)
-        return world_model.to(device)
+        check_memory(world_model.to(device), device, num_tokens, f"--batch-size (now {batch_size})")
+        return world_model
     base, tables = lm_and_tables(settings, config, device, max(config.max_tokens, config.tokens_per_obs))
     world_model = LatentWorldModel(config, base, tables, r=settings.lora_r, alpha=settings.lora_alpha,
                                    should_train_base=settings.train_base)
-    tokens_per_step = batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)
-    place(world_model, base, settings.memory, device, tokens_per_step, batch_size, should_print)
+    place(world_model, base, settings.memory, device, num_tokens, batch_size, should_print)
     return world_model
 
 

@@ -4,7 +4,7 @@ comparison table, from one command: train_wm.py once per row, on the same data, 
 LM rows again for IRIS's training time. It runs the train_wm.py and pretrain_lm.py of its own
 repository from any directory; output paths are relative to the current directory.
 
-    python experiments/compare_wm.py --table results/compare_wm.md   # CartPole (2 seeds), Pong (1 seed): ~2 h
+    python experiments/compare_wm.py            # CartPole (2 seeds), Pong (1 seed): ~2 h; out-compare/tables.md
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337   # one env, one seed: ~30 min
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1 --lm-dir tiny --max-iters 20 \
         --collect-steps 3000          # a check of the pipeline (an untrained tiny LM): ~2 min
@@ -54,7 +54,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's own small helpers (common.py), from any directory
 
-from common import make_parser, nonneg_int, positive_int  # noqa: E402
+from common import device_name, make_parser, positive_int, seed_int  # noqa: E402
 
 ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
     "CartPole-v1": (["--num-bins", "32"], [1337, 1]),
@@ -101,8 +101,9 @@ def train_wm(flags, out_dir, log_path):
     """One train_wm.py run (or the same one, finished before); its final JSON.
     The log's first line is the command."""
     command = "# train_wm.py " + " ".join(flags + ["--out-dir", out_dir])
-    if finished(log_path, command):
-        return finished(log_path, command)
+    result = finished(log_path, command)
+    if result is not None:
+        return result
     shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted run starts over
     with open(log_path, "w") as log:
         print(command, file=log, flush=True)
@@ -176,7 +177,7 @@ def main(argv=None):
     own, train_wm_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = make_parser(__doc__)
     parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="(default: both)")
-    parser.add_argument("--seeds", type=nonneg_int, nargs="+", default=None, help="seeds to run every row with "
+    parser.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="seeds to run every row with "
                         "(default: CartPole 1337 1, Pong 1337)")
     parser.add_argument("--max-iters", type=positive_int, default=600, help="updates per row (default: %(default)s)")
     parser.add_argument("--collect-steps", type=positive_int, default=None, help="override each env's data size")
@@ -187,9 +188,10 @@ def main(argv=None):
     parser.add_argument("--lm-layers", type=positive_int, default=None, help="the LM rows keep the LM's first N "
                         "layers (train_wm.py --lm-layers; default: all)")
     parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="passed to every run (default: %(default)s)")
-    parser.add_argument("--table", default=None, help="also write the tables (markdown) to this file, e.g. "
-                        "results/compare_wm.md (default: OUT_DIR/tables.md)")
+    parser.add_argument("--device", type=device_name, default="auto", help="passed to every run (default: "
+                        "%(default)s)")
+    parser.add_argument("--table", default=None, help="write the tables (markdown) to this file (default: "
+                        "OUT_DIR/tables.md)")
     args = parser.parse_args(own)
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
@@ -198,7 +200,9 @@ def main(argv=None):
         done = run_script("pretrain_lm.py", ["--max-iters", "1500", "--out-dir", "out-lm", "--device", args.device],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
-            sys.exit(f"error: pretrain_lm.py failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})")
+            print(f"error: pretrain_lm.py failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})",
+                  file=sys.stderr)
+            sys.exit(2)
     everything, tables = {}, []
     for env in args.envs:
         runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}

@@ -194,6 +194,10 @@ def test_bins_over_the_space_bounds_keep_the_cart_near_its_edge():
     tokenizer.fit(sample)
     assert (tokenizer.decode(tokenizer.encode(near_edge))[:, 0] - near_edge[:, 0]).abs().max() < 0.35
     assert (tokenizer.edges[2].abs() < 0.21).sum() >= 40  # most pole-angle bins stay where episodes run
+    largest = np.finfo(np.float32).max  # bounds some envs give for "unbounded": their range overflows float32
+    box = gym.spaces.Box(np.array([-1.0, -largest], dtype=np.float32), np.array([1.0, largest], dtype=np.float32))
+    sample = with_space_bounds(obs[:, :2], box)
+    assert torch.equal(sample[1000:, 1], obs[:, 1]) and torch.isfinite(sample).all()  # the data's values again
     frames = torch.zeros(3, 64, 64, 3, dtype=torch.uint8)
     assert with_space_bounds(frames, gym.spaces.Box(0, 255, (210, 160, 3), dtype=np.uint8)) is frames
 
@@ -282,6 +286,13 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
     assert train_agent.finished_returns(second) == [2.0]
     both = train_agent.append(first, second)
     assert both["episode"].tolist() == [0, 0, 1, 1, 2, 2] and len(both["obs"]) == 6
+
+
+def test_a_diverging_actor_critic_names_its_own_lr(tmp_path, capsys):
+    """The actor-critic trains at --ac-lr: its divergence names that flag, not the world model's --lr."""
+    err = run_script_error(train_agent.main, QUICK + ["--max-iters", "1", "--ac-lr", "1e30", "--ac-grad-clip", "0",
+                                                      "--out-dir", str(tmp_path / "run")], capsys)
+    assert "lower --ac-lr (now 1e+30)" in err and not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
 @pytest.mark.parametrize("argv, says", [

@@ -138,7 +138,8 @@ VAE_SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "1", "--la
 
 @pytest.mark.parametrize("script, argv", [
     (train_vae, []), (pretrain_lm, []), (train_wm, []), (train_wm, ["--backbone", "lm", "--num-bins", "16"]),
-    (train_agent, [])], ids=["train_vae", "pretrain_lm", "train_wm", "train_wm-lm", "train_agent"])
+    (train_wm, ["--state", "latent"]), (train_agent, [])],
+    ids=["train_vae", "pretrain_lm", "train_wm", "train_wm-lm", "train_wm-latent", "train_agent"])
 def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, capsys, script, argv):
     """Each script's default model with --batch-size 100000 (hundreds of GiB of activations): refused
     from the memory estimate before data, a tokenizer or a checkpoint is made."""

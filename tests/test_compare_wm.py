@@ -70,3 +70,19 @@ def test_rows_and_lm_layers_pick_and_cut_the_lm_rows_only():
         "LM pretrained, IRIS tables": ["--backbone", "lm", "--model", "smollm2", "--lm-layers", "2"],
         "LM from scratch": ["--backbone", "lm", "--model", "smollm2", "--lm-layers", "2", "--lm-init", "random",
                             "--train-base"]}
+
+
+@pytest.mark.parametrize("flag, value", [("--seeds", str(2**32)), ("--device", "gpu")])
+def test_a_seed_or_device_train_wm_would_refuse_is_refused_first(flag, value, monkeypatch, capsys):
+    monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: pytest.fail("ran before checking the flags"))
+    with pytest.raises(SystemExit) as exit_:
+        compare_wm.main([flag, value])
+    assert exit_.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_a_failed_pretraining_exits_2_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no out-lm/base here: compare_wm pretrains it first
+    monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: subprocess.CompletedProcess(a, 2, "", "error: x\n"))
+    with pytest.raises(SystemExit) as exit_:
+        compare_wm.main(["--envs", "CartPole-v1"])
+    assert exit_.value.code == 2 and capsys.readouterr().err == "error: pretrain_lm.py failed (error: x)\n"

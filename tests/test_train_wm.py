@@ -18,8 +18,10 @@ import train_agent
 import train_wm
 import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
-from common import batch_seed, config_from
-from obs_tokenizer import VectorTokenizer, VectorTokenizerConfig
+from common import UserError, batch_seed, config_from
+from eval_wm import imagination_starts
+from obs_tokenizer import FrameTokenizer, FrameTokenizerConfig, VectorTokenizer, VectorTokenizerConfig
+from trainer import Run, TrainConfig
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--log-interval", "1",
@@ -197,10 +199,11 @@ def test_cartpole_resume_is_exact(tmp_path, capsys, monkeypatch, backbone):
 
 def test_a_resumed_run_takes_its_settings_from_the_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    finished_run(out, capsys, ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4"])
+    finished_run(out, capsys, ["--backbone", "lm", "--num-bins", "16", "--lora-r", "4", "--dtype", "float32"])
     metrics, lines = run_main(["--resume", out, "--max-iters", "2", "--batch-size", "4", *EVAL], capsys)
     assert metrics["steps"] == 2 and any("lm backbone, tiny" in line for line in lines)
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["num_bins"] == 16
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert config["num_bins"] == 16 and config["dtype"] == "float32"  # not --dtype's default, auto
 
 
 @pytest.fixture
@@ -316,8 +319,30 @@ def test_pong_smoke(tmp_path, capsys):
     (["--eval-only"], "pass --resume DIR"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_numbers_are_checked_at_parse_time(argv, message, capsys, monkeypatch):
-    monkeypatch.setattr(train_wm, "setup", lambda args: pytest.fail("the flags were not checked at parse time"))
+    monkeypatch.setattr(train_wm, "setup", lambda *a: pytest.fail("the flags were not checked at parse time"))
     assert message in run_error(argv, capsys)
+
+
+def test_a_diverging_frame_tokenizer_names_its_own_lr(tmp_path):
+    """The tokenizer's phase trains at --tokenizer-lr, so its divergence names that flag, not --lr."""
+    torch.manual_seed(0)
+    tokenizer = FrameTokenizer(FrameTokenizerConfig())
+    frames = torch.randint(0, 256, (8, 64, 64, 3), dtype=torch.uint8)  # preprocessed frames
+    settings = wm_setup.TokenizerSettings(tokenizer_iters=3, tokenizer_lr=1e30, tokenizer_batch_size=2)
+    config = TrainConfig(out_dir=str(tmp_path), grad_clip=0.0, warmup_iters=1, log_interval=1)
+    with pytest.raises(UserError, match=r"lower --tokenizer-lr \(now 1e\+30\)"):
+        wm_setup.train_frame_tokenizer(tokenizer, {"obs": frames}, frames[:2], 255.0, settings, config,
+                                       Run(torch.device("cpu")), {})
+    assert not os.listdir(tmp_path)  # stopped before saving
+
+
+def test_imagination_starts_have_the_horizon_left_in_their_episode():
+    episode = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])  # the last episode is cut: its steps count as the data's end
+    assert imagination_starts(episode, 2, 8).tolist() == [0, 3, 4]
+    assert imagination_starts(episode, 2, 2).tolist() == [0, 4]  # evenly spread over the valid ones
+    assert imagination_starts(episode, 3, 8).tolist() == [3]
+    with pytest.raises(UserError, match="--horizon 4"):
+        imagination_starts(episode, 4, 8)
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
@@ -349,7 +374,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "--segment-steps" in run_error(CARTPOLE + ["--backbone", "lm", "--segment-steps", "200"], capsys)
     assert "cannot quantize" in run_error(["--backbone", "lm", "--lm-init", "random", "--load-8bit"], capsys)
     assert "drop --train-base" in run_error(["--backbone", "lm", "--train-base", "--offload"], capsys)
-    assert "--horizon 50" in run_error(CARTPOLE + ["--horizon", "50", "--max-iters", "1"], capsys)
+    with monkeypatch.context() as m:  # a --horizon no held-out episode is long enough for is refused before training
+        m.setattr(train_wm, "train", lambda *a: pytest.fail("trained before checking --horizon"))
+        assert "--horizon 50" in run_error(CARTPOLE + ["--horizon", "50"], capsys)
     # an unwritable --out-dir is found before any data is collected
     (tmp_path / "a-file").write_text("")
     monkeypatch.setattr(train_wm, "collect", lambda *a: pytest.fail("collected before checking --out-dir"))
