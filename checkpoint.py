@@ -101,7 +101,7 @@ def load_checkpoint(ckpt_dir, kind, flag=None):
 
 
 # the optimisation settings a checkpoint records, and the base's --dtype: a resumed run continues with them
-# unless a flag changes one (a resume typed without --dtype keeps the precision the run started with)
+# unless a flag changes one (a resume typed without --dtype keeps the --dtype the run was given)
 TRAIN_KEYS = ("seed", "lr", "warmup_iters", "batch_size", "grad_accum", "grad_clip", "weight_decay", "dtype")
 
 

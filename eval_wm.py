@@ -71,7 +71,7 @@ def heldout_metrics(world_model, val, segment_steps, device):
 
 def imagination_starts(episode, horizon, num_starts):
     """Up to num_starts held-out steps, evenly spread, each with `horizon` more steps in its episode
-    (episode: (N,) episode numbers); train_wm.py asks before training, so a bad --horizon costs nothing."""
+    (episode: (N,) episode numbers); train_wm.py asks right after collecting, before anything trains."""
     valid = torch.nonzero(episode[horizon:] == episode[:max(0, len(episode) - horizon)]).squeeze(1)
     if len(valid) == 0:
         raise UserError(f"no held-out episode has more than --horizon {horizon} steps: lower --horizon, or raise "

@@ -9,9 +9,9 @@ causal LM (tiny, GPT-2, Mistral, a local directory: anything lm.load_base return
 interface:
 - it is fed `inputs_embeds`, so the world model's embeddings stay differentiable and the
   LM's token lookup is bypassed;
-- it stays **causal** (no attention mask is passed, so the LM applies its own causal
-  mask): a world model that sees the future while training copies it and then fails
-  when imagining;
+- the dynamics pass stays **causal** (`forward` passes no attention mask, so the LM applies its
+  own causal mask): a world model that sees the future while training copies it and then
+  fails when imagining (`run` with a mask is the latent model's bidirectional encoder);
 - imagination uses the LM's **real KV cache** (`past_key_values`, or `cache` in newer
   transformers), so each imagined token costs one token's forward pass, not a pass over
   the whole context;

@@ -279,7 +279,7 @@ def main(argv=None):
         ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
                                 grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
         ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
-                         schedule=lambda step, config: config.lr, lr_flag="--ac-lr")
+                         schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
         # 5. evaluation on held-out real episodes
         done = epoch + 1

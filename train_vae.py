@@ -52,8 +52,8 @@ MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", 
 TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 VAE_TRAIN_KEYS = ("head_lr_scale",)  # optimisation settings of this script alone (a flag given wins)
-SCHEDULE_KEYS = ("ae_iters", "ae_prefix", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits", "edge_weights",
-                 "word_dropout")
+SCHEDULE_KEYS = ("ae_iters", "ae_prefix", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits",
+                 "edge_weights", "word_dropout")
 
 
 def per_base(key):
@@ -92,8 +92,8 @@ def parse_args(argv=None):
     g.add_argument("--lora-alpha", type=positive_float, default=8.0, help="LoRA alpha; scale = alpha / r "
                    "(BigVAE: 8; default: %(default)s)")
     g.add_argument("--decoder-init", default="bigvae", choices=["bigvae", "lm"], help="bigvae: w_d starts as "
-                   "w_e's transpose (BigVAE); lm: the decoder starts as the frozen LM itself, z adding nothing yet "
-                   "(for a pretrained base; default: %(default)s)")
+                   "w_e's transpose (BigVAE); lm: z adds nothing yet, the decoder starts as (with z's keys/values or "
+                   "more soft tokens: near) the frozen LM (for a pretrained base; default: %(default)s)")
     g.add_argument("--lead-token", action="store_true", help="put an end-of-text token before z's soft tokens, "
                    "so that they are not the first position, a pretrained LM's attention sink (default: BigVAE's order, "
                    "the soft token first)")
@@ -142,9 +142,9 @@ def main(argv=None):
     if state is not None:  # the checkpoint's settings: the optimisation's unless given, the model's always
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + VAE_TRAIN_KEYS, args.resume,
                      overridable=True)
-        # a model key the checkpoint lacks came after it was saved: that run had VAEConfig's default (the feature off)
-        layout = {k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}
-        adopt_config(vars(args), args.explicit, {**layout, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
+        # a key the checkpoint lacks came after it was saved: that run had the feature off (VAEConfig's default)
+        before = {**{k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}, "ae_prefix": False}
+        adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0
     should_train = should_train_base(args.model, args.freeze_base)

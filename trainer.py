@@ -195,20 +195,22 @@ class LossOf(nn.Module):
         return self.model.compute_loss(batch, step)
 
 
-def stop(what, config, run, has_updated=True, lr_flag="--lr"):
+def stop(what, config, run, has_updated=True, flags=("--lr", "--grad-clip")):
     """A diverged run ends before anything is saved, with what can cause it: float16 (it overflows,
-    on a CPU most of all), the learning rate (set by lr_flag) only once the optimizer has updated the weights."""
+    on a CPU most of all), the learning rate only once the optimizer has updated the weights; flags:
+    the flags that set this phase's lr and gradient clipping."""
     if config.dtype == "float16":
         hint = f"float16 overflows{' on a CPU' if run.device.type == 'cpu' else ''}: use --dtype float32 or bfloat16"
     elif not has_updated:
-        hint = "it came before any update, so not from --lr: check the data and the model's flags"
+        hint = f"it came before any update, so not from {flags[0]}: check the data and the model's flags"
     else:
-        hint = f"lower {lr_flag} (now {config.lr:g}) or keep gradient clipping on"
+        hint = f"lower {flags[0]} (now {config.lr:g}) or keep {flags[1]} on"
     raise UserError(f"{what}; stopped before saving (the last checkpoint in {config.out_dir}, if any, is unchanged): "
                     f"{hint}")
 
 
-def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save=None, schedule=lr_at, lr_flag="--lr"):
+def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save=None, schedule=lr_at,
+          flags=("--lr", "--grad-clip")):
     """Optimise from start_step to config.max_iters (a TrainConfig); returns the last evaluation's metrics.
 
     get_batch(index) -> batch (a dict; "num_tokens" in it feeds the tokens/s figure);
@@ -219,7 +221,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
     schedule(step, config) -> lr (default: warm-up then cosine); a param group may carry
     "lr_scale" to train at a multiple of it.
     A loss or gradient that is not finite stops the run (UserError) before anything is saved; the message
-    names lr_flag, the flag that set config.lr (a phase with its own, e.g. --tokenizer-lr).
+    names `flags`, those that set config.lr and config.grad_clip (a phase with its own: e.g. --ac-lr).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_of = LossOf(model)
@@ -252,7 +254,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
             if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
                 bad = ", ".join(k for k, v in sums.items() if not math.isfinite(v)) or "the gradient alone"
                 stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1} "
-                     f"(not finite: {bad})", config, run, has_updated=bool(optimizer.state), lr_flag=lr_flag)
+                     f"(not finite: {bad})", config, run, has_updated=bool(optimizer.state), flags=flags)
             with signals_held():  # a step is taken whole or not at all
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -283,7 +285,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
                     model.train()
                     bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
                     if bad:
-                        stop(f"{', '.join(bad)} not finite at step {done}", config, run, lr_flag=lr_flag)
+                        stop(f"{', '.join(bad)} not finite at step {done}", config, run, flags=flags)
                     print(f"eval at step {done} | " + format_terms(
                         {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("train_")}),
                         flush=True)

@@ -51,8 +51,8 @@ class VAEConfig:
     soft_tokens: int = 1  # input embeddings made from z by w_d, before the text (BigVAE: 1; ICAE: memory slots)
     lora_r: int = 32  # adapter rank (BigVAE: 32)
     lora_alpha: float = 8.0  # adapter scale is alpha / r (BigVAE: 8)
-    decoder_init: str = "bigvae"  # "bigvae": w_d starts as w_e's transpose; "lm": the decoder starts as the LM
-    #                               itself (soft token = its end-of-text embedding, z's memory zero)
+    decoder_init: str = "bigvae"  # "bigvae": w_d starts as w_e's transpose; "lm": z adds nothing at first
+    #                               (soft token = the LM's end-of-text embedding, z's memory zero)
     ae_iters: int = 0  # first steps: plain autoencoder, z = mu and no KL term
     noise_ramp_iters: int = 0  # then the sampling noise grows linearly from 0 to full over these steps
     kl_schedule: str = "cosine"  # "cosine" (BigVAE's sin^2 warm-up), "cyclical" (Optimus, AdaVAE), "constant"
@@ -144,8 +144,10 @@ class VAE(nn.Module):
     def start_as_the_lm(self):
         """z adds nothing at first: the soft token is the LM's own end-of-text embedding (the scale of
         a real token; BigVAE's w_e-transpose start gives a pretrained LM's pooled states back at
-        ~13x it) and z's keys/values are zero. The decoder then starts at the LM's own loss (README);
-        z's path opens as w_d and w_memory move, as LoRA's zero B opens an adapter."""
+        ~13x it) and z's keys/values are zero. With one soft token first and no memory the decoder is the
+        LM itself; a zero key of z still takes a share of attention, and more soft tokens or a lead token
+        move the text's positions, so otherwise it starts near the LM's loss (README). z's path opens as
+        w_d and w_memory move, as LoRA's zero B opens an adapter."""
         self.head.w_d.weight.zero_()
         self.head.w_d.bias.copy_(self.base.get_input_embeddings().weight[self.eos_id].repeat(self.cfg.soft_tokens))
         if self.head.w_memory is not None:

@@ -54,7 +54,7 @@ def mutual_information(mu, logvar=None):
     per held-out span and the aggregate posterior q(z) taken as the mixture of the N posteriors:
     mean_i [log q(z_i|x_i) - log q(z_i)]. Optimus puts the analytic E_q log q(z|x) in the first
     term; the sampled one has the same mean and far less noise when z is large, and keeps the
-    estimate within [0, log N]. (N, D) -> float."""
+    estimate at most log N (and non-negative in expectation). (N, D) -> float."""
     logvar = torch.zeros_like(mu) if logvar is None else logvar
     z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # one sample of each posterior
     log_q = log_normal(z[:, None], mu[None], logvar[None])  # (N z's, N posteriors)

@@ -63,9 +63,10 @@ def bidirectional_mask(mask, dtype):
 
 
 def slerp(a, b, t):
-    """Spherical interpolation between the rows of a and b; falls back to lerp when they are parallel."""
-    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)[:, None]
+    """Spherical interpolation between the rows of a and b; lerp for a row whose two are parallel."""
+    cos = F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)[:, None]  # (N, 1)
     omega = torch.acos(cos)
-    if omega.abs().max() < 1e-4:
-        return torch.lerp(a, b, t)
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    is_parallel = omega.abs() < 1e-4
+    sin = torch.where(is_parallel, 1.0, torch.sin(omega))  # a parallel row divides by 1 and is replaced
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin
+    return torch.where(is_parallel, torch.lerp(a, b, t), spherical)

@@ -220,7 +220,7 @@ def tokenize(tokenizer, data, device):
 def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, settings, config, run, state):
     """The tokenizer's own training phase, with the shared loop; resumes from state, saves to config.out_dir."""
     config = replace(config, max_iters=settings.tokenizer_iters, lr=settings.tokenizer_lr,
-                     eval_interval=settings.tokenizer_iters)
+                     eval_interval=settings.tokenizer_iters, dtype="float32")  # the tokenizer is fp32, whatever the LM
     optimizer = make_optimizer(tokenizer, settings.tokenizer_lr, weight_decay=0.0)
     if "tokenizer_optimizer" in state:
         optimizer.load_state_dict(state["tokenizer_optimizer"])
@@ -238,7 +238,7 @@ def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, settings, confi
     if run.is_main:
         print(f"training the frame tokenizer for {settings.tokenizer_iters} steps")
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run.device),
-          config, run, start_step=state.get("tokenizer_step", 0), save=save, lr_flag="--tokenizer-lr")
+          config, run, start_step=state.get("tokenizer_step", 0), save=save, flags=("--tokenizer-lr", "--grad-clip"))
     tokenizer.eval()
 
 

@@ -126,3 +126,10 @@ def read_bytes(path):
     """A file's bytes, to show that a refused command left it as it was."""
     with open(path, "rb") as f:
         return f.read()
+
+
+def assert_greedy(logits, tokens, tolerance=1e-4):
+    """tokens (B, T) are the argmax of logits (B, T, V), up to a near-tie: logits computed in another
+    order (a KV cache, another batch size) round differently, and a tie within rounding may go either way."""
+    chosen = logits.gather(-1, tokens[..., None])[..., 0]  # (B, T)
+    assert (logits.max(-1).values - chosen <= tolerance).all(), (logits.max(-1).values - chosen).max()

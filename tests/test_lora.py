@@ -119,7 +119,7 @@ def test_only_lora_trains_and_base_gets_no_grad(pair):
 
 def test_matches_peft(pair):
     """The same adapter weights in peft's LoRA give the same logits."""
-    peft = pytest.importorskip("peft", reason="peft is the reference implementation; .ci/run installs it")
+    import peft  # the reference implementation (requirements-dev.txt); not skipped when missing
     model, reference = pair
     randomize(model, "encoder", 6)
     lora.set_adapter(model, "encoder")
@@ -138,12 +138,13 @@ def test_matches_peft(pair):
 
 def test_bitsandbytes_8bit_base_layer():
     """The adapter adds to whatever the quantized base layer outputs; merging is refused."""
-    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed only for --load-8bit")
+    import bitsandbytes as bnb  # pinned in requirements.txt for --load-8bit; not skipped when missing
     torch.manual_seed(0)
     dense = torch.nn.Linear(32, 16)
     quantized = bnb.nn.Linear8bitLt(32, 16, has_fp16_weights=False, threshold=0.0)
     quantized.load_state_dict(dense.state_dict())
     model = torch.nn.Sequential(quantized.to("cpu"))
+    assert model[0].weight.dtype == torch.int8  # quantized, not a float layer under another name
     x = torch.randn(4, 32)
     with torch.no_grad():
         base_out = model(x)
@@ -157,6 +158,23 @@ def test_bitsandbytes_8bit_base_layer():
     assert (base_out - dense(x)).abs().max() < 0.05  # 8-bit is close to the dense layer, not equal
     with pytest.raises(ValueError, match="cannot be merged"):
         lora.merge(model)
+
+
+def test_dropout_acts_on_the_adapter_branch_in_training_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        base_out = model(x)
+    lora.add_adapter(model, "encoder", r=4, alpha=8, dropout=0.5, targets=["0"])
+    lora.set_adapter(model, "encoder")
+    model.train()
+    assert torch.equal(model(x), base_out)  # B starts at zero: dropout or not, the base alone
+    randomize(model, "encoder", 8)
+    assert not torch.equal(model(x), model(x))  # two dropout masks
+    model.eval()
+    expected = base_out + x @ model[0].delta_weight("encoder").T
+    assert torch.equal(model(x), model(x)) and torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_bad_targets_give_clear_errors(saved_model_dir):

@@ -11,7 +11,7 @@ import lora
 import sample
 import train_router
 import train_vae
-from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
+from conftest import assert_greedy, crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
 from router import Router, guided_logits
 from vae import VAE, VAEConfig
 
@@ -67,20 +67,16 @@ def test_guidance_scale_0_is_the_base_and_1_the_router():
     assert torch.allclose(guided_logits(base, routed, 2.0), 2 * routed - base)
 
 
-def recomputed_generation(router, context, z, num_spans, span_tokens, scale):
-    """Greedy guided generation by full forward passes at every token (no cache)."""
-    text = context
-    for _ in range(num_spans):
+@torch.no_grad()
+def recomputed_logits(router, context, z, generated, span_tokens, scale):
+    """The guided logits (B, N, V) at each of the N generated tokens (B, N), by full forward passes
+    (no cache), teacher-forced: each span after the last len(context) tokens before it."""
+    text, logits = context, []
+    for span in generated.split(span_tokens, 1):
         seen = text[:, text.shape[1] - context.shape[1]:]
-        span = text[:, :0]
-        for _ in range(span_tokens):
-            probe = torch.cat([span, span[:, :1] if span.shape[1] else seen[:, :1]], 1)  # the last id is a dummy
-            router_logits = router(z, probe, seen)[:, -1]
-            base_logits = router.vae.base_logits(probe, seen)[:, -1]
-            next_id = guided_logits(base_logits, router_logits, scale).argmax(-1, keepdim=True)
-            span = torch.cat([span, next_id], 1)
+        logits.append(guided_logits(router.vae.base_logits(span, seen), router(z, span, seen), scale))
         text = torch.cat([text, span], 1)
-    return text[:, context.shape[1]:]
+    return torch.cat(logits, 1)
 
 
 @pytest.mark.parametrize("z_memory, soft_tokens, lead_token", [(1, 1, False), (0, 1, False), (1, 3, True)])
@@ -88,12 +84,24 @@ def test_cached_generation_equals_recomputation(z_memory, soft_tokens, lead_toke
     router = make_router(z_memory, soft_tokens, lead_token)
     torch.manual_seed(2)
     context, z = torch.randint(0, 256, (2, 6)), torch.randn(2, 8)
-    for scale in (0.0, 1.0, 1.25):
+    for scale in (0.0, 1.0, 1.25):  # at 0, the base LM's own greedy continuation
         cached = router.generate(context, z, num_spans=2, span_tokens=5, scale=scale)
-        assert torch.equal(cached, recomputed_generation(router, context, z, 2, 5, scale)), scale
-    with torch.no_grad():  # scale 0 is the base LM's own greedy continuation (one span)
+        assert cached.shape == (2, 10)
+        assert_greedy(recomputed_logits(router, context, z, cached, 5, scale), cached)
+    with torch.no_grad():  # and Hugging Face's greedy generate picks the base's argmax as well
         expected = router.vae.base.generate(context, max_new_tokens=5, do_sample=False, pad_token_id=256)
-    assert torch.equal(router.generate(context, z, 1, 5, scale=0.0), expected[:, 6:])
+        assert_greedy(router.vae.base_logits(expected[:, 6:], context), expected[:, 6:])
+
+
+def test_scale_0_never_runs_the_router(monkeypatch):
+    router, runs = make_router(), []
+    inputs = Router.inputs  # the router's input, made once per span it runs
+    monkeypatch.setattr(Router, "inputs", lambda self, *a: runs.append(1) or inputs(self, *a))
+    context, z = torch.randint(0, 256, (2, 6)), torch.randn(2, 8)
+    router.generate(context, z, num_spans=2, span_tokens=3, scale=0.0)
+    assert runs == []
+    router.generate(context, z, num_spans=2, span_tokens=3, scale=1.0)
+    assert len(runs) == 2
 
 
 def test_only_the_router_and_its_z_projections_get_gradients():
@@ -117,7 +125,9 @@ def test_train_eval_resume_and_guide(tmp_path, capsys, monkeypatch, text_file, v
     for key in ("val_acc_router", "val_acc_base", "val_acc_shuffled", "sweep_cosine_s0", "sweep_cosine_s1.25",
                 "sweep_cosine_gap_s1.25", "sweep_cosine_gap_s1.25_ci95", "sweep_base_nll_s1.25", "steps"):
         assert key in metrics, key
-    assert metrics["sweep_cosine_gap_s0"] == 0.0 and metrics["sweep_pairs"] == 4
+    assert metrics["sweep_pairs"] == 4  # the gap is paired against s = 0: the mean of differences
+    assert metrics["sweep_cosine_gap_s1.25"] == pytest.approx(metrics["sweep_cosine_s1.25"] - metrics["sweep_cosine_s0"],
+                                                              abs=1e-9)
     state = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     assert state["kind"] == "router" and all(".router." in k or k.startswith(("w_d.", "w_memory.")) for k in state["model"])
     crash_at_step_2_then_resume(train_router, argv, crashed, monkeypatch, capsys)

@@ -77,11 +77,19 @@ def test_prior_samples_are_random_and_seeded(capsys, overfit):
     assert len(set(first["samples"])) == 3 and all(len(t) <= 6 for t in first["samples"])
 
 
-def test_a_long_text_comes_back_in_chained_spans_and_is_cut_to_interpolate(capsys, overfit):
+def test_a_long_text_comes_back_in_chained_spans_and_is_cut_to_interpolate(capsys, monkeypatch, overfit):
     out, texts = overfit
-    result, _ = decode(["--resume", out, "--reconstruct", texts[0] + texts[1]], capsys)
-    assert capsys.readouterr().err == ""  # no warning: nothing is cut
+    decoded, generate = [], VAE.generate
+    monkeypatch.setattr(VAE, "generate", lambda self, z, n, prefix_ids=None, *a: decoded.append(
+        (prefix_ids, generate(self, z, n, prefix_ids, *a))) or decoded[-1][1])
+    sample.main(["--resume", out, "--reconstruct", texts[0] + texts[1], "--device", "cpu"])
+    out_text, err = capsys.readouterr()
+    assert err == ""  # no warning: nothing is cut
+    result = json.loads(out_text.splitlines()[-1])
     assert result["reconstructions"][0].startswith(texts[0])  # the first span, decoded with no prefix, exactly
+    (no_prefix, first), (prefix, second) = decoded  # two spans of CONTEXT tokens, chained
+    assert no_prefix is None and torch.equal(prefix, first)  # the second decoded after the first's output
+    monkeypatch.undo()
     sample.main(["--resume", out, "--interpolate", texts[0] + "x" * 613, texts[1], "--interp-steps", "2",
                  "--device", "cpu"])
     out_text, err = capsys.readouterr()

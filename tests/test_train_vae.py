@@ -152,17 +152,20 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file, base_dir):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("should_keep", [False, True])
+@pytest.mark.parametrize("should_keep, flags", [(False, ["--prefix-drop", "0"]),
+                                                (True, ["--prefix-drop", "0", "--ae-prefix"]),
+                                                (False, ["--prefix-drop", "1", "--ae-prefix"])])
 def test_the_autoencoder_phase_keeps_the_prefix_only_with_ae_prefix(tmp_path, capsys, monkeypatch, text_file,
-                                                                     should_keep):
-    """Every training batch of a run that is all autoencoder phase (--ae-iters = --max-iters), with
-    --prefix-drop 0: none has a prefix by default, all have one with --ae-prefix."""
+                                                                     should_keep, flags):
+    """Every training batch of a run that is all autoencoder phase (--ae-iters = --max-iters): with
+    --prefix-drop 0, none has a prefix by default, all have one with --ae-prefix; --prefix-drop 1 drops
+    it from every batch, --ae-prefix or not."""
     kept = []
     real_batch = textdata.vae_batch
     monkeypatch.setattr(textdata, "vae_batch", lambda stream, starts, context, should_keep_prefix: (
         kept.append(should_keep_prefix), real_batch(stream, starts, context, should_keep_prefix))[1])
     argv = SMALL + ["--data", text_file, "--out-dir", str(tmp_path / "run"), "--max-iters", "3", "--eval-interval",
-                    "3", "--ae-iters", "3", "--prefix-drop", "0"] + (["--ae-prefix"] if should_keep else [])
+                    "3", "--ae-iters", "3"] + flags
     run_main(argv, capsys)
     assert kept[:2] == [True, False]  # the 2 held-out batches, every other one with its prefix
     assert kept[2:] == [should_keep] * 3  # the 3 training batches
@@ -374,14 +377,15 @@ def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_p
 
 def test_a_checkpoint_from_before_a_model_flag_refuses_it(trained, tmp_path, capsys, text_file):
     """A model key the saved config lacks came later: that run had VAEConfig's default (here one soft
-    token, no lead token), so resuming with another value is the same conflict as with a saved one."""
+    token, no lead token), so resuming with another value is the same conflict as with a saved one;
+    so is --ae-prefix, whose phase had no prefix before the flag."""
     state = checkpoint.load_checkpoint(trained, "vae")
-    for key in ("soft_tokens", "lead_token"):
+    for key in ("soft_tokens", "lead_token", "ae_prefix"):
         del state["config"][key]
     checkpoint.save_checkpoint(str(tmp_path), state)
-    argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2"]
-    assert ("with other settings: --soft-tokens 2 (saved: 1), --lead-token True (saved: False)"
-            in run_error(train_vae.main, argv, capsys))
+    argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2", "--ae-prefix"]
+    assert ("with other settings: --soft-tokens 2 (saved: 1), --lead-token True (saved: False), --ae-prefix True "
+            "(saved: False)" in run_error(train_vae.main, argv, capsys))
 
 
 def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(trained, tmp_path):

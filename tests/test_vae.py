@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2, tiny_mistral
+from conftest import assert_greedy, tiny_gpt2, tiny_mistral
 
 import lm
 import lora
 from vae import VAE, VAEConfig
-from vae_math import kl_per_dim, kl_weight, noise_scale, slerp, token_weights
+from vae_math import gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 
 def make_vae(base="gpt2", **overrides):
@@ -125,6 +125,16 @@ def test_loss_terms_and_free_bits():
     torch.manual_seed(1)
     floored = vae.compute_loss(batch, step=0)
     assert floored["loss"].item() == pytest.approx(terms["rec"].item() + 0.5 * 1e3 * 16 / 10, rel=1e-4)
+    # the floor is per dimension, on the batch's mean: mu = 3 in dimension 0 of one span and in dimension 1 of
+    # the other gives KLs 4.5 / 2 = 2.25 in those two and 0 in the 14 others, floored to 1 each: 18.5 nats
+    # (a floor on the total, 16, would give 16; a floor per span and dimension, 19.5)
+    vae.cfg.free_bits = 1.0
+    mu = torch.zeros(2, 16)
+    mu[0, 0] = mu[1, 1] = 3.0
+    vae.encode = lambda ids, mask=None: (mu, None)
+    two = {k: v[:2] for k, v in batch.items()}
+    floored = vae.compute_loss(two, step=0)
+    assert (floored["loss"] - floored["rec"]).item() == pytest.approx(0.5 * 18.5 / 10, rel=1e-5)
 
 
 def test_frozen_base_gets_no_gradients():
@@ -149,7 +159,7 @@ def test_generation_builds_no_graph_and_matches_teacher_forcing(soft_tokens, z_m
     assert out.shape == (2, 6) and not out.requires_grad
     with torch.no_grad():
         logits = vae(z, out, prefix)  # the cached greedy path picks the teacher-forced argmax
-    assert torch.equal(logits.argmax(-1), out)
+    assert_greedy(logits, out)
 
 
 def test_reconstruction_of_a_stream_window_decodes_past_end_of_text():
@@ -160,7 +170,7 @@ def test_reconstruction_of_a_stream_window_decodes_past_end_of_text():
     z = torch.randn(2, 16)
     free = vae.generate(z, 8, should_stop_at_eos=False)
     with torch.no_grad():
-        assert torch.equal(vae(z, free).argmax(-1), free)  # every token is the teacher-forced argmax
+        assert_greedy(vae(z, free), free)  # every token is the teacher-forced argmax
     vae.eos_id = int(free[0, 2])  # as if row 0's third token ended a document
     first = int((free[0] == vae.eos_id).nonzero()[0])
     assert (free[0, first + 1:] != vae.eos_id).any()  # the row goes on to other tokens after it
@@ -247,7 +257,7 @@ def test_target_positions_do_not_depend_on_the_prefix(base):
         vae(z, span, ids([1, 2, 3, 4, 5]))
     out = vae.generate(z, 5, ids([1, 2]))  # cached generation uses the same positions as teacher forcing
     with torch.no_grad():
-        assert torch.equal(vae(z, out, ids([1, 2])).argmax(-1), out)
+        assert_greedy(vae(z, out, ids([1, 2])), out)
 
 
 def test_memory_cache_is_read_only():
@@ -261,30 +271,45 @@ def test_memory_cache_is_read_only():
     assert cache.get_seq_length() == 1 and torch.equal(first, again)  # a re-run sees the same memory
 
 
-def test_gumbel_max_samples_follow_the_softmax():
-    vae = make_vae(z_memory=False)
-    z = torch.randn(1, 16).expand(4000, -1)
-    with torch.no_grad():
-        logits = vae(z[:1], ids([0])).squeeze()  # first-token logits
+def test_gumbel_max_samples_follow_the_softmax_at_its_temperature():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(20000, -1)
     torch.manual_seed(0)
-    first = vae.generate(z, 1, temperature=2.0)[:, 0]
-    expected = F.softmax(logits / 2.0, -1)
-    top = expected.topk(3).indices
-    observed = torch.bincount(first, minlength=257).float() / len(first)
-    assert torch.allclose(observed[top], expected[top], atol=0.03)
+    for T in (0.5, 2.0):
+        observed = torch.bincount(gumbel_max(logits, T), minlength=4).float() / len(logits)
+        assert torch.allclose(observed, F.softmax(logits[0] / T, -1), atol=0.02)  # ~6 standard errors
+        assert (observed - F.softmax(logits[0], -1)).abs().max() > 0.15  # T matters
+    assert torch.equal(gumbel_max(logits[:3], 0.0), torch.zeros(3, dtype=torch.long))  # T = 0: greedy
+    vae = make_vae()  # generate draws its tokens with it: the same noise gives the same first tokens
+    z = torch.randn(64, 16)
+    with torch.no_grad():
+        first_logits = vae(z, ids(*[[0]] * 64))[:, 0]  # (64, V): the first token's, teacher-forced
+    torch.manual_seed(1)
+    expected = gumbel_max(first_logits, 2.0)
+    torch.manual_seed(1)
+    assert torch.equal(vae.generate(z, 1, temperature=2.0)[:, 0], expected)
 
 
-def test_slerp_and_interpolate():
+def test_slerp_and_interpolate(monkeypatch):
     a, b = torch.randn(3, 8), torch.randn(3, 8)
     b = b / b.norm(dim=-1, keepdim=True) * a.norm(dim=-1, keepdim=True)
     assert torch.allclose(slerp(a, b, torch.zeros(3, 1)), a, atol=1e-5)
     assert torch.allclose(slerp(a, b, torch.ones(3, 1)), b, atol=1e-5)
     mid = slerp(a, b, torch.full((3, 1), 0.5))
     assert torch.allclose(mid.norm(dim=-1), a.norm(dim=-1), atol=1e-4)  # stays on the sphere
+    e = torch.zeros(1, 8)
+    e[0, 0] = 1.0  # with 2 * e: norms 1 and 2, cosine exactly 1, so slerp's formula would divide by sin 0
+    mixed = slerp(torch.cat([a[:1], e]), torch.cat([b[:1], 2 * e]), torch.full((2, 1), 0.5))
+    assert torch.allclose(mixed[0], mid[0], atol=1e-6) and torch.equal(mixed[1], 1.5 * e[0])  # that row: lerp
     vae = make_vae()
+    decoded, generate = [], VAE.generate
+    monkeypatch.setattr(VAE, "generate", lambda self, z, *a, **k: decoded.append((z, generate(self, z, *a, **k)))
+                        or decoded[-1][1])
     path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
     ids, mask = vae.tokenize(["hello there", "bye now"])
-    assert len(path) == 4 and [path[0], path[-1]] == vae.detokenize(vae.generate(vae.encode(ids, mask)[0], 11))
+    ((z, out),) = decoded
+    mu = vae.encode(ids, mask)[0]
+    assert len(path) == 4 and path == vae.detokenize(out) and z.shape == (4, 16)
+    assert torch.equal(z[0], mu[0]) and torch.equal(z[-1], mu[1])  # the path ends at the two texts' means
     with pytest.raises(ValueError, match="text 2 has no tokens"):  # no position to pool: mu would be NaN
         vae.reconstruct(["hello", ""])
     vae.head.latent_rms.fill_(1.28)  # prior samples are z ~ N(0, rms^2 I), decoded
@@ -323,13 +348,18 @@ def test_overfits_one_batch(z_memory, pool_queries, soft_tokens):
 @pytest.mark.parametrize("base", ["gpt2", "mistral"])
 def test_decoder_init_lm_starts_as_the_lm_itself(base):
     """decoder_init="lm": whatever z is, the fresh decoder predicts as the base LM after end of text
-    (its adapters start at zero, the soft token is the end-of-text embedding, z's keys/values are
-    zero); BigVAE's start does not; and z's path still gets a gradient."""
+    (its adapters start at zero, the soft token is the end-of-text embedding) when z has no keys/values
+    and one soft token comes first; BigVAE's start does not; and z's path still gets a gradient. With
+    z's memory, more soft tokens or a lead token, z still adds nothing (the same output for any z)."""
     target, z = ids([5, 9, 2, 7, 1, 3], [4, 4, 8, 0, 6, 2]), torch.randn(2, 16)
     vae = make_vae(base, z_memory=0, decoder_init="lm")
     with torch.no_grad():
         assert torch.allclose(vae(z, target), vae.base_logits(target), atol=1e-5)
         assert not torch.allclose(make_vae(base, z_memory=0)(z, target), vae.base_logits(target), atol=1e-3)
+        for layout in [dict(z_memory=1), dict(z_memory=1, soft_tokens=4, lead_token=True)]:
+            other = make_vae(base, decoder_init="lm", **layout)
+            assert torch.equal(other(z, target), other(torch.randn(2, 16), target))
+            assert not torch.equal(make_vae(base, **layout)(z, target), make_vae(base, **layout)(-z, target))
     kv = make_vae(base, decoder_init="lm").memory(z)
     assert all(layer.keys.abs().max() == 0 and layer.values.abs().max() == 0 for layer in kv.layers)
     vae = make_vae(base, decoder_init="lm").train()
