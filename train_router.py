@@ -7,7 +7,7 @@ then measure how far guided generation steers toward a latent and what it costs 
         --out-dir out-vae-lm
     python train_router.py --vae out-vae-lm                    # the router, CPU: 6 min on one core
     python train_router.py --vae out-vae-lm --resume out-router --eval-only
-    python train_router.py --vae out-vae-gpt2 --lr 1e-4        # any pretrained --model base (GPU)
+    python train_router.py --vae out-vae-gpt2 --lr 1e-4 --out-dir out-router-gpt2   # a pretrained base (GPU)
     python sample.py --resume out-vae-lm --router out-router --guide "Return the" --target "Close the file."
 
 The data are train_vae.py's windows with the prefix always kept: the prefix is the context,
