@@ -10,9 +10,10 @@ PIP ?= pip==26.3
 # torch goes in first, pinned by version: the lock leaves it out, as its build depends on the
 # machine. Without an NVIDIA GPU, the CPU-only build, with --no-deps (the lock pins and hashes
 # what it needs): on Linux a plain `pip install torch` is a multi-GB CUDA build. PyTorch's CPU
-# index is an extra index, so a machine that cannot reach it (a local wheel, a mirror) still
-# installs, without retrying it. TORCH_FLAGS= (empty) takes pip's default build and its own
-# dependencies (a GPU machine's CUDA libraries, which the lock does not hash).
+# index is an extra index, so a machine that cannot reach it still installs from a local wheel or
+# a mirror's CPU build, without retrying it; from PyPI alone, Linux gets the CUDA build, which
+# --no-deps leaves without its CUDA libraries: there, give TORCH_FLAGS= (empty), which takes pip's
+# default build and its own dependencies (a GPU machine's CUDA libraries, which the lock does not hash).
 TORCH ?= torch==2.13.0
 CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_FLAGS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,--no-deps --extra-index-url $(CPU_INDEX) --retries 0)

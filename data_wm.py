@@ -52,18 +52,20 @@ def make_env(env_id):
 def collect(env, tokenizer, num_steps, seed, act=None):
     """num_steps transitions of a seeded uniformly random policy, or of act(env observation) ->
     action (train_agent.py's policy), as flat tensors:
-    obs (N, *obs_shape) preprocessed, actions, rewards, ends (terminated) and episode (N,).
-    The last episode is cut at num_steps (like a time limit: no end label)."""
+    obs (N, *obs_shape) preprocessed, actions, rewards, ends (terminated), dones (terminated or cut by the
+    env's time limit) and episode (N,). The last episode is cut at num_steps (like a time limit: no end
+    label) unless its last step is done."""
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
     chunks, raw = [], []
-    actions, rewards, ends, episode = [], [], [], []
+    actions, rewards, ends, dones, episode = [], [], [], [], []
     num_episodes = 0
     for _ in range(num_steps):
         action = env.action_space.sample() if act is None else act(obs)
         raw.append(obs)
         obs, reward, terminated, truncated, _ = env.step(action)
         actions.append(action), rewards.append(reward), ends.append(terminated), episode.append(num_episodes)
+        dones.append(terminated or truncated)
         if terminated or truncated:
             obs, _ = env.reset()
             num_episodes += 1
@@ -73,7 +75,8 @@ def collect(env, tokenizer, num_steps, seed, act=None):
     if raw:
         chunks.append(tokenizer.preprocess(np.stack(raw)))
     return {"obs": torch.cat(chunks), "actions": torch.tensor(actions), "ends": torch.tensor(ends),
-            "rewards": torch.tensor(rewards, dtype=torch.float32), "episode": torch.tensor(episode)}
+            "dones": torch.tensor(dones), "rewards": torch.tensor(rewards, dtype=torch.float32),
+            "episode": torch.tensor(episode)}
 
 
 def with_space_bounds(obs, space):

@@ -37,7 +37,7 @@ def evaluate(world_model, tokenizer, val, scale, segment_steps, horizon, num_sta
         for name, curve in curves.items():
             metrics[f"{name}_h{h}"] = curve[h - 1]
     beats = [i < c for i, c in zip(curves["imag_err"], curves["copy_err"])]
-    metrics["imag_beats_copy_up_to_h"] = (beats + [False]).index(False)  # first horizon where it does not
+    metrics["imag_beats_copy_up_to_h"] = (beats + [False]).index(False)  # it beats copying at h1 to this h (0: not h1)
     draw(example, curves, picture)
     return metrics
 

@@ -207,7 +207,8 @@ def saved_state(model, base_prefix, should_save_base):
 def load_saved_state(model, saved, base_prefix, should_save_base, path):
     """Load what saved_state kept into a model built with the same settings; a checkpoint that
     holds other weights (another version, other settings) is one clear error."""
-    if set(saved) != set(saved_state(model, base_prefix, should_save_base)):
+    own = saved_state(model, base_prefix, should_save_base)
+    if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
         raise UserError(f"the checkpoint in {path} does not fit this model (other weights saved); it was made "
                         "by another version of this repository or with other settings")
     model.load_state_dict(saved, strict=False)  # strict=False: a frozen pretrained base is not saved

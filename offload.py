@@ -164,7 +164,9 @@ class LayerOffloader:
 
     def _before(self, i):
         """Before layer i runs: make it resident, drop the others, prefetch the next."""
-        direction = -1 if i < self.last_started else 1  # backward re-runs layers last to first
+        # the backward pass re-runs the layers last to first, starting with the last layer again (the turn)
+        is_turn = i == self.last_started == len(self.layers) - 1
+        direction = -1 if i < self.last_started or is_turn else 1
         self.last_started = i
         self._fetch(i)
         event, copies = self.resident[i]
@@ -301,10 +303,11 @@ class MemoryConfig:
     grad_checkpoint: bool = False  # recompute the decoder layers' activations in the backward pass
 
 
-def load_with_memory(model_name, memory, device, should_train_base, should_load_tokenizer=True):
+def load_with_memory(model_name, memory, device, should_train_base, should_load_tokenizer=True, should_save_base=False):
     """lm.load_base(model_name) as the MemoryConfig `memory` asks: quantized, or on the CPU when
     offloading (place moves it). should_load_tokenizer=False for a user that reads no text (the world
-    model)."""
+    model); should_save_base: the checkpoint keeps the base's own weights (random ones), which an
+    offloaded base's state_dict no longer holds."""
     import lm
 
     if memory.load_8bit and memory.load_4bit:
@@ -312,6 +315,13 @@ def load_with_memory(model_name, memory, device, should_train_base, should_load_
     if memory.offload and should_train_base:
         raise UserError("--offload keeps a frozen base on the CPU, but this base trains: freeze it "
                         "(train_vae.py: add --freeze-base; train_wm.py: drop --train-base) or drop --offload")
+    if (memory.load_8bit or memory.load_4bit) and should_train_base:
+        raise UserError(f"--load-{'8' if memory.load_8bit else '4'}bit quantizes a frozen base, but this base trains "
+                        "(integer weights take no gradient): freeze it (train_vae.py: add --freeze-base; train_wm.py: "
+                        "drop --train-base) or drop the flag")
+    if memory.offload and should_save_base:
+        raise UserError(f"--offload is for a frozen pretrained base; {model_name}'s weights here are random and saved "
+                        "in the checkpoint, which an offloaded base cannot give: drop --offload")
     if memory.offload and memory.grad_checkpoint:
         raise UserError("--offload already re-runs each layer in the backward pass; drop --grad-checkpoint")
     if memory.offload and memory.load_4bit:

@@ -35,6 +35,7 @@ from common import UserError, batch_seed, config_from, make_parser, parse, posit
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
 
 MODEL_KEYS = ("model", "block_size", "synthetic")  # what a checkpoint records and a resumed run takes from it
+SYNTHETIC_AND_DATA = "--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it"
 MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, stays under 64 MB
 
 
@@ -49,7 +50,7 @@ def parse_args(argv=None):
                    "(default: %(default)s, train_vae.py's prefix + span)")
     args = parse(parser, argv)
     if args.synthetic is not None and args.data is not None:
-        parser.error("--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it")
+        parser.error(SYNTHETIC_AND_DATA)
     return args
 
 
@@ -103,9 +104,13 @@ def main(argv=None):
     args = parse_args(argv)
     run = setup(args.device, args.seed)
     state = open_run("lm", args.out_dir, args.resume, args.eval_only, args.max_iters)
-    if state is not None:
-        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
-        adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS, args.resume)
+    if state is not None:  # a Markov chain is drawn from --seed: then the seed is the data's, and stays
+        data_keys = ("seed",) if state["config"].get("synthetic") is not None else ()
+        adopt_config(vars(args), args.explicit, state["config"], tuple(k for k in TRAIN_KEYS if k not in data_keys),
+                     args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + data_keys, args.resume)
+    if args.synthetic is not None and args.data is not None:  # a resumed run's --synthetic, taken just now
+        raise UserError(SYNTHETIC_AND_DATA)
     base, tokenizer = lm.load_base(args.model, run.device, "float32" if args.dtype == "auto" else args.dtype)  # it trains
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "

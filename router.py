@@ -69,19 +69,23 @@ class Router(nn.Module):
 
     def inputs(self, z, context_ids, ids=None):
         """Router inputs [context, w_d(z), ids], positioned after z's memory: (B, L, C), (1, L). w_d(z) is the
-        VAE's K soft tokens (vae.head.soft_tokens with the router's w_d); the context comes first, so no lead token."""
+        VAE's K soft tokens (vae.head.soft_tokens with the router's w_d); the context comes first, so no lead token.
+        A context shorter than the VAE's --context (the router trains on full ones) ends where a full one would,
+        so that the soft tokens and the text sit at the positions they trained at (the VAE's prefix_slots)."""
         embed = self.vae.base.get_input_embeddings()
-        parts = [embed(context_ids)] if context_ids is not None and context_ids.shape[1] > 0 else []
+        context_len = 0 if context_ids is None else context_ids.shape[1]
+        parts = [embed(context_ids)] if context_len > 0 else []
         parts.append(self.vae.head.soft_tokens(z, self.w_d).to(embed.weight.dtype))  # (B, K, C)
         parts += [embed(ids)] if ids is not None and ids.shape[1] > 0 else []
         embeds = torch.cat(parts, 1)  # (B, L, C)
-        start = 1 if self.w_memory is not None else 0  # as the VAE's decoder: memory first
+        start = self.text_start(context_len) - context_len - self.vae.cfg.soft_tokens  # memory first, as the VAE's
         return embeds, torch.arange(start, start + embeds.shape[1], device=embeds.device)[None]
 
     def text_start(self, context_len):
         """Position of the first token after a context of context_len tokens (inputs' layout); a span of T
         tokens reaches text_start + T - 2 (its last token is never an input)."""
-        return (1 if self.w_memory is not None else 0) + context_len + self.vae.cfg.soft_tokens
+        return (1 if self.w_memory is not None else 0) + max(context_len, self.vae.cfg.prefix_slots) + \
+            self.vae.cfg.soft_tokens
 
     def forward(self, z, target_ids, context_ids=None):
         """Teacher-forced router logits for target_ids given the context and z: (B, T, V)."""

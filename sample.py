@@ -92,6 +92,8 @@ def checked_texts(texts, vae, context, what="text"):
             raise UserError(f"{what} {i + 1} is empty; give each {what} at least one character")
         if len(ids) > context:
             texts[i] = vae.tokenizer.decode(ids[:context])
+            while len(vae.tokenizer.encode(texts[i])) > context:  # a cut inside a character decodes to a longer one
+                texts[i] = texts[i][:-1]
             print(f"warning: {what} {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",
                   file=sys.stderr)
     return texts
@@ -142,7 +144,7 @@ def main(argv=None):
                                                      args.temperature)}
     elif args.interpolate is not None:
         a, b = checked_texts(args.interpolate, vae, context)
-        result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode)}
+        result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode, args.temperature)}
     else:
         result = {"samples": vae.sample_prior(args.sample, num_tokens, args.temperature)}
     for texts in result.values():

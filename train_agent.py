@@ -132,10 +132,12 @@ def start_or_resume(args):
     if args.resume is not None:
         state = load_checkpoint(args.resume, "agent", "--resume")
         # --eval-only saves nothing, so it may play another number of held-out episodes than the run did
-        played = ("eval_episodes",) if args.eval_only else ()
-        kept = tuple(k for k in DATA_KEYS + MODEL_KEYS + AGENT_KEYS if k not in played)
+        # and the actor-critic's lr and clip may change, as the world model's may (a divergence's hint names them)
+        overridable = ("ac_lr", "ac_grad_clip") + (("eval_episodes",) if args.eval_only else ())
+        kept = tuple(k for k in DATA_KEYS + MODEL_KEYS + AGENT_KEYS if k not in overridable)
         adopt_config(vars(args), args.explicit, state["config"], kept, args.resume)
-        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + played, args.resume, overridable=True)
+        adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + overridable, args.resume,
+                     overridable=True)
         if not args.eval_only and state["step"] >= args.max_iters:
             raise UserError(f"the checkpoint in {args.resume} is at epoch {state['step']} already; give --max-iters "
                             "above it to continue, or --eval-only to evaluate it")
@@ -170,10 +172,10 @@ def append(data, new):
 
 
 def finished_returns(data):
-    """Returns of the episodes of one collection that finished in it (all but the last, which was cut
-    unless it ended on the last step)."""
+    """Returns of the episodes of one collection (collect's) that finished in it, by an end or the env's
+    time limit: all but the last, which collect cut, unless its last step was done."""
     last = int(data["episode"][-1])
-    if not bool(data["ends"][-1]):
+    if not bool(data["dones"][-1]):
         last -= 1
     sums = torch.zeros(int(data["episode"][-1]) + 1).index_add_(0, data["episode"], data["rewards"])
     return sums[:last + 1].tolist()

@@ -53,7 +53,7 @@ TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 VAE_TRAIN_KEYS = ("head_lr_scale",)  # optimisation settings of this script alone (a flag given wins)
 SCHEDULE_KEYS = ("ae_iters", "ae_prefix", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits",
-                 "edge_weights", "word_dropout")
+                 "edge_weights", "word_dropout", "own_tokens")
 
 
 def per_base(key):
@@ -120,6 +120,9 @@ def parse_args(argv=None):
     g.add_argument("--word-dropout", type=fraction, default=None, help="in training, blank this share of the "
                    "decoder's teacher-forced tokens, so it must read them from z (Bowman et al. 2016; default: "
                    f"{per_base('word_dropout')})")
+    g.add_argument("--own-tokens", type=fraction, default=0.0, help="in training, replace this share of the "
+                   "decoder's teacher-forced inputs by its own greedy guess from a pass without gradients, as it "
+                   "meets them when it decodes (scheduled sampling; one more decoder pass a step; default: off)")
     g.add_argument("--edge-weights", action="store_true", help="BigVAE's loss weights 0.05 / 0.15 on the first "
                    "/ last 8 target tokens")
     add_memory_args(parser)
@@ -143,7 +146,8 @@ def main(argv=None):
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS + VAE_TRAIN_KEYS, args.resume,
                      overridable=True)
         # a key the checkpoint lacks came after it was saved: that run had the feature off (VAEConfig's default)
-        before = {**{k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}, "ae_prefix": False}
+        before = {**{k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}, "ae_prefix": False,
+                  "own_tokens": 0.0}
         adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0

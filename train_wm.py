@@ -4,22 +4,22 @@ it on held-out episodes against the copy-last-observation baseline.
 
     python train_wm.py                                    # CartPole-v1, 1500 steps on one CPU core: ~6 min
     python train_wm.py --max-iters 100 --out-dir out-wm-quick   # a quick look: ~30 s
-    python train_wm.py --env ALE/Pong-v5 --max-iters 600  # Atari through ale-py (ROMs ship with it)
-    python train_wm.py --env FrozenLake-v1                # a Discrete state (the cell): one token a step
+    python train_wm.py --env ALE/Pong-v5 --max-iters 600 --out-dir out-wm-pong   # Atari through ale-py
+    python train_wm.py --env FrozenLake-v1 --out-dir out-wm-lake   # a Discrete state (the cell): one token a step
     python train_wm.py --eval-only --resume out-wm        # evaluate a checkpoint again
     python train_wm.py --resume out-wm --max-iters 4000   # continue a run, with the settings it was started with
 
 With a pretrained LM as the transformer (lm_backbone.py; README, "Does a pretrained LM help the world model?"):
     python pretrain_lm.py                                 # a tiny LM pretrained on text, offline (out-lm)
-    python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen
-    python train_wm.py --backbone lm --model smollm2 --lm-layers 2 --num-bins 32   # SmolLM2's first 2 layers (CPU)
-    python train_wm.py --backbone lm --model gpt2          # GPT-2 small, frozen, + a LoRA adapter
-    python train_wm.py --backbone lm --model mistral --load-8bit --offload   # one small GPU
+    python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --embeddings lm-frozen --out-dir out-wm-lm
+    python train_wm.py --backbone lm --model smollm2 --lm-layers 2 --num-bins 32 --out-dir out-wm-smollm2   # (CPU)
+    python train_wm.py --backbone lm --model gpt2 --out-dir out-wm-gpt2   # GPT-2 small, frozen, + a LoRA adapter
+    python train_wm.py --backbone lm --model mistral --load-8bit --offload --out-dir out-wm-mistral   # a small GPU
     python experiments/compare_wm.py                       # the README's comparison table
 
 With the VAE's latent as the state (latent_wm.py: one LM, encoder/decoder/dynamics adapters, 2 tokens a step):
-    python train_wm.py --state latent                     # a GPT-2-shaped transformer sized by --width etc.
-    python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32   # a frozen LM + 3 adapters
+    python train_wm.py --state latent --out-dir out-wm-latent   # a GPT-2-shaped transformer sized by --width etc.
+    python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32 --out-dir out-wm-latent-lm
 
 Steps, as IRIS (Micheli et al. 2023) with the agent left out:
 1. collect --collect-steps transitions with a uniformly random policy (seeded), split by

@@ -129,6 +129,9 @@ def pick_device(name):
     device = name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {device} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                        "numbered from cuda:0")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps asked for, but this machine has no Apple GPU (MPS); use --device cpu")
     return device
@@ -236,6 +239,7 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
         for step in range(start_step, config.max_iters):
             for group in optimizer.param_groups:
                 group["lr"] = schedule(step, config) * group.get("lr_scale", 1.0)
+            terms_now = {}  # this step's terms, over its micro-batches
             for micro in range(config.grad_accum):
                 index = (step * config.grad_accum + micro) * run.world_size + run.rank
                 torch.manual_seed(batch_seed(config.seed, index))  # noise and dropout: a function of the micro-batch
@@ -246,15 +250,17 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
                         terms = loss_of(batch, step)
                     (terms["loss"] / config.grad_accum).backward()
                 for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / config.grad_accum
+                    terms_now[k] = terms_now.get(k, 0.0) + v.item() / config.grad_accum
                 num_tokens += batch.get("num_tokens", 0)
                 total_tokens += batch.get("num_tokens", 0)
             # after the all-reduce, so that every process sees a non-finite gradient and stops together
             norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip if config.grad_clip > 0 else math.inf)
-            if not (math.isfinite(sums["loss"]) and torch.isfinite(norm)):
-                bad = ", ".join(k for k, v in sums.items() if not math.isfinite(v)) or "the gradient alone"
-                stop(f"the loss is {sums['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1} "
+            if not (math.isfinite(terms_now["loss"]) and torch.isfinite(norm)):
+                bad = ", ".join(k for k, v in terms_now.items() if not math.isfinite(v)) or "the gradient alone"
+                stop(f"the loss is {terms_now['loss']:.4g} and the gradient norm {norm.item():.4g} at step {step + 1} "
                      f"(not finite: {bad})", config, run, has_updated=bool(optimizer.state), flags=flags)
+            for k, v in terms_now.items():
+                sums[k] = sums.get(k, 0.0) + v
             with signals_held():  # a step is taken whole or not at all
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

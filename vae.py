@@ -64,6 +64,9 @@ class VAEConfig:
     #                        without one (0: a prefix shifts the target's positions)
     word_dropout: float = 0.0  # in training, share of the decoder's teacher-forced target tokens blanked to a zero
     #                            embedding, so it must read them from z (Bowman et al. 2016; 0: off)
+    own_tokens: float = 0.0  # in training, share of the teacher-forced inputs replaced by the decoder's own greedy
+    #                          guess from a first pass without gradients: scheduled sampling (Bengio et al. 2015), in
+    #                          the two passes of Mihaylova & Martins 2019; one share throughout, no schedule (0: off)
     lead_token: bool = False  # an end-of-text token before the soft tokens, which then are not the first position: a
     #                           pretrained LM's attention sink (Xiao et al. 2023), that all its layers are tuned to
     #                           (off: BigVAE's order)
@@ -230,7 +233,8 @@ class VAE(nn.Module):
         return torch.cat(parts, 1)
 
     def forward(self, z, target_ids, prefix_ids=None, keep=None):
-        """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V). keep: see decoder_inputs."""
+        """Teacher-forced logits for target_ids given z (and the prefix): (B, T, V); the inputs are
+        target_ids[:, :-1] (its last token only sets T). keep: see decoder_inputs."""
         embeds = self.decoder_inputs(z, prefix_ids, target_ids[:, :-1], keep)
         memory = ({**cache_kwarg(self.base, self.memory(z)), "use_cache": True} if self.head.w_memory is not None
                   else {"use_cache": False})
@@ -255,10 +259,15 @@ class VAE(nn.Module):
         cfg, target = self.cfg, batch["target_ids"]
         mu, logvar = self.encode(batch["input_ids"], batch.get("input_mask"))
         noise = noise_scale(step, cfg)
-        keep = None
+        z, prefix, keep, shown = self.sample(mu, logvar, noise), batch.get("prefix_ids"), None, target
         if self.training and cfg.word_dropout > 0:
             keep = torch.rand(target[:, :-1].shape, device=target.device) >= cfg.word_dropout  # (B, T - 1)
-        logits = self(self.sample(mu, logvar, noise), target, batch.get("prefix_ids"), keep)
+        if self.training and cfg.own_tokens > 0:  # the inputs are shown[:, :-1]: the last token is never one
+            with torch.no_grad():
+                guess = self(z, target, prefix, keep).argmax(-1)  # (B, T): the greedy guess of each target token
+            swap = torch.rand(target.shape, device=target.device) < cfg.own_tokens  # (B, T)
+            shown = torch.where(swap, guess, target)
+        logits = self(z, shown, prefix, keep)
         ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
         weights = token_weights(target.shape[1], cfg.edge_weights, target.device)
         rec = (ce * weights).sum() / (weights.sum() * target.shape[0])  # weighted mean over tokens
@@ -355,14 +364,14 @@ class VAE(nn.Module):
         return self.detokenize(self.generate(z, num_tokens, temperature=temperature))
 
     @torch.no_grad()
-    def interpolate(self, text_a, text_b, steps=5, mode="slerp"):
+    def interpolate(self, text_a, text_b, steps=5, mode="slerp", temperature=0.0):
         """Decode steps points on the lerp or slerp path between the two posterior means."""
         ids, mask = self.tokenize([text_a, text_b])
         mu, _ = self.encode(ids, mask)
         t = torch.linspace(0, 1, steps, device=mu.device)[:, None]  # (S, 1)
         a, b = mu[:1].expand(steps, -1), mu[1:].expand(steps, -1)
         z = torch.lerp(a, b, t) if mode == "lerp" else slerp(a, b, t)
-        return self.detokenize(self.generate(z, ids.shape[1]))
+        return self.detokenize(self.generate(z, ids.shape[1], temperature=temperature))
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +387,8 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     """A VAE over the base named base_name, placed on the device as the offload.MemoryConfig `memory`
     asks; its memory check is for a step of batch_size windows (the encoder's span of train_vae.py's
     --context, the decoder's inputs: a prefix, the soft tokens, a span), with should_print as offload.place's."""
-    base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base)
+    base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
+                                               should_save_base=base_name in TINY_MODELS)
     context = cfg.prefix_slots
     vae = VAE(base, cfg, tokenizer)
     needed = vae.text_start(None) + context - 1  # the prefix's slots, then a span of --context tokens
@@ -395,13 +405,13 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
 def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=1, should_print=False):
     """The VAE saved in ckpt_dir (flag: the flag that named it, for the errors), rebuilt by build_vae
     (memory None: offload.MemoryConfig()) with its weights. A checkpoint from before "vae_config" and
-    "base" were saved has them in its flags: --context is the prefix's slots too, and a flag it
-    lacks did not exist yet (--word-dropout: it was off, VAEConfig's default)."""
+    "base" were saved has them in its flags: --context is the prefix's slots too. A field either lacks
+    did not exist yet (--word-dropout, --own-tokens): it was off, VAEConfig's default."""
     state = load_checkpoint(ckpt_dir, "vae", flag)
     flags = state["config"]
     base_name = state.get("base", flags["model"])
-    cfg = config_from(VAEConfig, state.get("vae_config", {**asdict(VAEConfig()), **flags,
-                                                          "prefix_slots": flags["context"]}))
+    saved = state.get("vae_config", {**flags, "prefix_slots": flags["context"]})
+    cfg = config_from(VAEConfig, {**asdict(VAEConfig()), **saved})  # a field it lacks came later: its default
     memory = offload.MemoryConfig() if memory is None else memory
     vae = build_vae(base_name, cfg, memory, device, should_train_base(base_name, flags["freeze_base"]), batch_size,
                     should_print)

@@ -62,6 +62,14 @@ def mutual_information(mu, logvar=None):
     return (log_q.diagonal() - log_qz).mean().item()
 
 
+def perplexity(nats):
+    """exp(nats per token); inf past float's range (a diverged run: the trainer then stops it, not a traceback)."""
+    try:
+        return math.exp(nats)
+    except OverflowError:
+        return math.inf
+
+
 def char_similarity(a, b):
     """1 - Levenshtein distance / the longer length: 1 for equal strings, 0 for nothing in common."""
     if not a and not b:
@@ -124,7 +132,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     model.head.latent_rms.fill_(math.sqrt(sums["power"] / num_spans))
     metrics = {f"val_{k}": sums[k] / num_tokens for k in ("ce", "acc", "ce_shuffled", "acc_shuffled")}
-    metrics.update(val_ppl=math.exp(metrics["val_ce"]), val_ppl_shuffled=math.exp(metrics["val_ce_shuffled"]),
+    metrics.update(val_ppl=perplexity(metrics["val_ce"]), val_ppl_shuffled=perplexity(metrics["val_ce_shuffled"]),
                    val_exact=sum(exact) / len(exact), val_exact_prefix=sum(exact_prefix) / len(exact_prefix),
                    val_char_similarity=statistics.median(similarity),
                    val_kl=sums["kl"] / num_spans, val_active_units=int((mu.var(0) > 0.01).sum().item()),
@@ -133,11 +141,11 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         metrics.update(val_rec_per_token=sums["rec"] / num_tokens, val_kl_per_token=sums["kl"] / num_tokens,
                        val_elbo=-(sums["rec"] + sums["kl"]) / num_spans,
                        val_elbo_per_token=-(sums["rec"] + sums["kl"]) / num_tokens,
-                       val_iw_nll=sums["iw_nll"] / num_spans, val_iw_ppl=math.exp(sums["iw_nll"] / num_tokens),
+                       val_iw_nll=sums["iw_nll"] / num_spans, val_iw_ppl=perplexity(sums["iw_nll"] / num_tokens),
                        val_mi=mutual_information(mu, logvar),
                        val_iw_samples=num_iw_samples, val_spans=num_spans)
         if not should_train_base:
-            metrics.update(val_ppl_lm=math.exp(sums["lm_nll"] / num_tokens))
+            metrics.update(val_ppl_lm=perplexity(sums["lm_nll"] / num_tokens))
     if should_print:
         for original, reconstruction in shown:
             print(f"  original: {original!r}\n  greedy:   {reconstruction!r}")

@@ -129,8 +129,8 @@ def add_world_model_args(parser, tokenizer_iters_default):
                    "its final norm): its lower layers as pretrained, at a CPU's cost (default: all)")
     g.add_argument("--train-base", action="store_true", help="train every weight of the LM too (with "
                    "--lm-init random: the LM's architecture trained from scratch); default: frozen + LoRA")
-    g.add_argument("--lora-r", type=positive_int, default=16, help="rank of the dynamics adapter (default: "
-                   "%(default)s)")
+    g.add_argument("--lora-r", type=positive_int, default=16, help="rank of the LM's LoRA adapters: the "
+                   "dynamics one, and with --state latent the encoder's and decoder's too (default: %(default)s)")
     g.add_argument("--lora-alpha", type=positive_float, default=32.0, help="its alpha; scale = alpha / r "
                    "(default: %(default)s)")
     add_memory_args(parser)
@@ -285,7 +285,7 @@ def lm_and_tables(settings, config, device, num_tokens):
     """The LM as settings ask (pretrained or --lm-init random, its first --lm-layers), checked to take
     num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
     base, _ = load_with_memory(settings.model, settings.memory, device, settings.train_base,
-                               should_load_tokenizer=False)
+                               should_load_tokenizer=False, should_save_base=should_save_base(settings))
     if settings.lm_layers is not None:
         base = first_layers(base, settings.lm_layers)
     if settings.lm_init == "random":
@@ -314,7 +314,9 @@ def latent_world_model(settings, config, device, batch_size, should_print):
     """The latent world model (LatentWorldModelConfig `config`): --backbone iris, a GPT-2-shaped transformer
     from scratch (every weight trains, plus the adapters); --backbone lm, the LM pretrained or random, frozen
     + the three adapters or --train-base, with the tables --embeddings picks, placed as the memory settings ask."""
-    num_tokens = batch_size * config.max_steps * (2 * config.tokens_per_obs + 2)  # encoder, dynamics, decoder
+    # encoder, decoder, dynamics (2 a step), and with --next-latent decode the decoder once more
+    decoder_passes = 2 if config.next_latent == "decode" else 1
+    num_tokens = batch_size * config.max_steps * ((1 + decoder_passes) * config.tokens_per_obs + 2)
     if settings.backbone == "iris":
         world_model = LatentWorldModel(config, iris_sized_lm(settings.transformer, config), should_train_base=True)
         check_memory(world_model.to(device), device, num_tokens, f"--batch-size (now {batch_size})")

@@ -11,7 +11,7 @@ repository from any directory; output paths are relative to the current director
     python experiments/compare_wm.py --envs CartPole-v1 --seeds 1337 1 2 --lm-dir smollm2 \
         --lm-layers 2 --out-dir out-compare-smollm2   # SmolLM2's first 2 layers: a directory of its own
     python experiments/compare_wm.py --envs ALE/Pong-v5 --lm-dir smollm2 --lm-layers 2 \
-        --rows pretrained random scratch --out-dir out-compare-smollm2   # both: results/compare_wm_smollm2.md
+        --rows pretrained random scratch --out-dir out-compare-smollm2 --table out-compare-smollm2/pong.md
     python experiments/compare_wm.py ... -- --batch-size 16   # flags after -- go to every train_wm.py run
 
 The times are the README's run on a 2-core CPU, each run on one thread: ~2 min pretraining the
@@ -181,8 +181,9 @@ def main(argv=None):
                         "(default: CartPole 1337 1, Pong 1337)")
     parser.add_argument("--max-iters", type=positive_int, default=600, help="updates per row (default: %(default)s)")
     parser.add_argument("--collect-steps", type=positive_int, default=None, help="override each env's data size")
-    parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: a directory (made by "
-                        "pretrain_lm.py when missing) or a Hugging Face id (default: %(default)s)")
+    parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: out-lm/base (made by "
+                        "pretrain_lm.py when missing), another directory saved with save_pretrained, or a name "
+                        "(smollm2, a Hugging Face id) (default: %(default)s)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="the LM rows to run; "
                         "IRIS's always runs (default: all)")
     parser.add_argument("--lm-layers", type=positive_int, default=None, help="the LM rows keep the LM's first N "
@@ -193,6 +194,8 @@ def main(argv=None):
     parser.add_argument("--table", default=None, help="write the tables (markdown) to this file (default: "
                         "OUT_DIR/tables.md)")
     args = parser.parse_args(own)
+    if args.table is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.table))):
+        parser.error(f"--table {args.table}: its folder does not exist; give a file in an existing folder")
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):

@@ -8,6 +8,8 @@ each series is a mean line with an optional band (its 95% interval).
 
 from PIL import Image, ImageDraw
 
+from common import UserError
+
 COLORS = ["red", "blue", "green", "orange", "purple", "gray"]
 
 
@@ -40,4 +42,7 @@ def draw(series, path, x_label, title, y_from_zero=True, y_digits=0):
         canvas.line([at(x, mean) for x, mean, _ in s["points"]], fill=color, width=3)
         canvas.text((left + 10, top + 5 + 14 * i), s["label"], fill=color)
     canvas.text((left, 8), title, fill="black")
-    image.save(path)
+    try:
+        image.save(path)
+    except (OSError, ValueError) as e:  # no such folder, or a name with no picture format Pillow knows
+        raise UserError(f"cannot write the picture to {path} ({e}); give a path in an existing folder, ending in .png")

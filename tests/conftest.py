@@ -5,7 +5,7 @@ import json
 import os
 import random
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: tests never reach the hub
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: tests never reach the hub, whatever is set
 # GPT-2's BPE files for tiktoken: the copy beside the repository when there is one (as in CI), else
 # tiktoken's own cache (it downloads them once, on a machine with network)
 _CACHE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tiktoken_cache")

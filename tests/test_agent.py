@@ -273,17 +273,25 @@ def test_a_resumed_loop_takes_its_settings_from_the_checkpoint(tmp_path, capsys,
     save_checkpoint(out, state)
     run_script(train_agent.main, ["--resume", out, "--max-iters", "3", "--device", "cpu"], capsys)
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["end_share"] == 0.0
+    # the actor-critic's lr and clip may change on resume (what its divergence's message asks), as --lr may
+    run_script(train_agent.main, ["--resume", out, "--max-iters", "4", "--ac-lr", "1e-4", "--ac-grad-clip", "3",
+                                  "--device", "cpu"], capsys)
+    config = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]
+    assert (config["ac_lr"], config["ac_grad_clip"]) == (1e-4, 3.0)
 
 
 def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_counted():
-    def part(rewards, ends, episode):
+    def part(rewards, ends, episode, dones=None):
         return {"obs": torch.zeros(len(rewards), 4), "actions": torch.zeros(len(rewards), dtype=torch.long),
-                "rewards": torch.tensor(rewards), "ends": torch.tensor(ends), "episode": torch.tensor(episode)}
+                "rewards": torch.tensor(rewards), "ends": torch.tensor(ends), "episode": torch.tensor(episode),
+                "dones": torch.tensor(ends if dones is None else dones)}
 
     first = part([1.0, 1.0, 1.0, 1.0], [False, True, False, False], [0, 0, 1, 1])  # episode 1 is cut
     assert train_agent.finished_returns(first) == [2.0]
     second = part([1.0, 1.0], [False, True], [0, 0])  # it ends on the epoch's last step: it counts
     assert train_agent.finished_returns(second) == [2.0]
+    timed_out = part([1.0, 1.0, 1.0], [False, False, False], [0, 0, 1], [False, True, True])  # the env's time limit
+    assert train_agent.finished_returns(timed_out) == [2.0, 1.0]  # twice, the second on the last step: both count
     both = train_agent.append(first, second)
     assert both["episode"].tolist() == [0, 0, 1, 1, 2, 2] and len(both["obs"]) == 6
 

@@ -23,8 +23,9 @@ import train_router
 import textdata
 import train_vae
 import train_wm
+import trainer
 import wm_setup
-from common import config_from
+from common import UserError, config_from
 from conftest import read_bytes, run_script, run_script_error, tiny_gpt2
 from trainer import Run
 
@@ -184,6 +185,15 @@ def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
                                args.batch_size, run.is_main)
     scaled_down = bench_memory.mistral_vae(bench_memory.MISTRAL_SCALED_DOWN, torch.float32, "meta").base
     offload.check_memory(scaled_down, run.device, 4 * 128 * 2, "--batch-size")
+
+
+def test_a_cuda_number_past_the_gpus_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert trainer.pick_device("cuda:0") == "cuda:0"
+    with pytest.raises(UserError, match=r"^--device cuda:1 asked for, but this machine has 1 CUDA GPU\(s\), numbered "
+                       r"from cuda:0$"):
+        trainer.pick_device("cuda:1")
 
 
 def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(capsys, monkeypatch):

@@ -53,6 +53,28 @@ def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
         compare_wm.compare("CartPole-v1", 1, args)
 
 
+def test_the_time_matched_rows_get_iris_time_in_updates(tmp_path, monkeypatch):
+    """An LM row at half IRIS's tokens/s gets half its updates in the time-matched run (the last
+    --max-iters of a command wins); the others keep --max-iters."""
+    commands = {}
+
+    def fake_train_wm(flags, slug, log):
+        commands[os.path.basename(slug)] = flags
+        return {"train_tokens_per_s": 100.0 if os.path.basename(slug) == "IRIS" else 50.0}
+
+    monkeypatch.setattr(compare_wm, "train_wm", fake_train_wm)
+    args = argparse.Namespace(max_iters=10, collect_steps=None, lm_dir="tiny", out_dir=str(tmp_path), device="cpu",
+                              train_wm_flags=[], rows=list(compare_wm.ROWS), lm_layers=None)
+    compare_wm.compare("CartPole-v1", 1, args)
+
+    def iters(flags):
+        return flags[len(flags) - flags[::-1].index("--max-iters")]
+
+    timed = {name: iters(f) for name, f in commands.items() if name.startswith("time")}
+    assert len(timed) == len(commands) // 2 and set(timed.values()) == {"5"}
+    assert {iters(f) for name, f in commands.items() if not name.startswith("time")} == {"10"}
+
+
 def test_flags_after_a_double_dash_go_to_every_run(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(compare_wm, "compare", lambda env, seed, args: seen.append(args.train_wm_flags) or {})
@@ -72,12 +94,14 @@ def test_rows_and_lm_layers_pick_and_cut_the_lm_rows_only():
                             "--train-base"]}
 
 
-@pytest.mark.parametrize("flag, value", [("--seeds", str(2**32)), ("--device", "gpu")])
+@pytest.mark.parametrize("flag, value", [("--seeds", str(2**32)), ("--device", "gpu"),
+                                         ("--table", "no-such-folder/tables.md")])
 def test_a_seed_or_device_train_wm_would_refuse_is_refused_first(flag, value, monkeypatch, capsys):
     monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: pytest.fail("ran before checking the flags"))
     with pytest.raises(SystemExit) as exit_:
         compare_wm.main([flag, value])
-    assert exit_.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert exit_.value.code == 2 and (f"argument {flag}" if flag != "--table" else f"{flag} {value}: its folder "
+                                      "does not exist") in capsys.readouterr().err
 
 
 def test_a_failed_pretraining_exits_2_in_one_line(tmp_path, monkeypatch, capsys):

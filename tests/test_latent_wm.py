@@ -9,6 +9,7 @@ import torch
 import latent_wm
 import lora
 import train_wm
+import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
 from obs_tokenizer import TokenObservations
@@ -117,7 +118,15 @@ def test_cached_imagination_equals_recomputation(should_decode):
                                   generator=torch.Generator().manual_seed(0), should_decode=should_decode)
         obs, info = env.reset(start)
         assert torch.equal(obs, start) and info["latent"].shape == (4, D)
-        steps = [env.step(action) for action in actions]
+        steps = []
+        for action in actions:
+            before, latent = env.context, env.latent
+            steps.append(env.step(action))
+            with torch.no_grad():  # the step's two inputs last, after all of the context or its newest steps
+                assert torch.equal(env.context[:, -2:], model.dynamics_inputs(latent[:, None], action[:, None]))
+            kept = env.context.shape[1] - 2
+            assert kept in (before.shape[1], 2 * env.keep_steps)
+            assert torch.equal(env.context[:, :kept], before[:, before.shape[1] - kept:])
         runs.append(steps)
     for cached, recomputed in zip(*runs):
         obs, reward, terminated, truncated, info = cached
@@ -128,6 +137,31 @@ def test_cached_imagination_equals_recomputation(should_decode):
             assert obs.shape == (4, K) and torch.equal(obs, recomputed[0]) and torch.equal(obs, info["obs_tokens"])
         else:
             assert obs is None and "obs_tokens" not in info
+
+
+@torch.no_grad()
+def test_cached_decoding_equals_the_teacher_forced_decoder():
+    """generate's K single-token passes through the decoder's cache give the logits that one
+    teacher-forced pass over the tokens it chose gives."""
+    model, z, steps = as_if_trained(make_model()).eval(), torch.randn(3, D), []
+    tokens = model.generate(z, lambda logits: steps.append(logits) or logits.argmax(-1))
+    assert tokens.shape == (3, K) and len(steps) == K
+    assert torch.allclose(torch.stack(steps, 1), model.decode_logits(z, tokens), atol=1e-5)
+
+
+def test_the_kl_balance_trains_the_dynamics_and_the_encoder_at_their_own_weights(monkeypatch):
+    """The next-latent KL's gradient reaches the predicted latent at dyn_weight and the encoder's
+    mean at rep_weight (DreamerV3's balance, by the two detach calls): equal and opposite but for
+    the ratio of the weights, 0.1 / 0.5, and zero at padding."""
+    model, batch = as_if_trained(make_model()), make_batch()
+    mu, out = model.segment(batch)
+    mu, latent = mu.detach().requires_grad_(), out["latent"].detach().requires_grad_()
+    monkeypatch.setattr(model, "segment", lambda b: (mu, {**{k: v.detach() for k, v in out.items()}, "latent": latent}))
+    model.compute_loss(batch)["next"].backward()
+    cfg = model.config
+    assert latent.grad[:, :-1].abs().sum() > 0 and cfg.rep_weight != cfg.dyn_weight
+    assert torch.allclose(mu.grad[:, 1:], -(cfg.rep_weight / cfg.dyn_weight) * latent.grad[:, :-1], atol=1e-7)
+    assert not mu.grad[0, 3:].any() and mu.grad[0, 1:3].any()  # row 0's steps 3 and 4 are padding
 
 
 @pytest.mark.parametrize("next_latent", ["kl", "decode"])
@@ -145,6 +179,18 @@ def test_only_the_adapters_and_heads_get_gradients(next_latent):
             assert not p.requires_grad and p.grad is None, name
     adapters = {name.split(".lora_A.")[1].split(".")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
     assert adapters == {"encoder", "decoder", "dynamics"}
+
+
+def test_the_memory_check_counts_the_second_decoder_pass(monkeypatch):
+    """--next-latent decode runs the decoder once more a step (K tokens): the memory check counts it."""
+    counted = []
+    monkeypatch.setattr(wm_setup, "place", lambda model, base, memory, device, num_tokens, *a: counted.append(num_tokens))
+    for flags in ([], ["--next-latent", "decode"]):
+        args = train_wm.parse_args(["--state", "latent", "--backbone", "lm", *flags])
+        args.model = wm_setup.check_model_flags(vars(args), args.explicit)
+        config = LatentWorldModelConfig(**{**vars(CONFIG), "next_latent": args.next_latent})
+        wm_setup.latent_world_model(wm_setup.settings_from(vars(args)), config, torch.device("cpu"), 4, False)
+    assert counted == [4 * L * (2 * K + 2), 4 * L * (3 * K + 2)]
 
 
 def test_the_loss_overfits_one_batch():

@@ -62,6 +62,19 @@ def assert_cached_equals_full_context(model, before_caching=lambda: None):
 
 
 @LMS
+def test_a_bfloat16_lm_inside_the_float32_world_model(make_lm):
+    """--dtype auto on a GPU: the LM computes in bf16, the world model's tables and heads in fp32;
+    the backbone casts in and out, so the heads get fp32 and the adapter fp32-finite gradients."""
+    model = world_model(lambda: make_lm().to(torch.bfloat16)).train()
+    out = model(tokens())
+    assert {name: logits.dtype for name, logits in out.items()} == dict.fromkeys(out, torch.float32)
+    sum(logits.sum() for logits in out.values()).backward()
+    grads = [p.grad for p in lora.lora_parameters(model.backbone.lm, "dynamics")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@LMS
 def test_kv_cached_tokens_equal_full_context(make_lm):
     assert_cached_equals_full_context(world_model(make_lm))
 

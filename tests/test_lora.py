@@ -205,3 +205,7 @@ def test_saved_state_keeps_adapters_not_a_frozen_base_and_loads_back(saved_model
     lora.add_adapter(smaller, "encoder", r=4)  # another adapter: other weights
     with pytest.raises(UserError, match="the checkpoint in somewhere does not fit this model"):
         lora.load_saved_state(smaller, saved, "", False, "somewhere")
+    wider = load_base(saved_model_dir)[0]
+    lora.add_adapter(wider, "decoder", r=8)  # the same keys, other shapes
+    with pytest.raises(UserError, match="the checkpoint in somewhere does not fit this model"):
+        lora.load_saved_state(wider, saved, "", False, "somewhere")

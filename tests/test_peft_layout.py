@@ -94,6 +94,11 @@ def test_our_peft_folder_reads_back_bitwise(saved_model_dir, tmp_path):
     lora.add_adapter(existing, "decoder", r=4, alpha=8)
     with pytest.raises(UserError, match=r"\(r=2, lora_alpha=3.0, 2 layers\) does not fit adapter 'decoder'"):
         peft_layout.load_peft(existing, os.path.join(out, "decoder"), "decoder")
+    other_scale, _ = load_base(saved_model_dir)  # the encoder's r and layers, another alpha: another scale
+    lora.add_adapter(other_scale, "encoder", r=4, alpha=16)
+    with pytest.raises(UserError, match=r"\(r=4, lora_alpha=8.0, \d+ layers\) does not fit adapter 'encoder' of "
+                       r"this model \(r=4, alpha=16.0"):
+        peft_layout.load_peft(other_scale, os.path.join(out, "encoder"), "encoder")
 
 
 def test_reads_what_peft_saves(saved_model_dir, tmp_path):

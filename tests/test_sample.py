@@ -2,6 +2,7 @@
 bad input (offline, CPU)."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -65,6 +66,8 @@ def test_interpolation_ends_at_the_two_texts(capsys, overfit):
                                   mode], capsys)
         path = result["interpolation"]
         assert len(path) == 4 and path[0] == a and path[-1] == b and printed == path
+    argv = ["--resume", out, "--interpolate", a, b, "--temperature", "5"]
+    assert decode(argv, capsys)[0] != decode(argv + ["--seed", "1"], capsys)[0]  # sampled, not greedy
 
 
 def test_prior_samples_are_random_and_seeded(capsys, overfit):
@@ -95,6 +98,13 @@ def test_a_long_text_comes_back_in_chained_spans_and_is_cut_to_interpolate(capsy
     out_text, err = capsys.readouterr()
     assert err == f"warning: text 1 has 621 tokens; cut to the checkpoint's --context {CONTEXT}\n"
     assert json.loads(out_text.splitlines()[-1])["interpolation"] == texts[:2]  # the first 8 tokens: texts[0]
+
+
+def test_a_cut_inside_a_character_still_fits_the_context(capsys):
+    """Bytes: 8 of "abcdefgé" end inside é, which decodes to U+FFFD (3 bytes); the text given back fits."""
+    vae = types.SimpleNamespace(tokenizer=lm.ByteTokenizer())
+    assert sample.checked_texts(["abcdefg\u00e9"], vae, 8) == ["abcdefg"]
+    assert "text 1 has 9 tokens; cut to the checkpoint's --context 8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -240,6 +240,8 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
     (["--context", "2", "--soft-tokens", "600"], "positions, more than the 512 of tiny: lower --soft-tokens"),
     (["--out-dir", "{file}/run"], "cannot write to --out-dir"),
     (["--offload"], "this base trains: freeze it (train_vae.py: add --freeze-base"),
+    (["--offload", "--freeze-base"], "tiny's weights here are random and saved in the checkpoint"),
+    (["--load-8bit"], "--load-8bit quantizes a frozen base, but this base trains"),
     (["--lr", "1e6", "--grad-clip", "0"], "stopped before saving")])  # a fresh run that diverges
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, text_file, flags, message):
     paths = {name: str(tmp_path / name) for name in ("empty", "latin1", "missing", "one_line", "file")}
@@ -286,6 +288,8 @@ def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch, text_file
     assert [p["val_acc_shuffled"] for p in out["points"][trained]] == [h["val_acc_shuffled"] for h in history]
     from PIL import Image
     assert Image.open(picture).size == (640, 400)
+    for bad in (tmp_path / "no-folder" / "curve.png", tmp_path / "curve"):  # one line each, exit 2
+        assert f"cannot write the picture to {bad}" in run_error(vae_curve.main, [trained, "--out", str(bad)], capsys)
     drawn = []
     monkeypatch.setattr(vae_curve, "draw", lambda series, path, x_label, *a, **k: drawn.append((series, x_label)))
     out, _ = run_script(vae_curve.main, [f"a={trained}", f"b={trained}", "--x", "step"], capsys)  # equal steps
@@ -378,14 +382,15 @@ def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_p
 def test_a_checkpoint_from_before_a_model_flag_refuses_it(trained, tmp_path, capsys, text_file):
     """A model key the saved config lacks came later: that run had VAEConfig's default (here one soft
     token, no lead token), so resuming with another value is the same conflict as with a saved one;
-    so is --ae-prefix, whose phase had no prefix before the flag."""
+    so are --ae-prefix, whose phase had no prefix before the flag, and --own-tokens (none before it)."""
     state = checkpoint.load_checkpoint(trained, "vae")
-    for key in ("soft_tokens", "lead_token", "ae_prefix"):
+    for key in ("soft_tokens", "lead_token", "ae_prefix", "own_tokens"):
         del state["config"][key]
     checkpoint.save_checkpoint(str(tmp_path), state)
-    argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2", "--ae-prefix"]
+    argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2", "--ae-prefix",
+                    "--own-tokens", "0.5"]
     assert ("with other settings: --soft-tokens 2 (saved: 1), --lead-token True (saved: False), --ae-prefix True "
-            "(saved: False)" in run_error(train_vae.main, argv, capsys))
+            "(saved: False), --own-tokens 0.5 (saved: 0.0)" in run_error(train_vae.main, argv, capsys))
 
 
 def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(trained, tmp_path):
@@ -409,3 +414,11 @@ def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(train
         assert torch.equal(old.encode(ids)[0], mu)
         assert torch.equal(old(mu, ids, prefix), new(mu, ids, prefix))
         assert not torch.equal(new(mu, ids, prefix), new(mu, ids))  # the prefix is read
+
+
+def test_load_vae_reads_a_vae_config_from_before_a_field(trained, tmp_path):
+    """A saved VAEConfig without a field added later (own_tokens) loads with that field's default."""
+    state = checkpoint.load_checkpoint(trained, "vae")
+    del state["vae_config"]["own_tokens"]
+    checkpoint.save_checkpoint(str(tmp_path), state)
+    assert vae.load_vae(str(tmp_path), torch.device("cpu")).cfg == vae.load_vae(trained, torch.device("cpu")).cfg

@@ -281,6 +281,10 @@ def test_collection_is_a_function_of_the_seed():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["obs"], c["obs"])
     assert a["ends"].sum() == a["episode"][-1]  # every episode but the cut last one ends terminated
+    assert torch.equal(a["dones"][:-1], a["episode"][1:] != a["episode"][:-1]) and not a["dones"][-1]
+    limited = data_wm.collect(gym.make("CartPole-v1", max_episode_steps=5), tokenizer, 10, seed=3)
+    assert limited["dones"].tolist() == ([False] * 4 + [True]) * 2  # cut by the time limit (a pole falls later)
+    assert not limited["ends"].any()
 
 
 @pytest.mark.parametrize("script", [train_wm, train_agent], ids=["train_wm", "train_agent"])
@@ -374,6 +378,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert "--segment-steps" in run_error(CARTPOLE + ["--backbone", "lm", "--segment-steps", "200"], capsys)
     assert "cannot quantize" in run_error(["--backbone", "lm", "--lm-init", "random", "--load-8bit"], capsys)
     assert "drop --train-base" in run_error(["--backbone", "lm", "--train-base", "--offload"], capsys)
+    # a random LM is saved whole, which an offloaded one cannot be (its layers' weights are placeholders)
+    assert "are random and saved in the checkpoint" in run_error(["--backbone", "lm", "--offload"], capsys)
+    assert "--load-4bit quantizes a frozen base, but this base trains" in run_error(
+        ["--backbone", "lm", "--train-base", "--load-4bit"], capsys)
     with monkeypatch.context() as m:  # a --horizon no held-out episode is long enough for is refused before training
         m.setattr(train_wm, "train", lambda *a: pytest.fail("trained before checking --horizon"))
         assert "--horizon 50" in run_error(CARTPOLE + ["--horizon", "50"], capsys)

@@ -128,6 +128,20 @@ def test_a_loss_not_finite_before_any_update_does_not_blame_the_lr(tmp_path, mon
         fit(make_args(tmp_path))
 
 
+def test_the_stop_names_the_steps_own_loss_between_progress_lines(tmp_path, monkeypatch):
+    """A finite loss of 2.5 with an infinite gradient at step 5, progress lines every 10 steps: the
+    message gives that step's loss, not the sum of the steps since the last line."""
+    def infinite_gradient_at_step_5(self, batch, step):
+        w = self.linear.weight.sum()
+        steep = (w - w.detach()).sqrt() if step == 4 else 0.0  # sqrt(0) = 0, its gradient inf
+        return {"loss": 0.0 * w + 2.5 + steep}
+
+    monkeypatch.setattr(Regression, "compute_loss", infinite_gradient_at_step_5)
+    with pytest.raises(UserError, match=r"^the loss is 2.5 and the gradient norm inf at step 5 \(not finite: the "
+                       r"gradient alone\)"):
+        fit(make_args(tmp_path, ["--log-interval", "10"]))
+
+
 def test_a_float16_run_that_diverges_names_float16(tmp_path):
     with pytest.raises(UserError, match=r"stopped before saving .*: float16 overflows on a CPU: use --dtype float32 "
                                         r"or bfloat16$"):

@@ -90,6 +90,26 @@ def test_word_dropout_blanks_teacher_forced_tokens_in_training_only():
         assert torch.allclose(vae.train().compute_loss(batch, 0)["loss"], blanked, atol=1e-6)
 
 
+def test_own_tokens_feed_the_decoder_its_greedy_guesses_in_training_only():
+    """Scheduled sampling at share 1: the training loss is the cross-entropy of the targets after the
+    decoder's own teacher-forced greedy guesses as inputs; in eval mode it is the plain loss."""
+    vae = make_vae("mistral", own_tokens=1.0, ae_iters=10**6)  # z = mu, no noise; Mistral has no dropout
+    lora.mark_only_lora_trainable(vae.base)
+    for p in lora.lora_parameters(vae.base):  # a decoder whose guesses are not the targets
+        torch.nn.init.normal_(p, std=0.2)
+    target = ids([1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12])
+    batch = {"input_ids": target, "target_ids": target}
+    with torch.no_grad():
+        mu, _ = vae.encode(target)
+        guess = vae(mu, target).argmax(-1)  # (B, T)
+        assert not torch.equal(guess[:, :-1], target[:, :-1])  # else the test could not tell them apart
+        own = F.cross_entropy(vae(mu, guess).flatten(0, 1), target.flatten())
+        plain = F.cross_entropy(vae(mu, target).flatten(0, 1), target.flatten())
+        assert torch.allclose(vae.eval().compute_loss(batch, 0)["loss"], plain, atol=1e-6)
+        assert torch.allclose(vae.train().compute_loss(batch, 0)["loss"], own, atol=1e-6)
+        assert not torch.allclose(own, plain, atol=1e-4)
+
+
 def test_kl_matches_closed_form():
     mu, logvar = torch.randn(4, 6), torch.randn(4, 6)
     q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
@@ -302,14 +322,16 @@ def test_slerp_and_interpolate(monkeypatch):
     assert torch.allclose(mixed[0], mid[0], atol=1e-6) and torch.equal(mixed[1], 1.5 * e[0])  # that row: lerp
     vae = make_vae()
     decoded, generate = [], VAE.generate
-    monkeypatch.setattr(VAE, "generate", lambda self, z, *a, **k: decoded.append((z, generate(self, z, *a, **k)))
-                        or decoded[-1][1])
+    monkeypatch.setattr(VAE, "generate", lambda self, z, *a, **k: decoded.append((z, k, generate(self, z, *a, **k)))
+                        or decoded[-1][-1])
     path = vae.interpolate("hello there", "bye now", steps=4, mode="lerp")
     ids, mask = vae.tokenize(["hello there", "bye now"])
-    ((z, out),) = decoded
+    ((z, kwargs, out),) = decoded
     mu = vae.encode(ids, mask)[0]
-    assert len(path) == 4 and path == vae.detokenize(out) and z.shape == (4, 16)
+    assert len(path) == 4 and path == vae.detokenize(out) and z.shape == (4, 16) and kwargs["temperature"] == 0.0
     assert torch.equal(z[0], mu[0]) and torch.equal(z[-1], mu[1])  # the path ends at the two texts' means
+    vae.interpolate("hello there", "bye now", steps=4, temperature=0.7)
+    assert decoded[-1][1]["temperature"] == 0.7  # sampled, as sample.py's --temperature asks
     with pytest.raises(ValueError, match="text 2 has no tokens"):  # no position to pool: mu would be NaN
         vae.reconstruct(["hello", ""])
     vae.head.latent_rms.fill_(1.28)  # prior samples are z ~ N(0, rms^2 I), decoded

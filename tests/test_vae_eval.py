@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from vae_eval import (char_similarity, evaluate_paragraphs, exact_prefix_fraction, iw_log_likelihood, log_normal,
-                      mutual_information)
+                      mutual_information, perplexity)
 
 
 def test_log_normal_matches_torch_distributions():
@@ -78,3 +79,7 @@ def test_evaluate_paragraphs_by_hand():
     assert metrics == {"val_paragraph_exact": 2 / 3, "val_paragraph_char_similarity": 1.0, "val_paragraphs": 3}
     metrics = evaluate_paragraphs(EchoOrNot(), [list(b"abcde"), list(b"abc"), list(b"abcdefgh")], 4)
     assert metrics["val_paragraph_exact"] == 1 / 3 and metrics["val_paragraph_char_similarity"] == 0.8  # median
+
+
+def test_perplexity_past_floats_range_is_inf_not_an_error():
+    assert perplexity(math.log(7.0)) == pytest.approx(7.0) and perplexity(1000.0) == math.inf  # math.exp raises there

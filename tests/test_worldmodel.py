@@ -39,6 +39,8 @@ def test_world_model_starts_from_iris_initialisation():
     """normal(0, 0.02) weights, zero biases, LayerNorms at 1 and 0, in every module it makes."""
     wm = tiny_world_model(vocab=4096)
     assert abs(wm.embedder.tables[0].weight.std().item() - 0.02) < 0.001  # 4096 x 32 draws
+    for table in (wm.embedder.tables[1], wm.pos_emb):  # the action and position tables too, not torch's N(0, 1)
+        assert 0.005 < table.weight.std().item() < 0.05
     linears = [m for m in wm.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 2 * 4 + 3 * 2  # 4 per block, 2 per head
     for m in linears:
@@ -264,8 +266,12 @@ def test_imagination_env_types_and_cache_matches_recompute():
         assert torch.equal(obs, start) and torch.equal(info["obs_tokens"], start)
         steps, lengths = [], []
         for t in range(6):  # 3 + 6 * 4 tokens > max_tokens 16: the context is rebuilt
+            before = env.context
             obs, reward, terminated, truncated, info = env.step(torch.tensor([0, 1]))
             lengths.append(env.context.shape[1])
+            assert torch.equal(env.context[:, -4:], torch.cat([torch.tensor([[0], [1]]), obs], 1))  # action, obs
+            kept = env.context.shape[1] - 4  # all of it, or after a cut the newest 7 (the last step and the obs)
+            assert torch.equal(env.context[:, :kept], before[:, before.shape[1] - kept:])
             assert obs.shape == (2, 3) and obs.dtype == torch.long
             assert reward.dtype == torch.float32 and set(reward.tolist()) <= {-1.0, 0.0, 1.0}
             assert terminated.dtype == torch.bool and truncated.dtype == torch.bool
