@@ -164,9 +164,11 @@ class LayerOffloader:
 
     def _before(self, i):
         """Before layer i runs: make it resident, drop the others, prefetch the next."""
-        # the backward pass re-runs the layers last to first, starting with the last layer again (the turn)
-        is_turn = i == self.last_started == len(self.layers) - 1
-        direction = -1 if i < self.last_started or is_turn else 1
+        # the next layer up when this one follows the one below (or starts a pass from layer 0); else the next
+        # one down: a backward pass re-runs the layers last to first, starting at the top (again, or after
+        # another pass's backward through the same layers ended at 0). From 0 reached going down: no prefetch.
+        is_up = i == self.last_started + 1 or (i == 0 and self.last_started != 1)
+        direction = 1 if is_up else -1
         self.last_started = i
         self._fetch(i)
         event, copies = self.resident[i]

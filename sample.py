@@ -94,6 +94,9 @@ def checked_texts(texts, vae, context, what="text"):
             texts[i] = vae.tokenizer.decode(ids[:context])
             while len(vae.tokenizer.encode(texts[i])) > context:  # a cut inside a character decodes to a longer one
                 texts[i] = texts[i][:-1]
+            if not texts[i]:
+                raise UserError(f"{what} {i + 1}: its first character takes more than the checkpoint's --context "
+                                f"{context} tokens; give a text that starts with a shorter one")
             print(f"warning: {what} {i + 1} has {len(ids)} tokens; cut to the checkpoint's --context {context}",
                   file=sys.stderr)
     return texts

@@ -259,9 +259,10 @@ class VAE(nn.Module):
         cfg, target = self.cfg, batch["target_ids"]
         mu, logvar = self.encode(batch["input_ids"], batch.get("input_mask"))
         noise = noise_scale(step, cfg)
-        z, prefix, keep, shown = self.sample(mu, logvar, noise), batch.get("prefix_ids"), None, target
+        keep = None
         if self.training and cfg.word_dropout > 0:
             keep = torch.rand(target[:, :-1].shape, device=target.device) >= cfg.word_dropout  # (B, T - 1)
+        z, prefix, shown = self.sample(mu, logvar, noise), batch.get("prefix_ids"), target  # the mask, then z's noise
         if self.training and cfg.own_tokens > 0:  # the inputs are shown[:, :-1]: the last token is never one
             with torch.no_grad():
                 guess = self(z, target, prefix, keep).argmax(-1)  # (B, T): the greedy guess of each target token

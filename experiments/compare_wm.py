@@ -194,8 +194,9 @@ def main(argv=None):
     parser.add_argument("--table", default=None, help="write the tables (markdown) to this file (default: "
                         "OUT_DIR/tables.md)")
     args = parser.parse_args(own)
-    if args.table is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.table))):
-        parser.error(f"--table {args.table}: its folder does not exist; give a file in an existing folder")
+    folder = None if args.table is None else os.path.dirname(os.path.abspath(args.table))
+    if folder is not None and (os.path.isdir(args.table) or not os.access(folder, os.W_OK)):  # found now, not hours on
+        parser.error(f"--table {args.table}: cannot write it; give a file in an existing folder you can write to")
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):

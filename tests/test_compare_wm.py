@@ -95,13 +95,13 @@ def test_rows_and_lm_layers_pick_and_cut_the_lm_rows_only():
 
 
 @pytest.mark.parametrize("flag, value", [("--seeds", str(2**32)), ("--device", "gpu"),
-                                         ("--table", "no-such-folder/tables.md")])
+                                         ("--table", "no-such-folder/tables.md"), ("--table", "/")])
 def test_a_seed_or_device_train_wm_would_refuse_is_refused_first(flag, value, monkeypatch, capsys):
     monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: pytest.fail("ran before checking the flags"))
     with pytest.raises(SystemExit) as exit_:
         compare_wm.main([flag, value])
-    assert exit_.value.code == 2 and (f"argument {flag}" if flag != "--table" else f"{flag} {value}: its folder "
-                                      "does not exist") in capsys.readouterr().err
+    assert exit_.value.code == 2 and (f"argument {flag}" if flag != "--table" else f"{flag} {value}: cannot write "
+                                      "it") in capsys.readouterr().err
 
 
 def test_a_failed_pretraining_exits_2_in_one_line(tmp_path, monkeypatch, capsys):

@@ -184,7 +184,8 @@ def test_only_the_adapters_and_heads_get_gradients(next_latent):
 def test_the_memory_check_counts_the_second_decoder_pass(monkeypatch):
     """--next-latent decode runs the decoder once more a step (K tokens): the memory check counts it."""
     counted = []
-    monkeypatch.setattr(wm_setup, "place", lambda model, base, memory, device, num_tokens, *a: counted.append(num_tokens))
+    monkeypatch.setattr(wm_setup, "place", lambda model, base, memory, device, num_tokens, *a:
+                        counted.append(num_tokens))
     for flags in ([], ["--next-latent", "decode"]):
         args = train_wm.parse_args(["--state", "latent", "--backbone", "lm", *flags])
         args.model = wm_setup.check_model_flags(vars(args), args.explicit)

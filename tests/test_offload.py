@@ -87,6 +87,21 @@ def test_offload_gives_the_same_numbers_with_one_layer_resident(saved_model_dir,
     assert offloader.max_resident == 2
 
 
+def test_the_prefetch_follows_each_pass_up_and_down():
+    """A VAE step on one offloaded base, 4 layers: encoder and decoder forward (up), then the backward
+    re-runs of the decoder's and the encoder's layers (down, each from the top), then the next step.
+    Each layer prefetches the next one its pass will run; at a pass's end, none."""
+    layers = torch.nn.ModuleList(torch.nn.Linear(2, 2).requires_grad_(False) for _ in range(4))
+    offloader = offload.LayerOffloader(layers, "cpu")
+    order = [0, 1, 2, 3] * 2 + [3, 2, 1, 0] * 2 + [0, 1]
+    prefetched = []
+    for i in order:
+        offloader._before(i)
+        prefetched.append(sorted(set(offloader.resident) - {i}))
+    up, down = [[1], [2], [3], []], [[2], [1], [0], []]
+    assert prefetched == up * 2 + down * 2 + up[:2]
+
+
 def test_offload_refuses_4bit_layers():
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is needed only for --load-4bit")
     layers = torch.nn.ModuleList([torch.nn.Sequential(bnb.nn.Linear4bit(64, 64))])

@@ -89,5 +89,6 @@ def test_synthetic_pretraining_runs_and_refuses_data_too(tmp_path, capsys, text_
     assert "--synthetic" in err and not os.path.exists(tmp_path / "n")
     # resumed: the checkpoint's --synthetic refuses --data too, and its chain's --seed stays
     resume = SMALL + ["--resume", str(tmp_path / "m"), "--out-dir", str(tmp_path / "m"), "--max-iters", "3"]
-    assert "--synthetic makes its own tokens" in run_script_error(pretrain_lm.main, resume + ["--data", text_file], capsys)
+    err = run_script_error(pretrain_lm.main, resume + ["--data", text_file], capsys)
+    assert "--synthetic makes its own tokens" in err
     assert "--seed 7 (saved: 1337)" in run_script_error(pretrain_lm.main, resume + ["--seed", "7"], capsys)

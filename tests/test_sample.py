@@ -11,6 +11,7 @@ import lm
 import sample
 import textdata
 import train_vae
+from common import UserError
 from conftest import read_bytes, run_script_error
 from vae import VAE
 
@@ -105,6 +106,8 @@ def test_a_cut_inside_a_character_still_fits_the_context(capsys):
     vae = types.SimpleNamespace(tokenizer=lm.ByteTokenizer())
     assert sample.checked_texts(["abcdefg\u00e9"], vae, 8) == ["abcdefg"]
     assert "text 1 has 9 tokens; cut to the checkpoint's --context 8" in capsys.readouterr().err
+    with pytest.raises(UserError, match="its first character takes more than the checkpoint's --context 1 tokens"):
+        sample.checked_texts(["\u00e9t\u00e9"], vae, 1)  # é is 2 bytes: nothing of it fits
 
 
 @pytest.mark.parametrize("flags, message", [

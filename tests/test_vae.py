@@ -90,6 +90,20 @@ def test_word_dropout_blanks_teacher_forced_tokens_in_training_only():
         assert torch.allclose(vae.train().compute_loss(batch, 0)["loss"], blanked, atol=1e-6)
 
 
+def test_the_word_dropout_mask_is_drawn_before_z_noise():
+    """A run is a function of its seed, in the order every run has drawn: the word-dropout mask, then z's noise."""
+    vae, a = make_vae("mistral", word_dropout=0.5).train(), ids([1, 2, 3, 4], [5, 6, 7, 8])  # full noise at step 10^6
+    with torch.no_grad():
+        torch.manual_seed(3)
+        rec = vae.compute_loss({"input_ids": a, "target_ids": a}, 10**6)["rec"]
+        mu, logvar = vae.encode(a)
+        torch.manual_seed(3)
+        keep = torch.rand(2, 3) >= 0.5
+        z = vae.sample(mu, logvar, noise_scale(10**6, vae.cfg))
+        assert noise_scale(10**6, vae.cfg) == 1.0 and not keep.all()
+        assert torch.allclose(rec, F.cross_entropy(vae(z, a, keep=keep).flatten(0, 1), a.flatten()), atol=1e-6)
+
+
 def test_own_tokens_feed_the_decoder_its_greedy_guesses_in_training_only():
     """Scheduled sampling at share 1: the training loss is the cross-entropy of the targets after the
     decoder's own teacher-forced greedy guesses as inputs; in eval mode it is the plain loss."""
