@@ -9,9 +9,10 @@ Mistral-7B VAE in bench_memory.py).
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
     python bench.py vae-step --lm smollm2 --steps 4   # a VAE training step: fp32, bf16 autocast, torch.compile
-    python bench.py agent --batch-size 64   # one actor-critic step in imagination (agent.py: imagine 20
-                                        # CartPole steps, loss, backward, update), cache vs recompute, both backbones,
-                                        # and the latent world model with a policy that reads z (no decoding)
+    python bench.py agent --steps 5 --batch-size 64 --device cpu   # one actor-critic step in imagination
+                                        # (agent.py: imagine 20 CartPole steps, loss, backward, update), cache vs
+                                        # recompute, both backbones, and the latent world model with a policy
+                                        # that reads z (no decoding); the README's figures, on the CPU
 
 Times are medians over steps that alternate between the contenders, so a machine that
 slows down or speeds up mid-run affects both alike.

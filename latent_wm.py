@@ -38,9 +38,9 @@ through the LM's KV cache; the observation is decoded (K cached single-token dec
 when should_decode is on (eval_wm.py needs it; an agent reading latents, train_agent.py
 --policy-input latent, need not).
 
-    python train_wm.py --state latent                                  # CartPole, GPT-2-shaped, from scratch
-    python train_wm.py --state latent --backbone lm                    # tiny LM + three adapters
-    python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32   # a frozen LM + adapters
+    python train_wm.py --state latent --out-dir out-wm-latent          # CartPole, GPT-2-shaped, from scratch
+    python train_wm.py --state latent --backbone lm --out-dir out-wm-latent-tiny  # tiny LM + three adapters
+    python train_wm.py --state latent --backbone lm --model out-lm/base --num-bins 32 --out-dir out-wm-latent-lm
     python bench.py imagine                                            # imagined steps/s beside the token model
 """
 

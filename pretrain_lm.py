@@ -6,7 +6,7 @@ so this makes a small one (tiny, pretrained on the standard library's docstrings
     python pretrain_lm.py                              # tiny on the default corpus, CPU: ~2.5 min on 2 cores
     python pretrain_lm.py --data my.txt --out-dir out-lm-mine
     python train_vae.py --model out-lm/base --out-dir out-vae-frozen   # the VAE on it, frozen
-    python train_wm.py --backbone lm --model out-lm/base --num-bins 32  # the world model on it
+    python train_wm.py --backbone lm --model out-lm/base --num-bins 32 --out-dir out-wm-lm  # the world model on it
     python pretrain_lm.py --synthetic markov --out-dir out-lm-markov   # the same LM on synthetic tokens
 
 Data as train_vae.py's (textdata.py): windows of --block-size tokens from the training

@@ -5,12 +5,12 @@ and options from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022): z as a ke
 every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 
     python train_vae.py                               # tiny model, default corpus, CPU: ~14 min on 2 cores
-    python train_vae.py --max-iters 500               # a quick look: ~45 s
-    python train_vae.py --model gpt2                  # GPT-2 small, frozen, + two LoRA adapters (GPU)
-    python train_vae.py --model gpt2 --data my.txt    # your own UTF-8 text file
+    python train_vae.py --max-iters 500 --out-dir out-vae-quick   # a quick look: ~45 s
+    python train_vae.py --model gpt2 --out-dir out-vae-gpt2       # GPT-2 small, frozen, + two LoRA adapters (GPU)
+    python train_vae.py --model gpt2 --data my.txt --out-dir out-my   # your own UTF-8 text file
     python train_vae.py --eval-only --resume out-vae [--data FILE]
     python train_vae.py --resume out-vae --max-iters 20000   # continue a run
-    torchrun --nproc_per_node=2 train_vae.py          # data parallel (DDP; gloo on CPU, nccl on CUDA)
+    torchrun --nproc_per_node=2 train_vae.py --out-dir out-ddp   # data parallel (DDP; gloo on CPU, nccl on CUDA)
     python sample.py --resume out-vae --reconstruct "Return the sum of a and b."   # use it
 
 The data (textdata.py): windows of 2 x --context tokens; the first half is `prefix_ids`, the

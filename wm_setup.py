@@ -110,8 +110,8 @@ def add_world_model_args(parser, tokenizer_iters_default):
     g = parser.add_argument_group("the world model")
     g.add_argument("--segment-steps", type=at_least_2, default=20, help="steps per training segment, and the "
                    "world model's context in steps (IRIS: 20; default: %(default)s)")
-    g.add_argument("--width", type=positive_int, default=128, help="--backbone iris: transformer width (IRIS: "
-                   "256; default: %(default)s)")
+    g.add_argument("--width", type=positive_int, default=128, help="--backbone iris: transformer width, with "
+                   "the next three flags (--backbone lm: unused, the LM has its shape; IRIS: 256; default: %(default)s)")
     g.add_argument("--num-layers", type=positive_int, default=3, help="its layers (IRIS: 10; default: "
                    "%(default)s)")
     g.add_argument("--num-heads", type=positive_int, default=4, help="its attention heads, a divisor of --width "
@@ -149,8 +149,9 @@ def add_world_model_args(parser, tokenizer_iters_default):
 
 def check_world_model_flags(parser, flags):
     """At parse time, the checks that need several flags (flags: the parsed flags as a dict, vars(args)):
-    --width a multiple of --num-heads, and --eval-only with the --resume checkpoint it evaluates."""
-    if flags["width"] % flags["num_heads"] != 0:
+    --width a multiple of --num-heads (for --backbone iris; an LM has its own shape), and --eval-only with
+    the --resume checkpoint it evaluates."""
+    if flags["backbone"] == "iris" and flags["width"] % flags["num_heads"] != 0:
         parser.error(f"--width {flags['width']} is not a multiple of --num-heads {flags['num_heads']}: each head "
                      "gets width / heads numbers")
     if flags["eval_only"] and flags["resume"] is None:

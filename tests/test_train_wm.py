@@ -327,6 +327,13 @@ def test_numbers_are_checked_at_parse_time(argv, message, capsys, monkeypatch):
     assert message in run_error(argv, capsys)
 
 
+def test_an_lm_backbone_does_not_check_iris_sizes():
+    """--width and --num-heads size IRIS's transformer only: with --backbone lm (compare_wm passes the same
+    flags to every row) a width that heads do not divide is no error."""
+    args = train_wm.parse_args(["--backbone", "lm", "--width", "30"])
+    assert args.backbone == "lm" and args.width == 30
+
+
 def test_a_diverging_frame_tokenizer_names_its_own_lr(tmp_path):
     """The tokenizer's phase trains at --tokenizer-lr, so its divergence names that flag, not --lr."""
     torch.manual_seed(0)
