@@ -31,6 +31,7 @@ import os
 
 import torch
 
+import lora
 from common import TINY_MODELS, UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
@@ -175,11 +176,12 @@ def quantization_config(quantize):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_tokenizer=True):
+def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_tokenizer=True, should_check_lora=False):
     """Load (model, tokenizer) by name; see the module docstring for the names.
     quantize: None, "8bit" or "4bit" (bitsandbytes; linear layers of the loaded weights).
     should_load_tokenizer=False: (model, None), for users that tokenize no text (the world model),
-    so that a directory holding a model but no tokenizer files loads too."""
+    so that a directory holding a model but no tokenizer files loads too. should_check_lora: refuse,
+    before the weights load, an architecture that lora.py has no default targets for."""
     torch_dtype = resolve_dtype(dtype, device)
     transformers = import_transformers()
     if name in TINY_MODELS:
@@ -197,6 +199,8 @@ def load_base(name, device="cpu", dtype="auto", quantize=None, should_load_token
                             f"bitsandbytes ({name}'s are one, dequantised as they load): drop --load-{quantize}, or "
                             "give a Hugging Face id or a directory saved with save_pretrained")
         config, path, gguf_file = load_config(name)
+        if should_check_lora:
+            check_lora_architecture(name, config)
         extra = {} if gguf_file is None else {"gguf_file": gguf_file}
         if quantize is not None:  # quantized weights are placed on their device while loading
             extra = dict(quantization_config=quantization_config(quantize), device_map={"": str(device)})
@@ -234,6 +238,17 @@ def load_config(name):
 def num_layers(name):
     """Transformer layers of --model `name`, from its config alone."""
     return TINY_CONFIG["n_layer"] if name in TINY_MODELS else load_config(name)[0].num_hidden_layers
+
+
+def check_lora_architecture(name, config=None):
+    """A --model whose architecture lora.DEFAULT_TARGETS knows, told from its config (read here unless
+    given) before minutes of loading weights would end in lora.find_targets' error."""
+    if name in TINY_MODELS:
+        return
+    model_type = (load_config(name)[0] if config is None else config).model_type
+    if model_type not in lora.DEFAULT_TARGETS:
+        raise UserError(f"--model {name} is a '{model_type}' model; the LoRA adapters here know where to go in "
+                        f"{', '.join(lora.DEFAULT_TARGETS)} models only: pick one of those")
 
 
 def cannot_load(path, error):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import lora
 from checkpoint import load_checkpoint
-from common import UserError
+from common import TINY_MODELS, UserError
 from lm import cache_kwarg
 from vae import load_vae, should_train_base
 from vae_math import gumbel_max
@@ -159,7 +159,7 @@ def fingerprint(vae_state):
     return f"{vae_state['config']['model']}@{vae_state['step']}:{hashlib.sha256(w_e).hexdigest()[:16]}"
 
 
-def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, memory=None, batch_size=1,
+def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, memory=None, batch_size=None,
                 should_print=False):
     """The frozen VAE in vae_dir (given with vae_flag) and a router on it, with the weights of a router
     checkpoint `state` (from router_dir) when given; refuses a VAE with no plain base to guide against,
@@ -167,15 +167,17 @@ def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, mem
     vae.load_vae's.
     Returns (router, the VAE's checkpoint, its fingerprint)."""
     vae_state = load_checkpoint(vae_dir, "vae", vae_flag)  # read here too: the refusals come before the base loads
-    if should_train_base(vae_state["config"]["model"], vae_state["config"]["freeze_base"]):
-        raise UserError(f"the VAE in {vae_dir} trained tiny's base fully, so no plain LM is left to guide "
+    if vae_state.get("base", vae_state["config"]["model"]) in TINY_MODELS:
+        how = "trained fully" if should_train_base("tiny", vae_state["config"]["freeze_base"]) else "frozen, random"
+        raise UserError(f"the VAE in {vae_dir} is on tiny's base ({how}), so no pretrained LM is there to guide "
                         "against; train one on a frozen pretrained base (python pretrain_lm.py, then python "
-                        "train_vae.py --model out-lm/base) and give that to --vae")
+                        "train_vae.py --model out-lm/base) and give that"
+                        + ("" if vae_flag is None else f" to {vae_flag}"))
     vae_print = fingerprint(vae_state)
     if state is not None and state["config"]["vae_fingerprint"] != vae_print:
         raise UserError(f"the router in {router_dir} was trained on another VAE ({state['config']['vae_fingerprint']}"
                         f"), not on {vae_dir} ({vae_print}); give the VAE it was trained on")
     router = Router(load_vae(vae_dir, device, memory, vae_flag, batch_size, should_print).eval())
     if state is not None:
-        router.load_state_dict(state["model"], strict=False)  # strict=False: the VAE is not in it
+        lora.load_fitting(router, state["model"], router.state(), router_dir)  # the VAE is not in it
     return router, vae_state, vae_print

@@ -29,7 +29,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import (UserError, add_machine_args, at_least_2, config_from, make_parser, number, parse,
+from common import (UserError, add_machine_args, at_least_2, config_from, flag_name, make_parser, number, parse,
                     positive_int, run_cli, seed_int)
 from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
@@ -74,7 +74,7 @@ def parse_args(argv=None):
     add_memory_args(parser)
     args = parse(parser, argv)
     for mode, flags in ONLY_WITH.items():
-        given = [f"--{flag.replace('_', '-')}" for flag in flags if flag in args.explicit]
+        given = [flag_name(flag) for flag in flags if flag in args.explicit]
         if getattr(args, mode) is None and given:
             parser.error(f"{', '.join(given)} only apply to --{mode}: add --{mode}, or drop them")
     if args.guide is not None and (args.router is None or args.target is None):
@@ -115,7 +115,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     if args.guide is not None:
         router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router"), args.router,
-                                   memory=config_from(MemoryConfig, vars(args)))
+                                   "--resume", config_from(MemoryConfig, vars(args)))
         vae, context = router.vae, router.vae.cfg.prefix_slots  # the VAE's --context
         ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))
         with torch.no_grad():

@@ -387,10 +387,14 @@ def should_train_base(base_name, freeze_base):
 def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, should_print):
     """A VAE over the base named base_name, placed on the device as the offload.MemoryConfig `memory`
     asks; its memory check is for a step of batch_size windows (the encoder's span of train_vae.py's
-    --context, the decoder's inputs: a prefix, the soft tokens, a span), with should_print as offload.place's."""
+    --context, the decoder's inputs: a prefix, the soft tokens, a span; None: one window, for a user that
+    trains nothing), with should_print as offload.place's."""
+    context = cfg.prefix_slots  # train_vae.py's --context: the prefix's slots and the span's tokens
+    if cfg.edge_weights and context < 16:
+        raise UserError(f"--edge-weights weighs a span's first 8 and last 8 tokens apart, which --context {context} "
+                        "cannot hold both of: use --context 16 or more, or drop --edge-weights")
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
                                                should_save_base=base_name in TINY_MODELS)
-    context = cfg.prefix_slots
     vae = VAE(base, cfg, tokenizer)
     needed = vae.text_start(None) + context - 1  # the prefix's slots, then a span of --context tokens
     if needed > num_positions(base):
@@ -399,14 +403,16 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    offload.place(vae, base, memory, device, batch_size * (context + needed), batch_size, should_print)
+    num_windows = 1 if batch_size is None else batch_size
+    offload.place(vae, base, memory, device, num_windows * (context + needed), batch_size, should_print)
     return vae
 
 
-def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=1, should_print=False):
+def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=None, should_print=False):
     """The VAE saved in ckpt_dir (flag: the flag that named it, for the errors), rebuilt by build_vae
-    (memory None: offload.MemoryConfig()) with its weights. A checkpoint from before "vae_config" and
-    "base" were saved has them in its flags: --context is the prefix's slots too. A field either lacks
+    (memory None: offload.MemoryConfig(); batch_size None: to use it, not to train it) with its weights.
+    A checkpoint from before "vae_config" and "base" were saved has them in its flags: --context is the
+    prefix's slots too. A field either lacks
     did not exist yet (--word-dropout, --own-tokens): it was off, VAEConfig's default."""
     state = load_checkpoint(ckpt_dir, "vae", flag)
     flags = state["config"]

@@ -15,6 +15,7 @@ import bench
 import bench_memory
 import eval_wm
 import lm
+import lora
 import offload
 import pretrain_lm
 import sample
@@ -46,6 +47,7 @@ OUT_OF_RANGE = [
     out_of_range(train_vae, "--free-bits inf", "finite"), out_of_range(train_vae, "--lr nan", "a number > 0"),
     out_of_range(train_vae, "--lr 0", "a number > 0"), out_of_range(train_vae, "--head-lr-scale 0", "a number > 0"),
     out_of_range(train_vae, "--eval-paragraphs -1", "an integer >= 0"),
+    out_of_range(train_router, "--sweep-pairs 1", INT_2),
     (train_vae, "--batch-size x", "'x' is not an integer"),
     (train_vae, "--posterior gaussian", "invalid choice: 'gaussian' (choose from 'bigvae', 'diagonal')"),
     *(out_of_range(pretrain_lm, flags, INT_1) for flags in (
@@ -248,6 +250,40 @@ def test_8bit_gguf_weights_are_refused_before_loading(tmp_path, capsys, monkeypa
     assert err == (f"error: --load-8bit: transformers cannot quantize the weights of a GGUF file with bitsandbytes "
                    f"({model}'s are one, dequantised as they load): drop --load-8bit, or give a Hugging Face id or "
                    "a directory saved with save_pretrained")
+
+
+@pytest.mark.parametrize("script, argv", [(train_vae, []), (train_wm, ["--backbone", "lm"])], ids=["vae", "wm"])
+def test_an_architecture_without_lora_targets_is_refused_before_its_weights_load(tmp_path, capsys, script, argv):
+    """lora.py knows where adapters go in GPT-2 and Llama-like models: another architecture (here a
+    GPT-NeoX config, no weights saved at all) is one line naming those it knows, nothing written."""
+    from transformers import GPTNeoXConfig
+
+    model_dir, out = tmp_path / "neox", tmp_path / "out"
+    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(model_dir)
+    err = run_script_error(script.main, argv + ["--model", str(model_dir), "--out-dir", str(out)], capsys)
+    assert err == (f"error: --model {model_dir} is a 'gpt_neox' model; the LoRA adapters here know where to go in "
+                   f"{', '.join(lora.DEFAULT_TARGETS)} models only: pick one of those")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script", [train_vae, pretrain_lm, train_router])
+def test_bad_data_is_refused_before_any_base_loads(tmp_path, capsys, monkeypatch, script):
+    """An empty or non-UTF-8 --data file is refused before minutes of loading a big base."""
+    monkeypatch.setattr(lm, "load_base", lambda *a, **k: pytest.fail("the base loaded before --data was read"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    argv = ["--data", str(empty), "--out-dir", str(tmp_path / "out"), "--device", "cpu"]
+    argv += ["--vae", str(tmp_path / "no-vae")] if script is train_router else []
+    assert "holds no text" in run_script_error(script.main, argv, capsys)
+
+
+def test_a_resume_conflict_names_each_flag_as_it_is_typed():
+    """A dest with argparse's trailing underscore (--lambda's lambda_) is named by its flag."""
+    from checkpoint import adopt_config
+
+    with pytest.raises(UserError, match=r"settings: --lambda 0.9 \(saved: 0.95\), --eval-only True \(saved: False\);"):
+        adopt_config({"lambda_": 0.9, "eval_only": True}, {"lambda_", "eval_only"}, {"lambda_": 0.95, "eval_only": False},
+                     ("lambda_", "eval_only"), "out")
 
 
 def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file, guided_ids):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lm
+import offload
 import sample
 import textdata
 import train_vae
@@ -128,6 +129,14 @@ def test_bad_input_is_one_line_and_never_trains(capsys, overfit, flags, message)
     before = read_bytes(f"{out}/ckpt.pt")
     assert message in run_script_error(sample.main, ["--resume", out, "--device", "cpu"] + flags, capsys)
     assert read_bytes(f"{out}/ckpt.pt") == before
+
+
+def test_a_vae_too_big_to_load_names_the_flags_that_load_less(capsys, overfit, monkeypatch):
+    """sample.py trains nothing and has no --batch-size: loading a VAE that does not fit names the
+    flags that load its base smaller."""
+    monkeypatch.setattr(offload, "free_memory", lambda device: 0)
+    err = run_script_error(sample.main, ["--resume", overfit[0], "--device", "cpu", "--sample", "1"], capsys)
+    assert err.endswith("GiB is free: lower what the base needs: add --load-8bit or --offload"), err
 
 
 def test_prior_samples_decode_up_to_the_last_position(capsys, overfit, monkeypatch):
