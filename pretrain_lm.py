@@ -111,6 +111,7 @@ def main(argv=None):
         adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + data_keys, args.resume)
     if args.synthetic is not None and args.data is not None:  # a resumed run's --synthetic, taken just now
         raise UserError(SYNTHETIC_AND_DATA)
+    docs = None if args.synthetic is not None else textdata.load_documents(args.data)  # before the base: bad data first
     base, tokenizer = lm.load_base(args.model, run.device, "float32" if args.dtype == "auto" else args.dtype)  # it trains
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
@@ -126,8 +127,9 @@ def main(argv=None):
                             f"transition matrix: use a base with at most {MAX_MARKOV_VOCAB} (tiny, tiny-bpe)")
         train_stream, val_stream = markov_streams(vocab_size, args.seed)
     else:
-        train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, args.block_size,
-                                                          "the default corpus" if args.data is None else args.data)
+        train_stream, val_stream = textdata.split_streams(docs, tokenizer, args.block_size,
+                                                          "the default corpus" if args.data is None else args.data,
+                                                          "a smaller --block-size")
     starts = textdata.spread_starts(val_stream, args.block_size, args.eval_batches, args.batch_size)
     val_batches = [{"ids": textdata.windows(val_stream, s, args.block_size).to(run.device)} for s in starts]
     if args.eval_only:

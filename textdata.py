@@ -84,8 +84,9 @@ def load_documents(path):
     return stdlib_docstrings() if path is None else read_documents(path)
 
 
-def split_streams(docs, tokenizer, window, name):
-    """Every 10th document held out; each side one token stream with end-of-text between documents."""
+def split_streams(docs, tokenizer, window, name, shorter="a smaller --context"):
+    """Every 10th document held out; each side one token stream with end-of-text between documents.
+    shorter: how the script's user asks for a shorter window, for the error when a side has none."""
     if len(docs) < HELD_OUT_EVERY:
         raise UserError(f"{name} has {len(docs)} document(s); it needs at least {HELD_OUT_EVERY} (every "
                         f"{HELD_OUT_EVERY}th is held out): one document per line, or paragraphs between blank lines")
@@ -97,8 +98,8 @@ def split_streams(docs, tokenizer, window, name):
                 ids += tokenizer.encode(doc) + [tokenizer.eos_id]
         if len(ids) < window:
             raise UserError(f"{name} is too small: its {'held-out' if held_out else 'training'} part has "
-                            f"{len(ids)} tokens, fewer than one window of {window}; give more text or a "
-                            "smaller --context")
+                            f"{len(ids)} tokens, fewer than one window of {window}; give more text or "
+                            f"{shorter}")
         streams.append(torch.tensor(ids, dtype=torch.long))
     return streams
 

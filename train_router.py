@@ -12,8 +12,8 @@ then measure how far guided generation steers toward a latent and what it costs 
 
 The data are train_vae.py's windows with the prefix always kept: the prefix is the context,
 the span the next text, z ~ q(z | span). The base LM to guide against is the VAE's base with
-no adapter, so the VAE's base must be frozen (a pretrained --model, or --freeze-base on a
-pretrained tiny): a VAE that trained tiny's base fully has no plain LM left.
+no adapter, so the VAE's base must be a frozen pretrained --model (e.g. tiny pretrained by
+pretrain_lm.py, out-lm/base): tiny itself is random, trained with the VAE or frozen.
 Evaluation, on held-out (context, next span) pairs: teacher-forced accuracy of the real next
 span given context and its z* (router) vs context alone (base) and vs another pair's z; and
 the steering sweep (at the end and with --eval-only): one span generated per pair at each
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import peft_layout
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import TINY_MODELS, batch_seed, config_from, make_parser, nonneg_float, parse, positive_int, run_cli
+from common import TINY_MODELS, at_least_2, batch_seed, config_from, make_parser, nonneg_float, parse, run_cli
 from offload import MemoryConfig
 from router import load_router
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
@@ -52,15 +52,15 @@ def parse_args(argv=None):
                    help="guidance scales to generate at; 0 is the base alone (BigVAE: 1.25; default: %(default)s)")
     g.add_argument("--temperature", type=nonneg_float, default=0.7, help="sampling temperature of the sweep "
                    "(0: greedy; default: %(default)s)")
-    g.add_argument("--sweep-pairs", type=positive_int, default=64, help="held-out (context, span) pairs in the "
-                   "sweep (default: %(default)s)")
+    g.add_argument("--sweep-pairs", type=at_least_2, default=64, help="held-out (context, span) pairs in the "
+                   "sweep, at least 2 for its intervals (default: %(default)s)")
     return parse(parser, argv)
 
 
 def mean_interval(values):
     """Mean and half-width of its 95% interval (normal approximation): (mean, half)."""
     v = torch.tensor(values, dtype=torch.float64)
-    return v.mean().item(), 1.96 * v.std().item() / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return v.mean().item(), 1.96 * v.std().item() / math.sqrt(len(v))  # --sweep-pairs: at least 2 values
 
 
 @torch.no_grad()
@@ -105,12 +105,14 @@ def main(argv=None):
     state = open_run("router", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
+    docs = textdata.load_documents(args.data)  # before the base loads: bad --data is refused at once
     router, vae_state, vae_print = load_router(args.vae, run.device, state, args.resume, "--vae",
                                                MemoryConfig(dtype=args.dtype), args.batch_size, run.is_main)
     base_name, context_len = vae_state["config"]["model"], router.vae.cfg.prefix_slots  # the VAE's --model, --context
     tokenizer, span = router.vae.tokenizer, 2 * context_len
-    train_stream, val_stream = textdata.split_streams(textdata.load_documents(args.data), tokenizer, span,
-                                                      "the default corpus" if args.data is None else args.data)
+    train_stream, val_stream = textdata.split_streams(docs, tokenizer, span,
+                                                      "the default corpus" if args.data is None else args.data,
+                                                      "a --vae trained with a smaller --context")
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
     val_batches = [textdata.to_device(textdata.vae_batch(val_stream, s, context_len, True), run.device) for s in starts]
     sweep_batch = textdata.to_device(textdata.vae_batch(val_stream, textdata.spread_starts(
@@ -141,12 +143,14 @@ def main(argv=None):
             peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], base_name)
 
     t_start = time.time()
-    print(f"router on {base_name}: {sum(p.numel() for p in params):,} trainable parameters, "
-          f"{len(train_stream):,} training / {len(val_stream):,} held-out tokens")
+    if run.is_main:
+        print(f"router on {base_name}: {sum(p.numel() for p in params):,} trainable parameters, "
+              f"{len(train_stream):,} training / {len(val_stream):,} held-out tokens")
     metrics = train(router, optimizer, get_batch, lambda: {**evaluate(router, val_batches),
                     "minutes": round((time.time() - t_start) / 60, 2)}, config_from(TrainConfig, vars(args)), run,
                     0 if state is None else state["step"], save)
-    metrics.update(evaluate_all())
+    if run.is_main:  # as train_vae.py: the other processes have nothing left to do
+        metrics.update(evaluate_all())
     finish(run, metrics)
 
 

@@ -50,6 +50,7 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file):
 
 @pytest.mark.parametrize("flags, message", [
     (["--block-size", "600"], "--block-size 600 is more than the 512 positions of tiny: use --block-size 512"),
+    (["--block-size", "500"], "fewer than one window of 500; give more text or a smaller --block-size"),
     (["--lr", "1e6", "--grad-clip", "0", "--max-iters", "40"], "stopped before saving"),  # diverges, saves nothing
     (["--eval-only"], "pass --resume DIR too")])
 def test_bad_flags_are_one_line_errors_that_write_nothing(tmp_path, capsys, text_file, flags, message):

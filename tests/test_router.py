@@ -6,13 +6,15 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import lm
 import lora
 import sample
 import train_router
 import train_vae
 from conftest import assert_greedy, crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
-from router import Router, guided_logits
+from common import UserError
+from router import Router, guided_logits, load_router
 from vae import VAE, VAEConfig
 
 SMALL = ["--batch-size", "4", "--eval-batches", "2", "--log-interval", "1", "--warmup-iters", "1", "--device", "cpu",
@@ -44,8 +46,10 @@ def vae_dirs(tmp_path_factory, text_file):
         lm.save_base(tiny_gpt2() if seed == 0 else lm.load_base("tiny")[0], lm.ByteTokenizer(), base)
         dirs[name] = str(root / f"vae-{name}")
         train_vae.main(VAE_SMALL + ["--model", str(base), "--data", text_file, "--out-dir", dirs[name]])
-    dirs["tiny"] = str(root / "vae-tiny")  # tiny trained fully: no plain LM to guide against
+    dirs["tiny"] = str(root / "vae-tiny")  # tiny trained fully: no pretrained LM to guide against
     train_vae.main(VAE_SMALL + ["--data", text_file, "--out-dir", dirs["tiny"]])
+    dirs["tiny-frozen"] = str(root / "vae-tiny-frozen")  # nor frozen: its weights are random
+    train_vae.main(VAE_SMALL + ["--data", text_file, "--out-dir", dirs["tiny-frozen"], "--freeze-base"])
     torch.set_num_threads(threads)
     return dirs
 
@@ -175,7 +179,8 @@ def test_train_eval_resume_and_guide(tmp_path, capsys, monkeypatch, text_file, v
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--vae", "TINY"], "no plain LM is left to guide against"),
+    (["--vae", "TINY"], "is on tiny's base (trained fully), so no pretrained LM is there to guide against"),
+    (["--vae", "TINY-FROZEN"], "is on tiny's base (frozen, random), so no pretrained LM is there"),
     (["--vae", "B", "--resume", "ROUTER"], "was trained on another VAE"),
 ])
 def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path, text_file, vae_dirs):
@@ -183,9 +188,27 @@ def test_bad_inputs_are_one_line_errors(argv, message, capsys, tmp_path, text_fi
     if "ROUTER" in argv:
         run_script(train_router.main, SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "1",
                                                "--out-dir", router_dir], capsys)
-    names = {"TINY": vae_dirs["tiny"], "A": vae_dirs["a"], "B": vae_dirs["b"], "ROUTER": router_dir}
+    names = {"TINY": vae_dirs["tiny"], "TINY-FROZEN": vae_dirs["tiny-frozen"], "A": vae_dirs["a"], "B": vae_dirs["b"], "ROUTER": router_dir}
     argv = [names.get(a, a) for a in argv] + ["--data", text_file, "--out-dir", str(tmp_path / "out"), "--device", "cpu"]
     assert message in run_script_error(train_router.main, argv, capsys)
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "reshaped"])
+def test_a_router_checkpoint_with_other_weights_is_refused(capsys, tmp_path, text_file, vae_dirs, change):
+    """A router checkpoint made by another version (a weight missing, one more, another shape) is one line."""
+    router_dir = str(tmp_path / "router")
+    run_script(train_router.main, SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "1",
+                                           "--out-dir", router_dir], capsys)
+    state = checkpoint.load_checkpoint(router_dir, "router")
+    key = next(k for k in state["model"] if not k.startswith("vae."))  # the router's own w_d or w_memory
+    if change == "missing":
+        del state["model"][key]
+    elif change == "extra":
+        state["model"]["w_other.weight"] = torch.zeros(2)
+    else:
+        state["model"][key] = torch.zeros(3)
+    with pytest.raises(UserError, match="the checkpoint in somewhere does not fit this model"):
+        load_router(vae_dirs["a"], torch.device("cpu"), state, "somewhere")
 
 
 def test_guide_refuses_an_empty_target_and_another_vaes_router(capsys, tmp_path, text_file, vae_dirs):
