@@ -16,7 +16,7 @@ import warnings
 
 import torch
 
-from common import UserError, lock_out_dir, note_checkpoint, signals_held, write_failure
+from common import UserError, flag_name, lock_out_dir, note_checkpoint, signals_held, write_failure
 
 # the scripts that write checkpoints, by kind
 KINDS = {"vae": "train_vae.py (a text VAE)", "lm": "pretrain_lm.py (a plain LM)",
@@ -112,7 +112,7 @@ def adopt_config(flags, explicit, saved, keys, path, overridable=False):
     overridable (the optimisation settings, TRAIN_KEYS, and what a run only reads) it wins instead."""
     conflicts = [k for k in keys if k in explicit and k in saved and saved[k] != flags[k]]
     if conflicts and not overridable:
-        given = ", ".join(f"--{k.replace('_', '-')} {flags[k]!r} (saved: {saved[k]!r})" for k in conflicts)
+        given = ", ".join(f"{flag_name(k)} {flags[k]!r} (saved: {saved[k]!r})" for k in conflicts)
         raise UserError(f"the checkpoint in {path} was trained with other settings: {given}; drop these flags "
                         "to take the saved values")
     for k in keys:

@@ -211,6 +211,11 @@ def make_parser(description):
     return Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def flag_name(dest):
+    """The command-line flag of an argparse dest: lambda_ -> --lambda, eval_only -> --eval-only."""
+    return "--" + dest.rstrip("_").replace("_", "-")
+
+
 def parse(parser, argv=None):
     """parser.parse_args(argv), plus `args.explicit`: the dests of the flags actually given,
     so a resumed run can take the rest from its checkpoint's config; and --out-dir's default,

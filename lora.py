@@ -205,13 +205,17 @@ def saved_state(model, base_prefix, should_save_base):
 
 
 def load_saved_state(model, saved, base_prefix, should_save_base, path):
-    """Load what saved_state kept into a model built with the same settings; a checkpoint that
-    holds other weights (another version, other settings) is one clear error."""
-    own = saved_state(model, base_prefix, should_save_base)
+    """Load what saved_state kept into a model built with the same settings."""
+    load_fitting(model, saved, saved_state(model, base_prefix, should_save_base), path)
+
+
+def load_fitting(model, saved, own, path):
+    """Load `saved` into model if it holds exactly the keys and shapes of `own`, what the model itself
+    saves; a checkpoint that holds other weights (another version, other settings) is one clear error."""
     if set(saved) != set(own) or any(saved[k].shape != own[k].shape for k in own):
         raise UserError(f"the checkpoint in {path} does not fit this model (other weights saved); it was made "
                         "by another version of this repository or with other settings")
-    model.load_state_dict(saved, strict=False)  # strict=False: a frozen pretrained base is not saved
+    model.load_state_dict(saved, strict=False)  # strict=False: the rest (a frozen pretrained base) is not saved
 
 
 def lora_parameters(model, name=None):

@@ -58,13 +58,13 @@ import torch
 from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, play, policy_view
 from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer, save_checkpoint
 from common import (UserError, batch_seed, config_from, fraction, make_parser, nonneg_float, parse, positive_float,
-                    positive_int, run_cli)
+                    positive_int, run_cli, standing)
 from data_wm import collect, make_env, with_space_bounds
 from latent_wm import imagination_env
-from trainer import TrainConfig, add_common_args, finish, format_seconds, make_optimizer, setup, train
+from trainer import add_common_args, finish, format_seconds, make_optimizer, setup, train
 from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_model_args, build_world_model,
                       check_model_flags, check_world_model_flags, make_tokenizer, obs_scale, prepare_tokenizer,
-                      restore, saved_state, segment_batches, settings_from, tokenize)
+                      restore, saved_state, segment_batches, settings_from, tokenize, train_config_from)
 
 AGENT_KEYS = ("collect_steps", "wm_iters", "ac_iters", "ac_batch_size", "ac_lr", "ac_grad_clip", "horizon", "gamma",
               "lambda_", "entropy_weight", "ac_width", "eval_episodes", "policy_input", "end_share")
@@ -194,7 +194,7 @@ def main(argv=None):
     if not args.eval_only:
         check_out_dir(args.out_dir, args.resume)
     state, env = start_or_resume(args)
-    train_config, settings = config_from(TrainConfig, vars(args)), settings_from(vars(args))
+    train_config, settings = train_config_from(vars(args)), settings_from(vars(args))
     tokenizer_settings = config_from(TokenizerSettings, vars(args))
 
     tokenizer = make_tokenizer(env, tokenizer_settings).to(run.device)
@@ -249,6 +249,7 @@ def main(argv=None):
     t_loop, start_epoch = time.time(), state["step"]
     metrics = {}
     for epoch in range(start_epoch, args.max_iters):
+        standing["step"] = epoch  # an interrupted run names its epoch (train() counts only its own loop's steps)
         # 1. real experience
         t_epoch = time.time()
         seed = stream_seed(args.seed, "collect", epoch)
@@ -279,7 +280,7 @@ def main(argv=None):
 
         t_ac = time.time()
         ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
-                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
+                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"), dtype="float32")  # fp32
         ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
                          schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)

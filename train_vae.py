@@ -151,12 +151,12 @@ def main(argv=None):
         adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0
+    docs = textdata.load_documents(args.data)  # before the base loads: bad --data is refused at once
     should_train = should_train_base(args.model, args.freeze_base)
     model = build_vae(args.model, config_from(VAEConfig, {**vars(args), "prefix_slots": args.context}),
                       config_from(MemoryConfig, vars(args)), run.device, should_train, args.batch_size, run.is_main)
     if state is not None:  # tiny's base is saved whether it trains or not: its weights are random
         lora.load_saved_state(model, state["model"], "base.", args.model in TINY_MODELS, args.resume)
-    docs = textdata.load_documents(args.data)
     span = 2 * args.context
     train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
@@ -189,6 +189,11 @@ def main(argv=None):
 
     history = [] if state is None else state.get("history", [])  # every evaluation: experiments/vae_curve.py
     last_eval = {}
+    # a resumed run's clock goes on from its last save (an evaluation's, or SIGTERM's between them)
+    minutes_before = 0.0 if state is None else state.get("minutes", history[-1]["minutes"] if history else 0.0)
+
+    def minutes_now():
+        return round(minutes_before + (time.time() - t_start) / 60, 2)
 
     def save(step):  # the trainer saves right after each evaluation, and on SIGTERM between them
         if last_eval:  # an evaluation since the last save
@@ -197,6 +202,7 @@ def main(argv=None):
         config = {k: getattr(args, k) for k in TRAIN_KEYS + VAE_TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
         save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "vae_config": dataclasses.asdict(model.cfg),
                                        "base": args.model, "step": step, "history": history,
+                                       "minutes": minutes_now(),
                                        "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),
                                        "optimizer": optimizer.state_dict()})
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
@@ -207,11 +213,9 @@ def main(argv=None):
         print(f"{args.model}: {num_params:,} trainable parameters, {len(train_stream):,} training / "
               f"{len(val_stream):,} held-out tokens, {run.world_size} process(es)")
 
-    minutes_before = history[-1]["minutes"] if history else 0.0  # a resumed run's clock goes on
-
     def evaluate_now():
         last_eval.update(evaluate(model, val_batches, should_print=run.is_main),
-                         minutes=round(minutes_before + (time.time() - t_start) / 60, 2))
+                         minutes=minutes_now())
         return dict(last_eval)
 
     metrics = train(model, optimizer, get_batch, evaluate_now, config_from(TrainConfig, vars(args)), run,

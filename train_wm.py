@@ -46,13 +46,14 @@ import time
 import torch
 
 from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, save_checkpoint
-from common import UserError, config_from, make_parser, number, parse, positive_int, run_cli
+from common import UserError, config_from, flag_name, make_parser, number, parse, positive_int, run_cli
 from data_wm import collect, make_env, split
 from eval_wm import evaluate, imagination_starts
-from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
+from trainer import add_common_args, finish, make_optimizer, setup, train
 from wm_setup import (MODEL_KEYS, TOKENIZER_KEYS, TokenizerSettings, add_world_model_args, build_world_model,
                       check_model_flags, check_world_model_flags, make_tokenizer, obs_scale, prepare_tokenizer,
-                      restore, saved_state, segment_batches, settings_from, tokenize, tokenizer_metrics)
+                      restore, saved_state, segment_batches, settings_from, tokenize, tokenizer_metrics,
+                      train_config_from)
 
 # the settings a checkpoint records and a resumed run takes from it: what makes the data and the
 # observation tokenizer (a run reusing another's tokenizer must match these too), then the model's
@@ -107,7 +108,7 @@ def start_or_resume(args):
     state["config"] = {k: getattr(args, k) for k in TRAIN_KEYS + DATA_KEYS + MODEL_KEYS}
     if "tokenizer" not in state and args.tokenizer_from is not None:  # the same data, so the same tokenizer fits
         other = load_checkpoint(args.tokenizer_from, "wm", "--tokenizer-from")
-        differ = [f"--{k.replace('_', '-')} {other['config'].get(k)!r}" for k in DATA_KEYS
+        differ = [f"{flag_name(k)} {other['config'].get(k)!r}" for k in DATA_KEYS
                   if other["config"].get(k) != getattr(args, k)]
         if differ:
             raise UserError(f"--tokenizer-from {args.tokenizer_from} was made from other data ({', '.join(differ)}); "
@@ -126,7 +127,7 @@ def main(argv=None):
     run = setup(args.device, args.seed)
     check_out_dir(args.out_dir, args.resume)
     state, env = start_or_resume(args)
-    config, settings = config_from(TrainConfig, vars(args)), settings_from(vars(args))
+    config, settings = train_config_from(vars(args)), settings_from(vars(args))
     tokenizer_settings = config_from(TokenizerSettings, vars(args))
 
     tokenizer = make_tokenizer(env, tokenizer_settings).to(run.device)
@@ -169,7 +170,8 @@ def main(argv=None):
                         args.seed, os.path.join(args.out_dir, "imagination.png"), run.device)
 
     if args.eval_only:
-        metrics.update(evaluate_now())
+        if run.is_main:  # as train() evaluates: one process writes the picture
+            metrics.update(evaluate_now())
     else:
         metrics.update(train(world_model, optimizer, get_batch, evaluate_now, config, run, start_step, save))
     metrics["wall_seconds"] = round(time.time() - t_start, 1)

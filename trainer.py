@@ -64,8 +64,8 @@ def add_common_args(parser, has_model=True, unit="optimizer steps", **defaults):
     g.add_argument("--lr", type=positive_float, default=d["lr"], help="peak learning rate (default: "
                    f"{d.get('lr_text', '%(default)s')})")
     g.add_argument("--warmup-iters", type=nonneg_int, default=d["warmup_iters"],
-                   help="linear lr warm-up steps; cosine decay to lr/10 after (train_agent.py: constant after) (default: "
-                   "%(default)s)")
+                   help="linear lr warm-up steps; cosine decay to lr/10 after (train_agent.py: the world model's lr stays "
+                   "constant after, a frame tokenizer's decays) (default: %(default)s)")
     g.add_argument("--grad-accum", type=positive_int, default=d["grad_accum"],
                    help="micro-batches per optimizer step (default: %(default)s)")
     g.add_argument("--grad-clip", type=nonneg_float, default=d["grad_clip"], help="clip the gradient norm to this; "
@@ -265,9 +265,9 @@ def train(model, optimizer, get_batch, evaluate, config, run, start_step=0, save
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 done = step + 1
+                if save is not None:  # the loop whose checkpoints these are: an interrupted run names its step
+                    standing["step"] = done
             num_logged += 1
-            if save is not None:  # the loop whose checkpoints these are: an interrupted run names its step
-                standing["step"] = done
 
             if run.is_main and (done % config.log_interval == 0 or done == config.max_iters):
                 now = time.time()

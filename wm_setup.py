@@ -16,15 +16,15 @@ import torch
 import lm
 import lora
 from checkpoint import load_optimizer, save_checkpoint
-from common import (TINY_MODELS, UserError, at_least_2, batch_seed, config_from, nonneg_int, number, positive_float,
-                    positive_int)
+from common import (TINY_MODELS, UserError, at_least_2, batch_seed, config_from, flag_name, nonneg_int, number,
+                    positive_float, positive_int, standing)
 from data_wm import add_episode_bounds, segments
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, iris_sized_lm
 from lm_backbone import LMBackbone, first_layers, lm_token_tables, randomized
 from obs_tokenizer import (DiscreteTokenizer, FrameTokenizer, FrameTokenizerConfig, VectorTokenizer,
                            VectorTokenizerConfig)
 from offload import MemoryConfig, add_memory_args, check_memory, load_with_memory, place
-from trainer import make_optimizer, train
+from trainer import TrainConfig, make_optimizer, train
 from worldmodel import Transformer, TransformerConfig, WorldModel, WorldModelConfig
 
 
@@ -70,6 +70,12 @@ class WorldModelSettings:
 def settings_from(flags):
     """WorldModelSettings of the parsed flags (a dict, vars(args)), their memory flags in a MemoryConfig."""
     return config_from(WorldModelSettings, {**flags, "memory": config_from(MemoryConfig, flags)})
+
+
+def train_config_from(flags):
+    """The shared loop's TrainConfig of the parsed flags. --dtype is the LM backbone's: IRIS's transformer
+    is fp32 whatever it says, so that a diverging run's hint blames float16 only where something runs in it."""
+    return config_from(TrainConfig, {**flags, "dtype": flags["dtype"] if flags["backbone"] == "lm" else "float32"})
 
 
 # the settings a checkpoint records and a resumed run takes from it: what makes the observation tokenizer
@@ -141,7 +147,8 @@ def add_world_model_args(parser, tokenizer_iters_default):
                    f"training steps before the world model's (default: {tokenizer_iters_default})")
     g.add_argument("--fsq-levels", type=at_least_2, nargs="+", default=[8, 8, 8], help="frame observations: FSQ "
                    "levels per latent number; vocabulary = their product (IRIS: 512; default: %(default)s)")
-    g.add_argument("--tokenizer-lr", type=positive_float, default=1e-3, help="frame tokenizer learning rate "
+    g.add_argument("--tokenizer-lr", type=positive_float, default=1e-3, help="frame tokenizer peak learning rate, "
+                   "warmed up and decayed as --warmup-iters says "
                    "(default: %(default)s)")
     g.add_argument("--tokenizer-batch-size", type=positive_int, default=64, help="frames per tokenizer step "
                    "(default: %(default)s)")
@@ -149,34 +156,47 @@ def add_world_model_args(parser, tokenizer_iters_default):
 
 def check_world_model_flags(parser, flags):
     """At parse time, the checks that need several flags (flags: the parsed flags as a dict, vars(args)):
-    --width a multiple of --num-heads (for --backbone iris; an LM has its own shape), and --eval-only with
-    the --resume checkpoint it evaluates."""
-    if flags["backbone"] == "iris" and flags["width"] % flags["num_heads"] != 0:
-        parser.error(f"--width {flags['width']} is not a multiple of --num-heads {flags['num_heads']}: each head "
-                     "gets width / heads numbers")
+    a new run's shape (a resumed one's is checked once it took the saved flags: check_model_flags), and
+    --eval-only with the --resume checkpoint it evaluates."""
+    if flags["resume"] is None and shape_error(flags) is not None:
+        parser.error(shape_error(flags))
     if flags["eval_only"] and flags["resume"] is None:
         parser.error("--eval-only evaluates a checkpoint: pass --resume DIR too")
 
 
+def shape_error(flags):
+    """Why IRIS's transformer cannot take this shape, or None: --width a multiple of --num-heads (for
+    --backbone iris; an LM has its own shape)."""
+    if flags["backbone"] == "iris" and flags["width"] % flags["num_heads"] != 0:
+        return (f"--width {flags['width']} is not a multiple of --num-heads {flags['num_heads']}: each head gets "
+                "width / heads numbers")
+    return None
+
+
 def check_model_flags(flags, explicit):
     """Checked once a resumed run took its settings, before anything is written (flags: vars(args), explicit:
-    the flags given): LM flags need --backbone lm, no quantized random LM, --lm-layers within the LM's, and
+    the flags given): a shape IRIS's transformer can take, LM flags need --backbone lm, no quantized random LM, an LM whose architecture the adapters know,
+    --lm-layers within its layers, and
     the latent world model's flags need --state latent. Returns the --model to use: tiny for --backbone lm
     without one."""
     model = "tiny" if flags["backbone"] == "lm" and flags["model"] is None else flags["model"]
+    if shape_error(flags) is not None:
+        raise UserError(shape_error(flags))
     if flags["backbone"] == "iris":
-        given = [f"--{k.replace('_', '-')}" for k in LM_FLAGS if k in explicit]
+        given = [flag_name(k) for k in LM_FLAGS if k in explicit]
         if given:
             raise UserError(f"{', '.join(given)} configure(s) the LM backbone: add --backbone lm, or size "
                             "IRIS's transformer with --width, --num-layers, --num-heads")
     if flags["lm_init"] == "random" and (flags["load_8bit"] or flags["load_4bit"]):
         raise UserError("--lm-init random draws fresh weights, which --load-8bit/--load-4bit cannot quantize")
-    if flags["lm_layers"] is not None:  # checked before a tokenizer trains and a checkpoint is written
+    if flags["backbone"] == "lm":  # these two read the LM's config, before a tokenizer trains and anything is written
+        lm.check_lora_architecture(model)
+    if flags["lm_layers"] is not None:
         num_layers = lm.num_layers(model)
         if flags["lm_layers"] > num_layers:
             raise UserError(f"--lm-layers {flags['lm_layers']}: --model {model} has {num_layers} layers; "
                             "give that many or fewer")
-    given = [f"--{k.replace('_', '-')}" for k in LATENT_KEYS[1:] if k in explicit]
+    given = [flag_name(k) for k in LATENT_KEYS[1:] if k in explicit]
     if flags["state"] == "tokens" and given:
         raise UserError(f"{', '.join(given)} configure(s) the latent world model: add --state latent")
     return model
@@ -240,6 +260,7 @@ def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, settings, confi
         print(f"training the frame tokenizer for {settings.tokenizer_iters} steps")
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run.device),
           config, run, start_step=state.get("tokenizer_step", 0), save=save, flags=("--tokenizer-lr", "--grad-clip"))
+    standing["step"] = None  # its steps are not the next loop's: an interruption from here names no step of them
     tokenizer.eval()
 
 
@@ -331,14 +352,14 @@ def latent_world_model(settings, config, device, batch_size, should_print):
 
 def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device, end_share=0.0):
     """get_batch(index) for trainer.train: batch_size segments of segment_steps steps from random starts in data,
-    drawn from (seed, index). end_share: round(end_share * batch_size) of them are drawn to hold an episode end
-    instead, a rare event (IRIS draws each segment's episode uniformly, which weighs short episodes' ends up;
+    drawn from (seed, index). end_share: round(end_share * batch_size) of them (at least one for a share above
+    0) are drawn to hold an episode end instead, a rare event (IRIS draws each segment's episode uniformly, which weighs short episodes' ends up;
     here ends are drawn outright): one of data's ends, uniformly, at a uniform position in the
     segment (never before its episode's start, so never padded); the others start uniformly. With no end in data
     all start uniformly; with end_share 0 nothing more is drawn, so the batches are the uniform ones exactly."""
     num_tokens = batch_size * segment_steps * (tokenizer.tokens_per_obs + 1)
     end_steps = torch.nonzero(data["ends"]).squeeze(1)  # (E,)
-    num_ends = round(end_share * batch_size) if len(end_steps) > 0 else 0
+    num_ends = max(1, round(end_share * batch_size)) if end_share > 0 and len(end_steps) > 0 else 0
     # an end at step e lies unpadded in the segment from e - p for p up to segment_steps - 1 within its episode
     num_positions = (end_steps - data["episode_start"][end_steps]).clamp(max=segment_steps - 1) + 1  # (E,)
 

@@ -242,6 +242,7 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
     (["--offload"], "this base trains: freeze it (train_vae.py: add --freeze-base"),
     (["--offload", "--freeze-base"], "tiny's weights here are random and saved in the checkpoint"),
     (["--load-8bit"], "--load-8bit quantizes a frozen base, but this base trains"),
+    (["--edge-weights"], "first 8 and last 8 tokens apart, which --context 8 cannot hold both of: use --context 16"),
     (["--lr", "1e6", "--grad-clip", "0"], "stopped before saving")])  # a fresh run that diverges
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, text_file, flags, message):
     paths = {name: str(tmp_path / name) for name in ("empty", "latin1", "missing", "one_line", "file")}
@@ -339,6 +340,26 @@ def test_a_checkpoint_from_before_head_lr_scale_resumes_with_one_lr(trained, tmp
     assert state["step"] == 5 and state["config"]["head_lr_scale"] == 1.0
     assert len(state["optimizer"]["param_groups"]) == 2
     assert not any("lr_scale" in g for g in state["optimizer"]["param_groups"])
+
+
+@pytest.mark.parametrize("saved_minutes", [100.0, None], ids=["saved", "from-before"])
+def test_a_resumed_run_s_clock_goes_on_from_its_last_save(trained, tmp_path, capsys, text_file, saved_minutes):
+    """The checkpoint keeps the run's minutes at every save (SIGTERM's between evaluations too): a
+    resumed run's evaluations count on from there; a checkpoint from before counts on from its last
+    evaluation's."""
+    state = checkpoint.load_checkpoint(trained, "vae")
+    assert state["minutes"] >= state["history"][-1]["minutes"]  # saved after the evaluation
+    if saved_minutes is None:
+        del state["minutes"]
+    else:
+        state["minutes"] = saved_minutes  # as if SIGTERM had saved it long after the last evaluation
+    checkpoint.save_checkpoint(str(tmp_path), state)
+    run_main(["--resume", str(tmp_path), "--data", text_file, "--max-iters", "5", "--device", "cpu",
+              "--eval-paragraphs", "0"], capsys)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    start = saved_minutes if saved_minutes is not None else state["history"][-2]["minutes"]
+    assert start <= state["history"][-1]["minutes"] < start + 5  # this resumed run took far less than 5 minutes
+    assert state["history"][-1]["minutes"] <= state["minutes"]
 
 
 def test_defaults_per_base(base_dir):

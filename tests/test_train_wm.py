@@ -11,6 +11,7 @@ import gymnasium as gym
 import pytest
 import torch
 
+import common
 import data_wm
 import lm
 import lora
@@ -122,6 +123,14 @@ def test_segment_batches_oversample_episode_ends():
         positions |= set(holds_end[4:].nonzero()[:, 1].tolist())
         assert torch.equal(batch["actions"], get_batch(index)["actions"])  # a pure function of (seed, index)
     assert positions == set(range(6))
+
+
+def test_a_small_end_share_still_draws_one_end():
+    """A share that rounds to no segment of the batch (0.01 of 8) still draws one: the flag is never a no-op."""
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=4, num_bins=8))
+    data = end_data([40, 3, 60], [True, True, True])
+    batch = wm_setup.segment_batches(data, tokenizer, 6, 8, seed=3, device="cpu", end_share=0.01)(0)
+    assert (batch["ends"] & batch["mask_padding"])[7].any()  # the last segment is the drawn one
 
 
 def test_segment_batches_without_end_share_draw_uniform_starts_as_before():
@@ -334,6 +343,30 @@ def test_an_lm_backbone_does_not_check_iris_sizes():
     assert args.backbone == "lm" and args.width == 30
 
 
+def test_a_resumed_run_s_shape_is_checked_with_its_saved_width(tmp_path, capsys):
+    """A resumed run's width is the checkpoint's, not --width's default (128, which 3 heads do not divide)."""
+    out = str(tmp_path / "run")
+    finished_run(out, capsys, ["--width", "24", "--num-heads", "3"])
+    metrics, _ = run_main(["--resume", out, "--num-heads", "3", "--max-iters", "2", "--eval-interval", "2", *EVAL],
+                          capsys)
+    assert metrics["steps"] == 2
+
+
+def test_after_the_frame_tokenizer_an_interruption_names_none_of_its_steps(tmp_path, monkeypatch):
+    """The tokenizer's phase saves its own steps; once it ends, an interrupted run must not report them
+    as the world model's (common.standing, which the interruption line reads)."""
+    monkeypatch.setitem(common.standing, "step", None)
+    tokenizer = FrameTokenizer(FrameTokenizerConfig())
+    frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    settings = wm_setup.TokenizerSettings(tokenizer_iters=2, tokenizer_lr=1e-3, tokenizer_batch_size=2)
+    config = TrainConfig(out_dir=str(tmp_path), warmup_iters=1, log_interval=1)
+    seen = []
+    monkeypatch.setattr(wm_setup, "save_checkpoint", lambda path, state: seen.append(common.standing["step"]))
+    wm_setup.train_frame_tokenizer(tokenizer, {"obs": frames}, frames[:2], 255.0, settings, config,
+                                   Run(torch.device("cpu")), {})
+    assert seen == [2] and common.standing["step"] is None  # its step while it saved, none after
+
+
 def test_a_diverging_frame_tokenizer_names_its_own_lr(tmp_path):
     """The tokenizer's phase trains at --tokenizer-lr, so its divergence names that flag, not --lr."""
     torch.manual_seed(0)
@@ -405,6 +438,7 @@ def test_checkpoint_errors_leave_the_checkpoint_unchanged(tmp_path, capsys):
     err = run_error(["--width", "64", "--num-layers", "2", "--max-iters", "2", "--resume", out], capsys)
     assert "--width 64 (saved: 32)" in err and "--num-layers 2 (saved: 1)" in err  # every conflict, one line
     # a run that diverges stops before it saves: the last good checkpoint stays
-    err = run_error(["--resume", out, "--max-iters", "6", "--eval-interval", "6", "--lr", "1e6", *EVAL], capsys)
-    assert "stopped before saving" in err
+    err = run_error(["--resume", out, "--max-iters", "6", "--eval-interval", "6", "--lr", "1e6", "--dtype",
+                     "float16", *EVAL], capsys)
+    assert "stopped before saving" in err and "lower --lr (now 1e+06)" in err  # IRIS's transformer is fp32 anyway
     assert ckpt_bytes(out) == saved
