@@ -142,10 +142,10 @@ class LatentWorldModel(nn.Module):
     @torch.no_grad()
     def generate(self, z, sample):
         """Decode latents (B, D) into observation tokens (B, K) with the decoder's KV cache:
-        sample(logits (B, V)) -> tokens (B,) picks each token."""
+        sample(logits (B, V), k) -> tokens (B,) picks token k."""
         cache, embeds, tokens = LMCache(), self.head.w_d(z)[:, None], []  # (B, 1, C)
-        for _ in range(self.config.tokens_per_obs):
-            tokens.append(sample(self.obs_head(self.run_adapter("decoder", embeds, cache))[:, -1]))
+        for k in range(self.config.tokens_per_obs):
+            tokens.append(sample(self.obs_head(self.run_adapter("decoder", embeds, cache))[:, -1], k))
             embeds = self.obs_table(tokens[-1])[:, None]  # (B, 1, C)
         return torch.stack(tokens, 1)  # (B, K)
 
@@ -263,7 +263,7 @@ class LatentWorldModelEnv(WorldModelEnv):
         truncated = torch.zeros_like(terminated)
         if not self.should_decode:
             return None, reward, terminated, truncated, {"latent": self.latent}
-        obs_tokens = self.world_model.generate(self.latent, self._sample)  # (B, K)
+        obs_tokens = self.world_model.generate(self.latent, self._sample_obs)  # (B, K)
         info = {"latent": self.latent, "obs_tokens": obs_tokens}
         return self.tokenizer.decode(obs_tokens), reward, terminated, truncated, info
 

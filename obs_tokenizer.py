@@ -12,6 +12,8 @@ The tokenizers share one interface:
     fit(obs)              set what is read off the training data (before any training)
     encode(obs)           (N, *obs_shape) -> LongTensor (N, K)
     decode(tokens)        (N, K) -> (N, *obs_shape), same dtype as preprocess gives
+    allowed_tokens()      (K, vocab_size) bool, the tokens that may stand at each position, or None: all
+                          (imagination samples only these; a model's logits cover the whole vocabulary)
     tokens_per_obs, vocab_size
 
 - VectorTokenizer (CartPole, Acrobot, MountainCar, ...): each of the D dimensions is
@@ -96,6 +98,11 @@ class VectorTokenizer(nn.Module):
         # centers.flatten() is laid out exactly like the vocabulary
         return self.centers.flatten()[tokens]  # (N, D)
 
+    def allowed_tokens(self) -> torch.Tensor:
+        """Position d holds one of dimension d's tokens: another dimension's would decode to its value."""
+        dims = torch.arange(self.vocab_size, device=self.centers.device) // self.config.num_bins  # (V,)
+        return dims == torch.arange(self.config.obs_dim, device=self.centers.device)[:, None]  # (D, V)
+
 
 # ----------------------------------------------------------------------------- states
 
@@ -123,6 +130,9 @@ class DiscreteTokenizer(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.one_hot(tokens[:, 0], self.num_states).float()  # (N, 1) -> (N, num_states)
 
+    def allowed_tokens(self):
+        return None  # every state
+
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -135,6 +145,9 @@ class TokenObservations:
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
+
+    def allowed_tokens(self):
+        return None
 
 
 # ----------------------------------------------------------------------------- frames
@@ -205,6 +218,9 @@ class FrameTokenizer(nn.Module):
         digits = (tokens.unsqueeze(-1) // self.radix) % self.levels  # (N, K, d)
         x = self._pixels(digits.float())
         return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def allowed_tokens(self):
+        return None  # every code may stand in every grid cell
 
     def compute_loss(self, batch: dict, step: int = 0) -> dict:
         """Mean squared reconstruction error of batch["frames"] (B, 64, 64, 3) uint8 through

@@ -324,10 +324,18 @@ class WorldModelEnv:
         if not 0 <= self.keep_steps <= max_steps - 2:  # kept steps + the current obs + one new step must fit
             raise ValueError(f"keep_steps {self.keep_steps} must be from 0 to max_steps - 2 = {max_steps - 2}")
         self.generator = generator
+        self.allowed = tokenizer.allowed_tokens()  # (K, V) bool or None
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """A sample of each row of logits (B, classes) at the temperature; allowed (classes,): only those."""
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
         probs = F.softmax(logits / self.temperature, dim=-1)  # (B, classes)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)  # (B,)
+
+    def _sample_obs(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """Observation token k from the obs head's logits (B, V): one the tokenizer allows there."""
+        return self._sample(logits, None if self.allowed is None else self.allowed[k])
 
     def _feed(self, tokens: torch.Tensor) -> dict:
         """Append tokens (B, T) to the context; logits of the last position's heads."""
@@ -362,7 +370,7 @@ class WorldModelEnv:
         terminated = self._sample(out["end"]).bool()
         obs_tokens = []
         for k in range(K):
-            obs_tokens.append(self._sample(out["obs"]))
+            obs_tokens.append(self._sample_obs(out["obs"], k))
             out = self._feed(obs_tokens[-1].unsqueeze(1))  # the last one only fills the cache
         obs_tokens = torch.stack(obs_tokens, dim=1)  # (B, K)
         truncated = torch.zeros_like(terminated)

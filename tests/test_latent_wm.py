@@ -12,7 +12,7 @@ import train_wm
 import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
-from obs_tokenizer import TokenObservations
+from obs_tokenizer import TokenObservations, VectorTokenizer, VectorTokenizerConfig
 
 K, V, A, L, D = 4, 16, 3, 5, 8  # tokens per observation, their vocabulary, actions, steps, latent size
 CONFIG = LatentWorldModelConfig(tokens_per_obs=K, obs_vocab_size=V, num_actions=A, max_steps=L, latent_size=D)
@@ -144,9 +144,23 @@ def test_cached_decoding_equals_the_teacher_forced_decoder():
     """generate's K single-token passes through the decoder's cache give the logits that one
     teacher-forced pass over the tokens it chose gives."""
     model, z, steps = as_if_trained(make_model()).eval(), torch.randn(3, D), []
-    tokens = model.generate(z, lambda logits: steps.append(logits) or logits.argmax(-1))
+    tokens = model.generate(z, lambda logits, k: steps.append(logits) or logits.argmax(-1))
     assert tokens.shape == (3, K) and len(steps) == K
     assert torch.allclose(torch.stack(steps, 1), model.decode_logits(z, tokens), atol=1e-5)
+
+
+@torch.no_grad()
+def test_imagined_vector_tokens_stay_in_their_own_dimension():
+    """As WorldModelEnv: the decoder's position d samples only dimension d's bins of a VectorTokenizer,
+    here though every logit favours the last token of the vocabulary."""
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=K, num_bins=V // K))
+    tokenizer.fit(torch.randn(100, K))
+    model = make_model().eval()
+    model.obs_head.mlp[-1].bias.copy_(torch.arange(V, dtype=torch.float) * 50)
+    env = LatentWorldModelEnv(model, tokenizer, generator=torch.Generator().manual_seed(0))
+    env.reset(torch.randn(8, K))
+    tokens = env.step(torch.zeros(8, dtype=torch.long))[4]["obs_tokens"]  # (8, K)
+    assert torch.equal(tokens, ((torch.arange(K) + 1) * (V // K) - 1).expand(8, K))  # each dimension's last bin
 
 
 def test_the_kl_balance_trains_the_dynamics_and_the_encoder_at_their_own_weights(monkeypatch):

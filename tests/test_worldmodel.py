@@ -286,6 +286,23 @@ def test_imagination_env_types_and_cache_matches_recompute():
         assert torch.equal(o1, o2) and torch.equal(r1, r2) and torch.equal(e1, e2)
 
 
+def test_imagined_vector_tokens_stay_in_their_own_dimension():
+    """The obs head scores the whole vocabulary; with a VectorTokenizer, position d samples only
+    dimension d's bins (another's token would decode to that dimension's value). Here every logit
+    favours the last dimension's last bin, which only position 1 may take."""
+    tokenizer = VectorTokenizer(VectorTokenizerConfig(obs_dim=2, num_bins=4))
+    tokenizer.fit(torch.randn(100, 2))
+    assert tokenizer.allowed_tokens().tolist() == [[True] * 4 + [False] * 4, [False] * 4 + [True] * 4]
+    wm = tiny_world_model(K=2, vocab=8)
+    with torch.no_grad():
+        wm.heads["obs"].mlp[-1].bias.copy_(torch.tensor([0.0] * 7 + [50.0]))
+    env = WorldModelEnv(wm, tokenizer, generator=torch.Generator().manual_seed(0))
+    env.reset(torch.randn(16, 2))
+    for _ in range(3):
+        tokens = env.step(torch.zeros(16, dtype=torch.long))[4]["obs_tokens"]
+        assert (tokens[:, 0] < 4).all() and (tokens[:, 1] == 7).all()
+
+
 def test_imagination_follows_the_learned_dynamics():
     # a world model trained on "next obs = obs + action" imagines exactly that
     wm = tiny_world_model(K=1, vocab=6, actions=2, max_steps=4).train()
