@@ -290,6 +290,19 @@ def save_base(model, tokenizer, path):
         tokenizer.tok.save_pretrained(path)
 
 
+def fingerprint(model):
+    """Eight values of each embedding table and norm weight of a base, float32 (N,): they are never
+    quantized, and further pretraining moves them, so a checkpoint can tell whether the base that
+    loads by its name now is the one it was trained on. Compared with same_fingerprint's tolerance,
+    which bf16 rounding (8 bits of mantissa: at most 0.4%) stays within."""
+    return torch.cat([m.weight.detach().flatten()[:8].float().cpu() for m in model.modules()
+                      if isinstance(m, torch.nn.Embedding) or "norm" in type(m).__name__.lower()])
+
+
+def same_fingerprint(a, b):
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
 def cache_kwarg(model, cache):
     """{name: cache} for a forward call: transformers renamed `past_key_values` to `cache`
     during 5.x (the old name is removed in 5.40), so ask the model which one it takes."""

@@ -40,7 +40,7 @@ from common import (TINY_MODELS, batch_seed, config_from, fraction, make_parser,
                     positive_float, positive_int, run_cli)
 from offload import MemoryConfig, add_memory_args
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
-from vae import VAEConfig, build_vae, should_train_base
+from vae import VAEConfig, build_vae, load_weights, should_train_base
 from vae_eval import evaluate, evaluate_paragraphs
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
@@ -156,7 +156,7 @@ def main(argv=None):
     model = build_vae(args.model, config_from(VAEConfig, {**vars(args), "prefix_slots": args.context}),
                       config_from(MemoryConfig, vars(args)), run.device, should_train, args.batch_size, run.is_main)
     if state is not None:  # tiny's base is saved whether it trains or not: its weights are random
-        lora.load_saved_state(model, state["model"], "base.", args.model in TINY_MODELS, args.resume)
+        load_weights(model, state, args.model, args.resume)
     span = 2 * args.context
     train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)
@@ -200,11 +200,13 @@ def main(argv=None):
             history.append({"step": step, **last_eval})
             last_eval.clear()
         config = {k: getattr(args, k) for k in TRAIN_KEYS + VAE_TRAIN_KEYS + MODEL_KEYS + SCHEDULE_KEYS}
-        save_checkpoint(args.out_dir, {"kind": "vae", "config": config, "vae_config": dataclasses.asdict(model.cfg),
-                                       "base": args.model, "step": step, "history": history,
-                                       "minutes": minutes_now(),
-                                       "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),
-                                       "optimizer": optimizer.state_dict()})
+        saved = {"kind": "vae", "config": config, "vae_config": dataclasses.asdict(model.cfg), "base": args.model,
+                 "step": step, "history": history, "minutes": minutes_now(),
+                 "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),
+                 "optimizer": optimizer.state_dict()}
+        if model.base_fingerprint is not None:  # a base that loads by name: what tells it apart (vae.load_weights)
+            saved["base_fingerprint"] = model.base_fingerprint
+        save_checkpoint(args.out_dir, saved)
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
             peft_layout.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lm
 import lora
 import offload
 from checkpoint import load_checkpoint
@@ -396,6 +397,9 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
                                                should_save_base=base_name in TINY_MODELS)
     vae = VAE(base, cfg, tokenizer)
+    # a base that loads by name, not from the checkpoint: what tells it apart later (load_weights), read
+    # before offload moves its layers
+    vae.base_fingerprint = None if base_name in TINY_MODELS else lm.fingerprint(base)
     needed = vae.text_start(None) + context - 1  # the prefix's slots, then a span of --context tokens
     if needed > num_positions(base):
         fit = (num_positions(base) - needed + 2 * context) // 2  # the longest --context that would fit
@@ -423,5 +427,16 @@ def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=None, should_p
     vae = build_vae(base_name, cfg, memory, device, should_train_base(base_name, flags["freeze_base"]), batch_size,
                     should_print)
     # tiny's base is saved whether it trains or not: its weights are random, nothing reloads them
-    lora.load_saved_state(vae, state["model"], "base.", base_name in TINY_MODELS, ckpt_dir)
+    load_weights(vae, state, base_name, ckpt_dir)
     return vae
+
+
+def load_weights(vae, state, base_name, ckpt_dir):
+    """A checkpoint's weights into the VAE build_vae rebuilt, once its base (loaded by name) is known to be
+    the one they were trained on: a directory that pretrain_lm.py replaced since is refused. A checkpoint
+    saved before the fingerprint was kept has none to check."""
+    saved = state.get("base_fingerprint")
+    if saved is not None and not lm.same_fingerprint(saved, vae.base_fingerprint):
+        raise UserError(f"--model {base_name} is not the base the checkpoint in {ckpt_dir} was trained on (its weights "
+                        "differ): give that base, or train a new VAE on this one")
+    lora.load_saved_state(vae, state["model"], "base.", base_name in TINY_MODELS, ckpt_dir)

@@ -362,6 +362,31 @@ def test_a_resumed_run_s_clock_goes_on_from_its_last_save(trained, tmp_path, cap
     assert state["history"][-1]["minutes"] <= state["minutes"]
 
 
+def test_a_base_that_changed_since_is_refused(trained, tmp_path, capsys, text_file, base_dir):
+    """The frozen base loads by name: a checkpoint keeps a fingerprint of it (lm.fingerprint, which bf16
+    rounding leaves within its tolerance), so a base directory replaced since (pretrain_lm.py --resume
+    does that) is refused on resume and by sample.py, not silently run under the old adapters."""
+    base = lm.load_base(base_dir)[0]
+    saved = lm.fingerprint(base)
+    assert lm.same_fingerprint(saved, lm.fingerprint(base.to(torch.bfloat16)))  # (to() casts it in place)
+    state = checkpoint.load_checkpoint(trained, "vae")
+    assert torch.equal(state["base_fingerprint"], saved)
+    other = tmp_path / "base"
+    changed = tiny_gpt2()
+    with torch.no_grad():
+        changed.transformer.wte.weight.mul_(1.1)  # as a little more pretraining would move it
+    lm.save_base(changed, lm.ByteTokenizer(), other)
+    state["base"] = state["config"]["model"] = str(other)
+    checkpoint.save_checkpoint(str(tmp_path / "run"), state)
+    before = read_bytes(tmp_path / "run" / "ckpt.pt")
+    message = f"--model {other} is not the base the checkpoint in {tmp_path / 'run'} was trained on"
+    assert message in run_error(train_vae.main, ["--resume", str(tmp_path / "run"), "--data", text_file,
+                                                 "--max-iters", "5", "--device", "cpu"], capsys)
+    assert message in run_error(sample.main, ["--resume", str(tmp_path / "run"), "--reconstruct", "a", "--device",
+                                              "cpu"], capsys)
+    assert read_bytes(tmp_path / "run" / "ckpt.pt") == before
+
+
 def test_defaults_per_base(base_dir):
     """tiny's CPU values for tiny models, BigVAE's (lr 1e-4, 64-token spans, no word dropout) for any
     pretrained base; a given flag wins."""
