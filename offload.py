@@ -337,18 +337,15 @@ def load_with_memory(model_name, memory, device, should_train_base, should_load_
                         should_load_tokenizer=should_load_tokenizer, should_check_lora=True)  # every user adds LoRA
 
 
-def place(model, base, memory, device, tokens_per_step, batch_size, should_print):
+def place(model, base, memory, device, tokens_per_step, lower, should_print):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
     MemoryConfig asks: per-layer checkpointing, the memory check (check_memory: a step of
-    batch_size sequences, tokens_per_step tokens, that cannot fit is refused (batch_size None: a
-    user that trains nothing, as sample.py, whose way out is the flags that load less); the estimate printed
+    tokens_per_step tokens that cannot fit is refused, asking to lower `lower`; the estimate printed
     on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
     (bitsandbytes put it there while loading; offload_layers just did), so only the parts of `model`
     outside it move; otherwise all of `model` moves."""
     if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
-    lower = ("what the base needs: add --load-8bit or --offload" if batch_size is None
-             else f"--batch-size (now {batch_size})")
     estimate = check_memory(base, device, tokens_per_step, lower, memory.grad_checkpoint, memory.offload)
     if should_print and device.type == "cuda":
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))

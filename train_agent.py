@@ -112,8 +112,8 @@ def parse_args(argv=None):
                    "tokenizer's bins cover the first epoch's data only, or it and the observation space's finite "
                    "bounds (data_wm.with_space_bounds; default: %(default)s)")
     g.add_argument("--end-share", type=fraction, default=0.0, help="the share of each world-model batch drawn "
-                   "to hold an episode end, at a uniform position in its segment, the others from uniform starts: "
-                   "a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
+                   "(at least one segment for a share above 0) to hold an episode end, at a uniform position in its "
+                   "segment, the others from uniform starts: a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
                    "episode uniformly, which weighs short episodes' ends up; default: %(default)s, all uniform)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy; --eval-only may play another number (default: %(default)s)")
@@ -238,7 +238,7 @@ def main(argv=None):
             **{k: state[k] for k in ("kind", "config", "history")}, "step": epoch,
             "data": {k: data[k] for k in ("obs", "actions", "rewards", "ends", "episode")},
             "tokenizer": tokenizer.state_dict(), "tokenizer_step": args.tokenizer_iters,
-            "world_model": saved_state(world_model, settings), "optimizer": optimizer.state_dict(),
+            **saved_state(world_model, settings), "optimizer": optimizer.state_dict(),
             "actor_critic": actor_critic.state_dict(), "ac_optimizer": ac_optimizer.state_dict()})
 
     if args.eval_only:
@@ -280,7 +280,7 @@ def main(argv=None):
 
         t_ac = time.time()
         ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
-                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"), dtype="float32")  # fp32
+                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
         ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
                          schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)

@@ -36,8 +36,8 @@ import lora
 import peft_layout
 import textdata
 from checkpoint import TRAIN_KEYS, adopt_config, load_optimizer, open_run, save_checkpoint
-from common import (TINY_MODELS, batch_seed, config_from, fraction, make_parser, nonneg_float, nonneg_int, parse,
-                    positive_float, positive_int, run_cli)
+from common import (TINY_MODELS, UserError, batch_seed, config_from, fraction, make_parser, nonneg_float, nonneg_int,
+                    parse, positive_float, positive_int, run_cli)
 from offload import MemoryConfig, add_memory_args
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
 from vae import VAEConfig, build_vae, load_weights, should_train_base
@@ -151,6 +151,9 @@ def main(argv=None):
         adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0
+    if state is None and args.edge_weights and args.context < 16:  # a new run's (one saved so loads as it trained)
+        raise UserError(f"--edge-weights weighs a span's first 8 and last 8 tokens apart, which --context "
+                        f"{args.context} cannot hold both of: use --context 16 or more, or drop --edge-weights")
     docs = textdata.load_documents(args.data)  # before the base loads: bad --data is refused at once
     should_train = should_train_base(args.model, args.freeze_base)
     model = build_vae(args.model, config_from(VAEConfig, {**vars(args), "prefix_slots": args.context}),

@@ -162,7 +162,7 @@ def main(argv=None):
     def save(step):
         save_checkpoint(args.out_dir, {
             "kind": "wm", "config": state["config"], "step": step, "tokenizer": tokenizer.state_dict(),
-            "tokenizer_step": args.tokenizer_iters, "world_model": saved_state(world_model, settings),
+            "tokenizer_step": args.tokenizer_iters, **saved_state(world_model, settings),
             "optimizer": optimizer.state_dict()})
 
     def evaluate_now():

@@ -390,10 +390,7 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     asks; its memory check is for a step of batch_size windows (the encoder's span of train_vae.py's
     --context, the decoder's inputs: a prefix, the soft tokens, a span; None: one window, for a user that
     trains nothing), with should_print as offload.place's."""
-    context = cfg.prefix_slots  # train_vae.py's --context: the prefix's slots and the span's tokens
-    if cfg.edge_weights and context < 16:
-        raise UserError(f"--edge-weights weighs a span's first 8 and last 8 tokens apart, which --context {context} "
-                        "cannot hold both of: use --context 16 or more, or drop --edge-weights")
+    context = cfg.prefix_slots
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
                                                should_save_base=base_name in TINY_MODELS)
     vae = VAE(base, cfg, tokenizer)
@@ -407,8 +404,15 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
+    if batch_size is not None:
+        lower = f"--batch-size (now {batch_size})"
+    else:  # a user that trains nothing (sample.py): what loads the base smaller, where it can be
+        unused = [flag for flag, is_on in (("--load-8bit", memory.load_8bit or memory.load_4bit),
+                                           ("--offload", memory.offload or memory.load_4bit)) if not is_on]
+        lower = (f"what the base takes: add {' or '.join(unused)}" if unused and not should_train_base
+                 else "what else uses the device's memory (this base loads whole)")
     num_windows = 1 if batch_size is None else batch_size
-    offload.place(vae, base, memory, device, num_windows * (context + needed), batch_size, should_print)
+    offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print)
     return vae
 
 
@@ -416,8 +420,8 @@ def load_vae(ckpt_dir, device, memory=None, flag=None, batch_size=None, should_p
     """The VAE saved in ckpt_dir (flag: the flag that named it, for the errors), rebuilt by build_vae
     (memory None: offload.MemoryConfig(); batch_size None: to use it, not to train it) with its weights.
     A checkpoint from before "vae_config" and "base" were saved has them in its flags: --context is the
-    prefix's slots too. A field either lacks
-    did not exist yet (--word-dropout, --own-tokens): it was off, VAEConfig's default."""
+    prefix's slots too. A field either lacks did not exist yet (--word-dropout, --own-tokens): it was off,
+    VAEConfig's default."""
     state = load_checkpoint(ckpt_dir, "vae", flag)
     flags = state["config"]
     base_name = state.get("base", flags["model"])
@@ -435,8 +439,7 @@ def load_weights(vae, state, base_name, ckpt_dir):
     """A checkpoint's weights into the VAE build_vae rebuilt, once its base (loaded by name) is known to be
     the one they were trained on: a directory that pretrain_lm.py replaced since is refused. A checkpoint
     saved before the fingerprint was kept has none to check."""
-    saved = state.get("base_fingerprint")
-    if saved is not None and not lm.same_fingerprint(saved, vae.base_fingerprint):
-        raise UserError(f"--model {base_name} is not the base the checkpoint in {ckpt_dir} was trained on (its weights "
-                        "differ): give that base, or train a new VAE on this one")
+    if vae.base_fingerprint is not None:
+        vae.base_fingerprint = lm.check_fingerprint(state.get("base_fingerprint"), vae.base_fingerprint, base_name,
+                                                    ckpt_dir)
     lora.load_saved_state(vae, state["model"], "base.", base_name in TINY_MODELS, ckpt_dir)

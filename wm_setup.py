@@ -175,10 +175,9 @@ def shape_error(flags):
 
 def check_model_flags(flags, explicit):
     """Checked once a resumed run took its settings, before anything is written (flags: vars(args), explicit:
-    the flags given): a shape IRIS's transformer can take, LM flags need --backbone lm, no quantized random LM, an LM whose architecture the adapters know,
-    --lm-layers within its layers, and
-    the latent world model's flags need --state latent. Returns the --model to use: tiny for --backbone lm
-    without one."""
+    the flags given): a shape IRIS's transformer can take, LM flags need --backbone lm, no quantized random
+    LM, an LM whose architecture the adapters know, --lm-layers within its layers, and the latent world
+    model's flags need --state latent. Returns the --model to use: tiny for --backbone lm without one."""
     model = "tiny" if flags["backbone"] == "lm" and flags["model"] is None else flags["model"]
     if shape_error(flags) is not None:
         raise UserError(shape_error(flags))
@@ -298,6 +297,7 @@ def build_world_model(settings, tokenizer, num_actions, device, batch_size, shou
         return lm_world_model(settings, WorldModelConfig(**shapes), device, batch_size, should_print)
     backbone = Transformer(settings.transformer)
     world_model = WorldModel(WorldModelConfig(**shapes), backbone).to(device)
+    world_model.base_fingerprint = None  # nothing pretrained
     check_memory(world_model, device, batch_size * world_model.config.max_tokens,
                  f"--batch-size (now {batch_size})")  # offload.place checks a model with an LM base
     return world_model
@@ -305,11 +305,13 @@ def build_world_model(settings, tokenizer, num_actions, device, batch_size, shou
 
 def lm_and_tables(settings, config, device, num_tokens):
     """The LM as settings ask (pretrained or --lm-init random, its first --lm-layers), checked to take
-    num_tokens positions, and the token tables --embeddings picks (None: IRIS's own)."""
+    num_tokens positions, the token tables --embeddings picks (None: IRIS's own), and the fingerprint
+    of a frozen pretrained LM, which a checkpoint does not keep (lm.fingerprint; else None)."""
     base, _ = load_with_memory(settings.model, settings.memory, device, settings.train_base,
                                should_load_tokenizer=False, should_save_base=should_save_base(settings))
     if settings.lm_layers is not None:
         base = first_layers(base, settings.lm_layers)
+    fingerprint = None if should_save_base(settings) else lm.fingerprint(base)  # before offload moves it
     if settings.lm_init == "random":
         base = randomized(base)  # drawn from --seed (the scripts seed torch before building)
     if num_tokens > lm.num_positions(base):
@@ -319,16 +321,18 @@ def lm_and_tables(settings, config, device, num_tokens):
     if settings.embeddings != "iris":
         tables = lm_token_tables(base, config.obs_vocab_size, config.num_actions,
                                  should_train=settings.embeddings == "lm-trained")
-    return base, tables
+    return base, tables, fingerprint
 
 
 def lm_world_model(settings, config, device, batch_size, should_print):
     """The world model (WorldModelConfig `config`) around the LM (lm_and_tables): frozen + the dynamics
     adapter or --train-base, placed on `device` as the memory settings ask (offload.py)."""
-    base, tables = lm_and_tables(settings, config, device, config.max_tokens)
+    base, tables, fingerprint = lm_and_tables(settings, config, device, config.max_tokens)
     backbone = LMBackbone(base, r=settings.lora_r, alpha=settings.lora_alpha, should_train_base=settings.train_base)
     world_model = WorldModel(config, backbone, tables)
-    place(world_model, base, settings.memory, device, batch_size * config.max_tokens, batch_size, should_print)
+    world_model.base_fingerprint = fingerprint
+    lower = f"--batch-size (now {batch_size})"
+    place(world_model, base, settings.memory, device, batch_size * config.max_tokens, lower, should_print)
     return world_model
 
 
@@ -341,22 +345,25 @@ def latent_world_model(settings, config, device, batch_size, should_print):
     num_tokens = batch_size * config.max_steps * ((1 + decoder_passes) * config.tokens_per_obs + 2)
     if settings.backbone == "iris":
         world_model = LatentWorldModel(config, iris_sized_lm(settings.transformer, config), should_train_base=True)
+        world_model.base_fingerprint = None  # nothing pretrained
         check_memory(world_model.to(device), device, num_tokens, f"--batch-size (now {batch_size})")
         return world_model
-    base, tables = lm_and_tables(settings, config, device, max(config.max_tokens, config.tokens_per_obs))
+    base, tables, fingerprint = lm_and_tables(settings, config, device, max(config.max_tokens, config.tokens_per_obs))
     world_model = LatentWorldModel(config, base, tables, r=settings.lora_r, alpha=settings.lora_alpha,
                                    should_train_base=settings.train_base)
-    place(world_model, base, settings.memory, device, num_tokens, batch_size, should_print)
+    world_model.base_fingerprint = fingerprint
+    place(world_model, base, settings.memory, device, num_tokens, f"--batch-size (now {batch_size})", should_print)
     return world_model
 
 
 def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device, end_share=0.0):
     """get_batch(index) for trainer.train: batch_size segments of segment_steps steps from random starts in data,
     drawn from (seed, index). end_share: round(end_share * batch_size) of them (at least one for a share above
-    0) are drawn to hold an episode end instead, a rare event (IRIS draws each segment's episode uniformly, which weighs short episodes' ends up;
-    here ends are drawn outright): one of data's ends, uniformly, at a uniform position in the
-    segment (never before its episode's start, so never padded); the others start uniformly. With no end in data
-    all start uniformly; with end_share 0 nothing more is drawn, so the batches are the uniform ones exactly."""
+    0) are drawn to hold an episode end instead, a rare event (IRIS draws each segment's episode uniformly,
+    which weighs short episodes' ends up; here ends are drawn outright): one of data's ends, uniformly, at a
+    uniform position in the segment (never before its episode's start, so never padded); the others start
+    uniformly. With no end in data all start uniformly; with end_share 0 nothing more is drawn, so the
+    batches are the uniform ones exactly."""
     num_tokens = batch_size * segment_steps * (tokenizer.tokens_per_obs + 1)
     end_steps = torch.nonzero(data["ends"]).squeeze(1)  # (E,)
     num_ends = max(1, round(end_share * batch_size)) if end_share > 0 and len(end_steps) > 0 else 0
@@ -390,16 +397,22 @@ def should_save_base(settings):
 
 
 def saved_state(world_model, settings):
-    """What a checkpoint keeps: all but a frozen pretrained LM's own weights, which reload from
-    --model (an IRIS world model has no backbone.lm. weights, so all of it is kept)."""
-    return lora.saved_state(world_model, "backbone.lm.", should_save_base(settings))
+    """What a checkpoint keeps, {"world_model": ...} and the base's fingerprint where it has one: all
+    but a frozen pretrained LM's own weights, which reload from --model (an IRIS world model has no
+    backbone.lm. weights, so all of it is kept)."""
+    fingerprint = {} if world_model.base_fingerprint is None else {"base_fingerprint": world_model.base_fingerprint}
+    return {"world_model": lora.saved_state(world_model, "backbone.lm.", should_save_base(settings)), **fingerprint}
 
 
 def restore(world_model, optimizer, state, settings, path):
-    """Load the world model and optimizer of a resumed run's checkpoint `state` (read from path);
-    returns the step to start from (0 when it has no world model yet)."""
+    """Load the world model and optimizer of a resumed run's checkpoint `state` (read from path), once its
+    frozen pretrained LM is known to be the one it trained on; returns the step to start from (0 when it
+    has no world model yet)."""
     if "world_model" not in state:
         return 0
+    if world_model.base_fingerprint is not None:
+        world_model.base_fingerprint = lm.check_fingerprint(state.get("base_fingerprint"),
+                                                            world_model.base_fingerprint, settings.model, path)
     lora.load_saved_state(world_model, state["world_model"], "backbone.lm.", should_save_base(settings), path)
     load_optimizer(optimizer, state["optimizer"])
     return state["step"]

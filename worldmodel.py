@@ -327,7 +327,8 @@ class WorldModelEnv:
         self.allowed = tokenizer.allowed_tokens()  # (K, V) bool or None
 
     def _sample(self, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """A sample of each row of logits (B, classes) at the temperature; allowed (classes,): only those."""
+        """A sample of each row of logits (B, classes) at the temperature; allowed (classes,): only those.
+        On the CPU torch.multinomial races exponential draws: a mask changes only the draws it forbids."""
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         probs = F.softmax(logits / self.temperature, dim=-1)  # (B, classes)

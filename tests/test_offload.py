@@ -174,7 +174,8 @@ def test_place_sets_up_the_base_and_keeps_the_model_computing_the_same(saved_mod
         torch.manual_seed(5)
         base = adapted(saved_model_dir)
         model = torch.nn.ModuleDict({"base": base, "head": torch.nn.Linear(lm.hidden_size(base), 3)})
-        offload.place(model, base, memory, torch.device("cpu"), tokens_per_step=24, batch_size=2, should_print=True)
+        offload.place(model, base, memory, torch.device("cpu"), tokens_per_step=24, lower="--batch-size (now 2)",
+                      should_print=True)
         model.eval()  # no dropout: the two models must compute the same thing
         return model
 

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import checkpoint
 import lm
+import offload
 import sample
 import textdata
 import train_vae
@@ -368,23 +369,38 @@ def test_a_base_that_changed_since_is_refused(trained, tmp_path, capsys, text_fi
     does that) is refused on resume and by sample.py, not silently run under the old adapters."""
     base = lm.load_base(base_dir)[0]
     saved = lm.fingerprint(base)
-    assert lm.same_fingerprint(saved, lm.fingerprint(base.to(torch.bfloat16)))  # (to() casts it in place)
+    assert lm.check_fingerprint(saved, lm.fingerprint(base.to(torch.bfloat16)), "b", "c") is saved  # to(): in place
     state = checkpoint.load_checkpoint(trained, "vae")
     assert torch.equal(state["base_fingerprint"], saved)
+    first = state["base_fingerprint"] * (1 + 1e-3)  # as if saved from a bf16 copy: within the tolerance
+    checkpoint.save_checkpoint(str(tmp_path / "same"), {**state, "base_fingerprint": first})
+    run_main(["--resume", str(tmp_path / "same"), "--data", text_file, "--max-iters", "5", "--device", "cpu",
+              "--eval-paragraphs", "0"], capsys)
+    assert torch.equal(torch.load(tmp_path / "same" / "ckpt.pt", weights_only=True)["base_fingerprint"], first)
     other = tmp_path / "base"
     changed = tiny_gpt2()
     with torch.no_grad():
-        changed.transformer.wte.weight.mul_(1.1)  # as a little more pretraining would move it
+        changed.transformer.wte.weight.add_(1e-3)  # about as far as one more AdamW step at lr 1e-3 moves it
     lm.save_base(changed, lm.ByteTokenizer(), other)
     state["base"] = state["config"]["model"] = str(other)
     checkpoint.save_checkpoint(str(tmp_path / "run"), state)
     before = read_bytes(tmp_path / "run" / "ckpt.pt")
-    message = f"--model {other} is not the base the checkpoint in {tmp_path / 'run'} was trained on"
+    message = f"the base {other} is not the one the checkpoint in {tmp_path / 'run'} was trained on"
     assert message in run_error(train_vae.main, ["--resume", str(tmp_path / "run"), "--data", text_file,
                                                  "--max-iters", "5", "--device", "cpu"], capsys)
     assert message in run_error(sample.main, ["--resume", str(tmp_path / "run"), "--reconstruct", "a", "--device",
                                               "cpu"], capsys)
     assert read_bytes(tmp_path / "run" / "ckpt.pt") == before
+
+
+@pytest.mark.parametrize("flags, advice", [([], "add --load-8bit or --offload"), (["--load-8bit"], "add --offload")])
+def test_a_frozen_base_too_big_to_load_names_the_flags_that_load_it_smaller(trained, capsys, monkeypatch, flags,
+                                                                               advice):
+    """sample.py (no --batch-size) on a VAE whose frozen base does not fit: the memory flags not given yet."""
+    monkeypatch.setattr(offload, "free_memory", lambda device: 0)
+    monkeypatch.setattr(offload, "load_with_memory", lambda name, *a, **k: lm.load_base(name))  # no bitsandbytes here
+    err = run_error(sample.main, ["--resume", trained, "--sample", "1", "--device", "cpu"] + flags, capsys)
+    assert err.endswith(f"GiB is free: lower what the base takes: {advice}"), err
 
 
 def test_defaults_per_base(base_dir):

@@ -247,6 +247,14 @@ def test_lm_backbone_trains_saves_only_its_adapter_and_reloads(tmp_path, capsys,
     again, _ = run_main(["--eval-only", "--resume", out, *EVAL], capsys)
     for key in ("val_obs_ce", "val_end_acc", "imag_err_h5"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-6), key
+    # the base is not in the checkpoint, its fingerprint is: a base replaced since is refused
+    assert "base_fingerprint" in torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    changed = lm.load_base(model_only_dir, should_load_tokenizer=False)[0]
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.add_(1e-3)
+    changed.save_pretrained(model_only_dir)
+    assert f"the base {model_only_dir} is not the one the checkpoint in {out} was trained on" in run_error(
+        ["--eval-only", "--resume", out, *EVAL], capsys)
 
 
 @pytest.mark.parametrize("flag", ["--lm-init random", "--train-base"])
@@ -256,7 +264,9 @@ def test_lm_backbone_random_or_trained_base_is_saved(tmp_path, capsys, saved_mod
     out = str(tmp_path / "run")
     run_main(CARTPOLE + LM_BACKBONE + ["--model", saved_model_dir, *flag.split(), "--max-iters", "2",
                                        "--eval-interval", "2", "--out-dir", out], capsys)
-    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["world_model"]
+    saved = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    state = saved["world_model"]
+    assert "base_fingerprint" not in saved  # the base is in the checkpoint itself
     pretrained = lm.load_base(saved_model_dir)[0].state_dict()
     base = {k.removeprefix("backbone.lm.").replace(".base.", "."): v for k, v in state.items()
             if k.startswith("backbone.lm.") and not lora.is_lora_key(k)}  # LoRA keeps a wrapped weight as .base

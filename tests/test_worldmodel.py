@@ -303,6 +303,20 @@ def test_imagined_vector_tokens_stay_in_their_own_dimension():
         assert (tokens[:, 0] < 4).all() and (tokens[:, 1] == 7).all()
 
 
+def test_on_the_cpu_a_mask_changes_only_the_draws_it_forbids():
+    """WorldModelEnv._sample's comment: the same generator gives the same token wherever the unmasked
+    draw was allowed, and the generator ends in the same state."""
+    env = WorldModelEnv(tiny_world_model(), TokenObservations())
+    logits, allowed = torch.randn(4096, 8) * 2, torch.tensor([True] * 6 + [False] * 2)
+    env.generator = torch.Generator().manual_seed(0)
+    free, next_free = env._sample(logits), torch.rand(3, generator=env.generator)
+    env.generator = torch.Generator().manual_seed(0)
+    masked, next_masked = env._sample(logits, allowed), torch.rand(3, generator=env.generator)
+    kept = allowed[free]
+    assert (~kept).any() and torch.equal(masked[kept], free[kept]) and allowed[masked].all()
+    assert torch.equal(next_free, next_masked)
+
+
 def test_imagination_follows_the_learned_dynamics():
     # a world model trained on "next obs = obs + action" imagines exactly that
     wm = tiny_world_model(K=1, vocab=6, actions=2, max_steps=4).train()
