@@ -297,7 +297,8 @@ def fingerprint(model, num_values=64):
     check_fingerprint, within the 1% that bf16 rounding (at most 0.4%) stays inside."""
     def spread(weight):
         flat = weight.detach().flatten()
-        return flat[torch.linspace(0, len(flat) - 1, num_values, device=flat.device).long()].float().cpu()
+        at = torch.arange(num_values, device=flat.device) * (len(flat) - 1) // (num_values - 1)  # exact integers
+        return flat[at].float().cpu()
     return torch.cat([spread(m.weight) for m in model.modules()
                       if isinstance(m, torch.nn.Embedding) or "norm" in type(m).__name__.lower()])
 

@@ -406,11 +406,12 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
         lora.mark_only_lora_trainable(base)
     if batch_size is not None:
         lower = f"--batch-size (now {batch_size})"
-    else:  # a user that trains nothing (sample.py): what loads the base smaller, where it can be
+    else:  # a user that trains nothing (sample.py): the flags that would load this base smaller, if any
+        can_shrink = not (base_name in TINY_MODELS or base_name == "smollm2" or base_name.endswith(".gguf"))
         unused = [flag for flag, is_on in (("--load-8bit", memory.load_8bit or memory.load_4bit),
-                                           ("--offload", memory.offload or memory.load_4bit)) if not is_on]
-        lower = (f"what the base takes: add {' or '.join(unused)}" if unused and not should_train_base
-                 else "what else uses the device's memory (this base loads whole)")
+                                           ("--offload", memory.offload or memory.load_4bit or device.type != "cuda"))
+                  if can_shrink and not is_on]
+        lower = f"what the base takes: add {' or '.join(unused)}" if unused else "what else uses the device's memory"
     num_windows = 1 if batch_size is None else batch_size
     offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print)
     return vae

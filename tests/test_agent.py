@@ -299,7 +299,7 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
 @pytest.mark.parametrize("dtype", [[], ["--dtype", "float16"]], ids=["default", "float16"])
 def test_a_diverging_actor_critic_names_its_own_lr(tmp_path, capsys, dtype):
     """The actor-critic trains at --ac-lr: its divergence names that flag, not the world model's --lr;
-    it is fp32 whatever --dtype says (the LM's), so float16 is not blamed."""
+    --dtype is an LM world model's, so with IRIS's fp32 transformer float16 is not blamed."""
     err = run_script_error(train_agent.main, QUICK + dtype + ["--max-iters", "1", "--ac-lr", "1e30", "--ac-grad-clip",
                                                               "0", "--out-dir", str(tmp_path / "run")], capsys)
     assert "lower --ac-lr (now 1e+30)" in err and not os.path.exists(tmp_path / "run" / "ckpt.pt")

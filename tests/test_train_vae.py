@@ -393,14 +393,24 @@ def test_a_base_that_changed_since_is_refused(trained, tmp_path, capsys, text_fi
     assert read_bytes(tmp_path / "run" / "ckpt.pt") == before
 
 
-@pytest.mark.parametrize("flags, advice", [([], "add --load-8bit or --offload"), (["--load-8bit"], "add --offload")])
+@pytest.mark.parametrize("flags, advice", [([], "what the base takes: add --load-8bit"),
+                                           (["--load-8bit"], "what else uses the device's memory")])
 def test_a_frozen_base_too_big_to_load_names_the_flags_that_load_it_smaller(trained, capsys, monkeypatch, flags,
                                                                                advice):
-    """sample.py (no --batch-size) on a VAE whose frozen base does not fit: the memory flags not given yet."""
+    """sample.py (no --batch-size) on a VAE whose frozen base does not fit: the memory flags not given yet
+    (on the CPU not --offload, which keeps the layers in CPU memory anyway)."""
     monkeypatch.setattr(offload, "free_memory", lambda device: 0)
     monkeypatch.setattr(offload, "load_with_memory", lambda name, *a, **k: lm.load_base(name))  # no bitsandbytes here
     err = run_error(sample.main, ["--resume", trained, "--sample", "1", "--device", "cpu"] + flags, capsys)
-    assert err.endswith(f"GiB is free: lower what the base takes: {advice}"), err
+    assert err.endswith(f"GiB is free: lower {advice}"), err
+
+
+def test_the_fingerprint_reaches_the_last_value_of_a_table_past_float32_s_integers():
+    """A table of more than 2**24 numbers (SmolLM2's embedding has 28M): its last value is sampled, exactly
+    (float32 cannot hold the index 2**24 + 1; other sizes round past the end)."""
+    table = torch.nn.Embedding(2**24 + 2, 1)
+    values = lm.fingerprint(torch.nn.ModuleList([table]))
+    assert values.shape == (64,) and values[-1] == table.weight[-1, 0] and values[0] == table.weight[0, 0]
 
 
 def test_defaults_per_base(base_dir):
