@@ -129,6 +129,14 @@ def bench_lora(args):
     }
 
 
+def check_fits(vae, base, block_size):
+    """--block-size target tokens after the VAE's decoder inputs must fit the base's positions: one line if not."""
+    needed = vae.text_start(None) + block_size
+    if needed > lm.num_positions(base):
+        raise UserError(f"--block-size {block_size} needs {needed} positions, more than the base's "
+                        f"{lm.num_positions(base)}: lower --block-size")
+
+
 def bench_vae(args):
     """Sequences per second for encode (one bidirectional pass + pooling) and reconstruct (encode,
     then greedy decoding of block_size tokens with the KV cache), on tiny and on GPT-2 small's shape
@@ -139,6 +147,7 @@ def bench_vae(args):
         base = lm.load_base("tiny")[0] if name == "tiny" else gpt2_small()
         torch.manual_seed(0)
         vae = VAE(base, VAEConfig()).eval()
+        check_fits(vae, base, args.block_size)
         vocab = base.config.vocab_size - 1
         ids = torch.randint(0, vocab, (args.batch_size, args.block_size))
 
@@ -148,7 +157,7 @@ def bench_vae(args):
 
         def reconstruct():
             with torch.no_grad():
-                vae.generate(vae.encode(ids)[0], args.block_size)
+                vae.generate(vae.encode(ids)[0], args.block_size, should_stop_at_eos=False)  # all of them, as below
 
         def reconstruct_uncached():
             with torch.no_grad():
@@ -182,6 +191,7 @@ def bench_vae_step(args):
         base = random_gpt2(args.lm)
     base.requires_grad_(False)
     vae = VAE(base, VAEConfig(decoder_init="lm", prefix_slots=args.block_size, ae_iters=1)).to(args.device)
+    check_fits(vae, base, args.block_size)
     vae.train()
     ids = torch.randint(0, base.config.vocab_size - 1, (args.batch_size, args.block_size), device=args.device)
     batch = {"input_ids": ids}

@@ -129,7 +129,8 @@ def check_out_dir(out_dir, resume):
     if is_main:
         lock_out_dir(out_dir)
     path = os.path.join(out_dir, "ckpt.pt")
-    if os.path.exists(path) and os.path.abspath(out_dir) != os.path.abspath(resume or ""):
+    is_resumed_here = resume is not None and os.path.abspath(out_dir) == os.path.abspath(resume)
+    if os.path.exists(path) and not is_resumed_here:
         raise UserError(f"{path} already exists; pass --resume {out_dir} to continue it, or choose another --out-dir")
     if is_main:  # no other run writes here, so these are a killed one's
         for tmp in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.tmp")):

@@ -1,8 +1,7 @@
 """
 The agent's learning curve: held-out real return (greedy policy) against real env steps, from
 train_agent.py checkpoints (their `history`), one line per group of runs: the mean over the
-group's seeds, and a band over the 95% interval of that mean (Student's t up to 10 seeds, the
-normal's 1.96 beyond). The last line printed
+group's seeds, and a band over the 95% interval of that mean (Student's t). The last line printed
 is one JSON object: for each group, each evaluation's mean, interval and per-seed returns, and each
 seed's real steps to the env's reward threshold (CartPole-v1: 475) and to --target.
 
@@ -25,7 +24,18 @@ from checkpoint import load_checkpoint  # noqa: E402
 from common import UserError, make_parser, run_cli  # noqa: E402
 from experiments.plot import draw  # noqa: E402
 
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # by degrees of freedom
+# Student's t at 97.5% by degrees of freedom 1 to 30
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df):
+    """Student's t 97.5% quantile: the table, then its Cornish-Fisher series about the normal's 1.96
+    (within 0.001 past 30 degrees of freedom)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
 def parse_args(argv=None):
@@ -48,11 +58,16 @@ def interval(values):
     if n == 1:
         return mean, 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    return mean, t_975(n - 1) * sd / math.sqrt(n)
 
 
 def summarise(label, dirs, target):
+    if len({os.path.realpath(d) for d in dirs}) < len(dirs):
+        raise UserError(f"a run of {label!r} is given twice: each seed's run once")
     runs = [load_checkpoint(d, "agent") for d in dirs]
+    if len({r["config"]["env"] for r in runs}) > 1 or len({r["config"]["seed"] for r in runs}) < len(runs):
+        raise UserError(f"the runs of {label!r} are not one env's distinct seeds: give runs of one --env, each "
+                        "with its own --seed")
     steps = [[h["env_steps"] for h in r["history"]] for r in runs]
     num_points = min(len(s) for s in steps)  # the shortest run's evaluations
     if num_points == 0:
@@ -83,6 +98,8 @@ def draw_groups(groups, path):
 def main(argv=None):
     args = parse_args(argv)
     groups = [summarise(group[0], group[1:], args.target) for group in args.runs]
+    if len({g["env"] for g in groups}) > 1:
+        raise UserError("the groups are runs of different envs; one picture is one env's")
     draw_groups(groups, args.out)
     print(json.dumps({"picture": args.out, "groups": groups}))
 

@@ -165,7 +165,7 @@ def compare(env, seed, args):
     for name, flags in rows(args).items():  # the same optimisation time as IRIS
         if name == "IRIS":
             continue
-        iters = max(1, round(args.max_iters * results[name]["train_tokens_per_s"] / iris["train_tokens_per_s"]))
+        iters = max(1, round(iris["steps"] * results[name]["train_tokens_per_s"] / iris["train_tokens_per_s"]))
         slug = path("time " + name)
         timed = common + flags + tokenizer + ["--max-iters", str(iters), "--eval-interval", str(iters)]
         results[f"{name} (IRIS's time)"] = train_wm(timed, slug, slug + ".log")
@@ -194,9 +194,19 @@ def main(argv=None):
     parser.add_argument("--table", default=None, help="write the tables (markdown) to this file (default: "
                         "OUT_DIR/tables.md)")
     args = parser.parse_args(own)
+    # the flags that make the rows and their seeds: passed after --, they would override them unseen
+    owned = ("--env", "--seed", "--max-iters", "--eval-interval", "--device", "--out-dir", "--resume", "--backbone",
+             "--model", "--tokenizer-from", "--lm-init", "--train-base", "--embeddings", "--lm-layers")
+    taken = [flag for flag in train_wm_flags if flag.split("=")[0] in owned]
+    if taken:
+        parser.error(f"{', '.join(taken)} after --: compare_wm sets these itself (--envs, --seeds, --max-iters, "
+                     "--device, --out-dir, --lm-dir, --lm-layers, --rows); give them before --")
     folder = None if args.table is None else os.path.dirname(os.path.abspath(args.table))
+    if folder == os.path.abspath(args.out_dir):  # made below, as the runs' own folder is
+        folder = os.path.dirname(folder)
     if folder is not None and (os.path.isdir(args.table) or not os.access(folder, os.W_OK)):  # found now, not hours on
-        parser.error(f"--table {args.table}: cannot write it; give a file in an existing folder you can write to")
+        parser.error(f"--table {args.table}: cannot write it; give a file in an existing folder you can write to, "
+                     "or in --out-dir")
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
     if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):

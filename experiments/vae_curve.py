@@ -1,7 +1,7 @@
 """
 The text VAE's learning curve: held-out token accuracy with the text's own z (z = mu) and with
-another text's z (shuffled) against minutes or steps of training, from train_vae.py checkpoints
-(their `history`, one entry per evaluation). The gap between a run's two lines is what z carries.
+another text's z (shuffled) against wall minutes (evaluations included, as train_vae.py counts
+them) or steps of training, from train_vae.py checkpoints (their `history`, one entry per evaluation). The gap between a run's two lines is what z carries.
 Several runs share one picture (LABEL=DIR names a run's lines). The last line printed is one JSON
 object with the points.
 
@@ -25,8 +25,9 @@ def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="the --out-dir of each train_vae.py run; "
                         "LABEL= names its lines (a run on its own needs none)")
-    parser.add_argument("--x", choices=["minutes", "step"], default="minutes", help="the x axis: minutes of "
-                        "training, or optimizer steps (runs on different bases at equal steps; default: %(default)s)")
+    parser.add_argument("--x", choices=["minutes", "step"], default="minutes", help="the x axis: wall "
+                        "minutes of the run (evaluations included), or optimizer steps (runs on different bases at "
+                        "equal steps; default: %(default)s)")
     parser.add_argument("--out", default="vae_curve.png", help="where the picture goes (default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None):
                    for name, key in (("z = mu (the text's own)", "val_acc"), ("z of another text", "val_acc_shuffled"))]
         points[label or path] = [{k: h[k] for k in ("step", "minutes", "val_acc", "val_acc_shuffled",
                                                    "val_char_similarity", "val_exact")} for h in history]
-    x_label = "minutes of training" if args.x == "minutes" else "optimizer steps"
+    x_label = "wall minutes, evaluations included" if args.x == "minutes" else "optimizer steps"
     draw(series, args.out, x_label, "text VAE: held-out token accuracy", y_digits=2)
     print(json.dumps({"picture": args.out, "points": points}))
 

@@ -13,6 +13,7 @@ import torch
 import train_agent
 from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, lambda_returns, policy_view, still_running
 from checkpoint import save_checkpoint
+from common import UserError
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2
 from data_wm import collect, make_env, with_space_bounds
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
@@ -372,3 +373,18 @@ def test_the_real_steps_to_a_return_are_those_of_its_first_evaluation(tmp_path):
     save_checkpoint(run, {"kind": "agent", "config": {"env": "CartPole-v1", "seed": 1}, "step": 3, "history": history})
     group = agent_curve.summarise("iris", [run], target=300)
     assert group["steps_to_threshold"] == [2000] and group["steps_to_target"] == [2000]  # CartPole-v1: 475
+    with pytest.raises(UserError, match="is given twice"):
+        agent_curve.summarise("iris", [run, run + "/"], target=None)
+    other = str(tmp_path / "other")
+    save_checkpoint(other, {"kind": "agent", "config": {"env": "Acrobot-v1", "seed": 2}, "step": 3, "history": history})
+    with pytest.raises(UserError, match="not one env's distinct seeds"):
+        agent_curve.summarise("iris", [run, other], target=None)
+
+
+def test_the_curve_s_interval_is_student_s_t():
+    from experiments import agent_curve
+
+    assert [agent_curve.t_975(df) for df in (1, 4, 10, 30)] == [12.706, 2.776, 2.228, 2.042]
+    assert abs(agent_curve.t_975(31) - 2.040) < 1e-3 and abs(agent_curve.t_975(120) - 1.980) < 1e-3
+    mean, half = agent_curve.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0 and half == pytest.approx(2.776 * 1.5811 / 5**0.5, rel=1e-4)

@@ -203,6 +203,9 @@ def test_bench_refuses_a_device_it_does_not_have_and_a_model_that_cannot_fit(cap
     assert "no CUDA GPU; use --device cpu" in run_script_error(bench.main, ["imagine", "--device", "cuda"], capsys)
     assert "invalid choice: 'mps'" in run_script_error(bench.main, ["imagine", "--device", "mps"], capsys)
     assert "smollm2's shape is for vae-step" in run_script_error(bench.main, ["agent", "--lm", "smollm2"], capsys)
+    for name in ("vae", "vae-step"):  # tiny's 512 positions cannot hold the decoder's inputs and 512 targets
+        assert "lower --block-size" in run_script_error(bench.main, [name, "--block-size", "512", "--device", "cpu",
+                                                                     "--steps", "1"], capsys)
     # Mistral-7B in fp32 on a CPU: ~27 GiB of weights alone, refused before it is built
     monkeypatch.setattr(offload, "free_memory", lambda device: 16 * 2**30)
     err = run_script_error(bench_memory.main, ["mistral-memory", "--device", "cpu", "--steps", "1"], capsys)

@@ -60,7 +60,7 @@ def test_the_time_matched_rows_get_iris_time_in_updates(tmp_path, monkeypatch):
 
     def fake_train_wm(flags, slug, log):
         commands[os.path.basename(slug)] = flags
-        return {"train_tokens_per_s": 100.0 if os.path.basename(slug) == "IRIS" else 50.0}
+        return {"train_tokens_per_s": 100.0 if os.path.basename(slug) == "IRIS" else 50.0, "steps": 10}
 
     monkeypatch.setattr(compare_wm, "train_wm", fake_train_wm)
     args = argparse.Namespace(max_iters=10, collect_steps=None, lm_dir="tiny", out_dir=str(tmp_path), device="cpu",
@@ -83,6 +83,26 @@ def test_flags_after_a_double_dash_go_to_every_run(tmp_path, monkeypatch):
                      "--", "--batch-size", "4"])
     assert seen == [["--batch-size", "4"]]
     assert (tmp_path / "tables.md").read_text() == "\n"  # the (here empty) tables, written
+
+
+def test_a_table_in_the_out_dir_that_does_not_exist_yet_is_written(tmp_path, monkeypatch):
+    """The docstring's Pong command: --table inside the --out-dir that the runs make."""
+    monkeypatch.setattr(compare_wm, "compare", lambda env, seed, args: {})
+    monkeypatch.setattr(compare_wm, "table", lambda env, runs: "| a |")
+    out = tmp_path / "out-compare"
+    compare_wm.main(["--envs", "CartPole-v1", "--seeds", "1", "--lm-dir", "tiny", "--out-dir", str(out), "--table",
+                     str(out / "pong.md")])
+    assert (out / "pong.md").read_text() == "| a |\n"
+
+
+@pytest.mark.parametrize("flag", ["--seed", "--max-iters", "--backbone", "--device=cpu"])
+def test_flags_that_compare_sets_itself_are_refused_after_the_double_dash(flag, monkeypatch, capsys):
+    """--seed 7 after -- would make every seed's runs the same; --max-iters would leave the time-matched
+    rows sized by compare's own; and so on: refused before anything runs."""
+    monkeypatch.setattr(compare_wm, "compare", lambda *a: pytest.fail("ran before checking the flags"))
+    with pytest.raises(SystemExit) as exit_:
+        compare_wm.main(["--envs", "CartPole-v1", "--", flag, *([] if "=" in flag else ["7"])])
+    assert exit_.value.code == 2 and "after --: compare_wm sets these itself" in capsys.readouterr().err
 
 
 def test_rows_and_lm_layers_pick_and_cut_the_lm_rows_only():

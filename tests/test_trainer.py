@@ -206,10 +206,13 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # no ckpt.pt.tmp left behind
 
 
-def test_out_dir_of_another_run_is_not_overwritten_and_must_be_writable(tmp_path):
+def test_out_dir_of_another_run_is_not_overwritten_and_must_be_writable(tmp_path, monkeypatch):
     checkpoint.save_checkpoint(tmp_path, {"kind": "vae", "config": {}})
     with pytest.raises(UserError, match="already exists; pass --resume"):
         checkpoint.check_out_dir(str(tmp_path), None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="already exists; pass --resume"):  # --out-dir . is the current directory
+        checkpoint.check_out_dir(".", None)
     checkpoint.check_out_dir(str(tmp_path), str(tmp_path))  # continuing it is fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="cannot write to --out-dir .*file/run"):
