@@ -111,7 +111,8 @@ def main(argv=None):
         adopt_config(vars(args), args.explicit, state["config"], MODEL_KEYS + data_keys, args.resume)
     if args.synthetic is not None and args.data is not None:  # a resumed run's --synthetic, taken just now
         raise UserError(SYNTHETIC_AND_DATA)
-    docs = None if args.synthetic is not None else textdata.load_documents(args.data)  # before the base: bad data first
+    # a --data file is read (and a bad one refused) before the base loads; the default corpus, known good, after
+    docs = None if args.data is None else textdata.read_documents(args.data)
     base, tokenizer = lm.load_base(args.model, run.device, "float32" if args.dtype == "auto" else args.dtype)  # it trains
     if args.block_size > lm.num_positions(base):
         raise UserError(f"--block-size {args.block_size} is more than the {lm.num_positions(base)} positions of "
@@ -127,6 +128,7 @@ def main(argv=None):
                             f"transition matrix: use a base with at most {MAX_MARKOV_VOCAB} (tiny, tiny-bpe)")
         train_stream, val_stream = markov_streams(vocab_size, args.seed)
     else:
+        docs = textdata.stdlib_docstrings() if docs is None else docs
         train_stream, val_stream = textdata.split_streams(docs, tokenizer, args.block_size,
                                                           "the default corpus" if args.data is None else args.data,
                                                           "a smaller --block-size")

@@ -2,7 +2,7 @@
 The text that train_vae.py and pretrain_lm.py train on: documents, one token stream per
 side (training / held out), and windows cut from it.
 
-    docs = load_documents(path_or_None)                # --data FILE, or the default corpus
+    docs = read_documents(path)                        # --data FILE (stdlib_docstrings(): the default corpus)
     train, val = split_streams(docs, tokenizer, window, name)
     batch = vae_batch(stream, starts, context, should_keep_prefix)
 
@@ -79,9 +79,6 @@ def read_documents(path):
     return docs
 
 
-def load_documents(path):
-    """--data's documents, or the default corpus when path is None."""
-    return stdlib_docstrings() if path is None else read_documents(path)
 
 
 def split_streams(docs, tokenizer, window, name, shorter="a smaller --context"):

@@ -105,11 +105,13 @@ def main(argv=None):
     state = open_run("router", args.out_dir, args.resume, args.eval_only, args.max_iters)
     if state is not None:
         adopt_config(vars(args), args.explicit, state["config"], TRAIN_KEYS, args.resume, overridable=True)
-    docs = textdata.load_documents(args.data)  # before the base loads: bad --data is refused at once
+    # a --data file is read (and a bad one refused) before the base loads; the default corpus, known good, after
+    docs = None if args.data is None else textdata.read_documents(args.data)
     router, vae_state, vae_print = load_router(args.vae, run.device, state, args.resume, "--vae",
                                                MemoryConfig(dtype=args.dtype), args.batch_size, run.is_main)
     base_name, context_len = vae_state["config"]["model"], router.vae.cfg.prefix_slots  # the VAE's --model, --context
     tokenizer, span = router.vae.tokenizer, 2 * context_len
+    docs = textdata.stdlib_docstrings() if docs is None else docs
     train_stream, val_stream = textdata.split_streams(docs, tokenizer, span,
                                                       "the default corpus" if args.data is None else args.data,
                                                       "a --vae trained with a smaller --context")

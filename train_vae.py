@@ -154,12 +154,14 @@ def main(argv=None):
     if state is None and args.edge_weights and args.context < 16:  # a new run's (one saved so loads as it trained)
         raise UserError(f"--edge-weights weighs a span's first 8 and last 8 tokens apart, which --context "
                         f"{args.context} cannot hold both of: use --context 16 or more, or drop --edge-weights")
-    docs = textdata.load_documents(args.data)  # before the base loads: bad --data is refused at once
+    # a --data file is read (and a bad one refused) before the base loads; the default corpus, known good, after
+    docs = None if args.data is None else textdata.read_documents(args.data)
     should_train = should_train_base(args.model, args.freeze_base)
     model = build_vae(args.model, config_from(VAEConfig, {**vars(args), "prefix_slots": args.context}),
                       config_from(MemoryConfig, vars(args)), run.device, should_train, args.batch_size, run.is_main)
     if state is not None:  # tiny's base is saved whether it trains or not: its weights are random
         load_weights(model, state, args.model, args.resume)
+    docs = textdata.stdlib_docstrings() if docs is None else docs
     span = 2 * args.context
     train_stream, val_stream = textdata.split_streams(docs, model.tokenizer, span, "the default corpus" if args.data is None else args.data)
     starts = textdata.spread_starts(val_stream, span, args.eval_batches, args.batch_size)

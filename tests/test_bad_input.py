@@ -173,10 +173,10 @@ def test_the_default_runs_fit_in_a_gib(monkeypatch, tmp_path):
     class Built(Exception):
         pass
 
-    def built(path):  # the data come after the model: train_vae.py has built it and passed the check
+    def built():  # the default corpus comes after the model: train_vae.py has built it and passed the check
         raise Built
 
-    monkeypatch.setattr(textdata, "load_documents", built)
+    monkeypatch.setattr(textdata, "stdlib_docstrings", built)
     with pytest.raises(Built):
         train_vae.main(["--device", "cpu", "--out-dir", str(tmp_path / "vae")])
     args = train_wm.parse_args([])
