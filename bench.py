@@ -131,7 +131,7 @@ def bench_lora(args):
 
 def check_fits(vae, base, block_size):
     """--block-size target tokens after the VAE's decoder inputs must fit the base's positions: one line if not."""
-    needed = vae.text_start(None) + block_size
+    needed = vae.text_start(None) + block_size - 1  # the last target is predicted, never fed back
     if needed > lm.num_positions(base):
         raise UserError(f"--block-size {block_size} needs {needed} positions, more than the base's "
                         f"{lm.num_positions(base)}: lower --block-size")

@@ -79,8 +79,6 @@ def read_documents(path):
     return docs
 
 
-
-
 def split_streams(docs, tokenizer, window, name, shorter="a smaller --context"):
     """Every 10th document held out; each side one token stream with end-of-text between documents.
     shorter: how the script's user asks for a shorter window, for the error when a side has none."""

@@ -195,9 +195,11 @@ def main(argv=None):
                         "OUT_DIR/tables.md)")
     args = parser.parse_args(own)
     # the flags that make the rows and their seeds: passed after --, they would override them unseen
-    owned = ("--env", "--seed", "--max-iters", "--eval-interval", "--device", "--out-dir", "--resume", "--backbone",
-             "--model", "--tokenizer-from", "--lm-init", "--train-base", "--embeddings", "--lm-layers")
-    taken = [flag for flag in train_wm_flags if flag.split("=")[0] in owned]
+    owned = ("--env", "--seed", "--max-iters", "--device", "--out-dir", "--resume", "--backbone", "--model",
+             "--tokenizer-from", "--lm-init", "--train-base", "--embeddings", "--lm-layers")
+    # argparse takes a flag's unambiguous start for it (--max-it): any start of an owned flag counts
+    taken = [flag for flag in train_wm_flags if flag.startswith("--")
+             and any(name.startswith(flag.split("=")[0]) for name in owned)]
     if taken:
         parser.error(f"{', '.join(taken)} after --: compare_wm sets these itself (--envs, --seeds, --max-iters, "
                      "--device, --out-dir, --lm-dir, --lm-layers, --rows); give them before --")

@@ -95,7 +95,7 @@ def test_a_table_in_the_out_dir_that_does_not_exist_yet_is_written(tmp_path, mon
     assert (out / "pong.md").read_text() == "| a |\n"
 
 
-@pytest.mark.parametrize("flag", ["--seed", "--max-iters", "--backbone", "--device=cpu"])
+@pytest.mark.parametrize("flag", ["--seed", "--max-iters", "--backbone", "--device=cpu", "--max-it"])
 def test_flags_that_compare_sets_itself_are_refused_after_the_double_dash(flag, monkeypatch, capsys):
     """--seed 7 after -- would make every seed's runs the same; --max-iters would leave the time-matched
     rows sized by compare's own; and so on: refused before anything runs."""
