@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from common import UserError
+from common import TINY_MODELS, UserError
 
 # lm and lora import transformers (~2 s), so they are imported inside the functions that use them:
 # a script's --help needs add_memory_args and answers before transformers is loaded
@@ -335,6 +335,17 @@ def load_with_memory(model_name, memory, device, should_train_base, should_load_
     dtype = str(lm.resolve_dtype(dtype, device)).removeprefix("torch.")
     return lm.load_base(model_name, "cpu" if memory.offload else device, dtype, quantize,
                         should_load_tokenizer=should_load_tokenizer, should_check_lora=True)  # every user adds LoRA
+
+
+def smaller(model_name, memory, device):
+    """What to lower when loading model_name for use, not training, does not fit: the memory flags not given
+    yet that load_with_memory and lm.load_base accept for it (none for tiny, random and saved whole, or a
+    GGUF file; --offload only onto a GPU)."""
+    can_shrink = not (model_name in TINY_MODELS or model_name == "smollm2" or model_name.endswith(".gguf"))
+    unused = [flag for flag, is_on in (("--load-8bit", memory.load_8bit or memory.load_4bit),
+                                       ("--offload", memory.offload or memory.load_4bit or device.type != "cuda"))
+              if can_shrink and not is_on]
+    return f"what the base takes: add {' or '.join(unused)}" if unused else "what else uses the device's memory"
 
 
 def place(model, base, memory, device, tokens_per_step, lower, should_print):

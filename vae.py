@@ -404,14 +404,8 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    if batch_size is not None:
-        lower = f"--batch-size (now {batch_size})"
-    else:  # a user that trains nothing (sample.py): the flags that would load this base smaller, if any
-        can_shrink = not (base_name in TINY_MODELS or base_name == "smollm2" or base_name.endswith(".gguf"))
-        unused = [flag for flag, is_on in (("--load-8bit", memory.load_8bit or memory.load_4bit),
-                                           ("--offload", memory.offload or memory.load_4bit or device.type != "cuda"))
-                  if can_shrink and not is_on]
-        lower = f"what the base takes: add {' or '.join(unused)}" if unused else "what else uses the device's memory"
+    # a user that trains nothing (sample.py) has no --batch-size: the flags that load this base smaller, if any
+    lower = f"--batch-size (now {batch_size})" if batch_size is not None else offload.smaller(base_name, memory, device)
     num_windows = 1 if batch_size is None else batch_size
     offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print)
     return vae
