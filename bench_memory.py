@@ -79,7 +79,7 @@ def vae_step_measurement(kw, mode, device, steps, batch_size, block_size):
     base = vae.base
     tokens = batch_size * block_size * 2  # the encoder reads the span, the decoder writes it
     estimate = offload.estimate_memory(base, tokens, should_checkpoint, should_offload,
-                                       offload.activation_bytes(device))
+                                       offload.activation_bytes(device), offload.outside(vae, base))
     if should_offload:
         offload.offload_layers(base, device)
     if should_checkpoint:
@@ -119,9 +119,10 @@ def bench_mistral_memory(args):
     device = args.device
     kw = MISTRAL_SCALED_DOWN if args.scaled_down else MISTRAL_7B
     # the first mode, bf16 (fp32 on a CPU), needs the most: refused here if it cannot fit, before it is built
-    biggest = mistral_vae(kw, torch.bfloat16 if device.type == "cuda" else torch.float32, "meta").base
-    offload.check_memory(biggest, device, args.batch_size * args.block_size * 2,
-                         f"--batch-size (now {args.batch_size}), or add --scaled-down")
+    biggest = mistral_vae(kw, torch.bfloat16 if device.type == "cuda" else torch.float32, "meta")
+    offload.check_memory(biggest.base, device, args.batch_size * args.block_size * 2,
+                         f"--batch-size (now {args.batch_size}), or add --scaled-down",
+                         others=offload.outside(biggest, biggest.base))
     results = {}
     for mode in MEMORY_MODES:
         results[mode] = vae_step_measurement(kw, mode, device, args.steps, args.batch_size, args.block_size)
@@ -139,12 +140,13 @@ def bench_mistral_memory(args):
 
 def bench_mistral_estimate(args):
     """offload.estimate_memory for a Mistral-7B VAE in bf16 (on the meta device: any machine)."""
-    base = mistral_vae(MISTRAL_7B, torch.bfloat16, "meta").base
+    vae = mistral_vae(MISTRAL_7B, torch.bfloat16, "meta")
     tokens = args.batch_size * args.block_size * 2
     out = {"bench": "mistral-estimate", "batch": [args.batch_size, args.block_size]}
     for mode, should_checkpoint, should_offload in (("bf16", False, False), ("bf16+checkpoint", True, False),
                                                     ("bf16+offload", False, True)):
-        e = offload.estimate_memory(base, tokens, should_checkpoint, should_offload)
+        e = offload.estimate_memory(vae.base, tokens, should_checkpoint, should_offload,
+                                    others=offload.outside(vae, vae.base))
         out[mode] = {"weights_gib": round(e["weights"] / 2**30, 2), "optimizer_gib": round(e["optimizer"] / 2**30, 2),
                      "activations_mib_per_token": round(e["activations"] / tokens / 2**20, 3),
                      "total_gib": round(e["total"] / 2**30, 2)}

@@ -210,7 +210,7 @@ def activation_bytes(device):
     CUDA, 4 in fp32), and on CUDA as much again around them: norms, nonlinearities, dropout masks
     (Korthikanti et al. 2022 count 17 x width values per GPT block, whose linear layers have 16).
     On a CPU twice that: unfused kernels' temporaries, and the attention weights that dropout makes
-    the math kernel keep. Measured: Mistral-7B's VAE step on an H100 (README), 26.1 GiB estimated for
+    the math kernel keep. Measured: Mistral-7B's VAE step on an H100 (README), 27.0 GiB estimated for
     a 23.7 GiB peak; on a CPU, 1.0x to 1.3x the peak's growth for the tiny VAE, 2.1x and 1.4x for
     IRIS's world model on CartPole and on Pong frames."""
     if device.type == "cuda":
@@ -235,16 +235,19 @@ def linear_values(module):
     return total
 
 
-def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False, value_bytes=4):
+def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False, value_bytes=4,
+                    others=()):
     """The memory of a training step of `model` (any module) over tokens_per_step tokens, in bytes,
     an estimate that errs high: the weights as stored; for each trainable weight its gradient and
     AdamW's two moments, in its dtype; activations, linear_values per token at value_bytes each
     (activation_bytes; the default 4 is CUDA's with bf16). With should_checkpoint or should_offload
     `model` is an LM whose decoder layers keep only their input (width values), one layer's
     activations living at a time, during its re-run; offload has two layers' frozen weights on the
-    device at a time."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    optimizer = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    device at a time. others: parameters outside `model` that the step also keeps and trains (a
+    VAE's head around its base: `outside`), counted as weights, gradients and moments."""
+    params = [*model.parameters(), *others]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    optimizer = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
     per_token = linear_values(model)
     if should_checkpoint or should_offload:
         layers = decoder_layers(model)
@@ -270,12 +273,21 @@ def free_memory(device):
     return None
 
 
-def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False):
+def outside(model, base):
+    """The parameters of `model` that are not `base`'s: a VAE's head, a world model's embedder and heads."""
+    inside = {id(p) for p in base.parameters()}
+    return [p for p in model.parameters() if id(p) not in inside]
+
+
+def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False, others=()):
     """Refuse, in one line, a step that would not fit in what `device` has free: the estimate
-    (estimate_memory) less the weights already on the device, which are out of the free memory
-    already. lower: what to lower, e.g. "--batch-size (now 64)". Returns the estimate."""
-    estimate = estimate_memory(model, tokens_per_step, should_checkpoint, should_offload, activation_bytes(device))
-    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
+    (estimate_memory, with `others` as there) less the weights already on the device, which are out
+    of the free memory already. lower: what to lower, e.g. "--batch-size (now 64)". Returns the
+    estimate."""
+    others = list(others)
+    estimate = estimate_memory(model, tokens_per_step, should_checkpoint, should_offload, activation_bytes(device),
+                               others)
+    there = sum(p.numel() * p.element_size() for p in [*model.parameters(), *others] if p.device.type == device.type)
     needed, free = estimate["total"] - there, free_memory(device)
     if free is not None and needed > free:
         raise UserError(f"one step would need about {needed / 2**30:.1f} GiB more {device.type} memory (estimated by "
@@ -350,14 +362,16 @@ def smaller(model_name, memory, device):
 
 def place(model, base, memory, device, tokens_per_step, lower, should_print):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
-    MemoryConfig asks: per-layer checkpointing, the memory check (check_memory: a step of
+    MemoryConfig asks: per-layer checkpointing, the memory check (check_memory, counting the rest of
+    `model` too: a step of
     tokens_per_step tokens that cannot fit is refused, asking to lower `lower`; the estimate printed
     on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
     (bitsandbytes put it there while loading; offload_layers just did), so only the parts of `model`
     outside it move; otherwise all of `model` moves."""
     if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
-    estimate = check_memory(base, device, tokens_per_step, lower, memory.grad_checkpoint, memory.offload)
+    estimate = check_memory(base, device, tokens_per_step, lower, memory.grad_checkpoint, memory.offload,
+                            outside(model, base))
     if should_print and device.type == "cuda":
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
     if memory.offload:

@@ -265,6 +265,25 @@ def test_checkpointing_and_offload_lower_the_estimate():
     assert plain["optimizer"] == 3 * 4 * trainable  # fp32 gradient and AdamW's two moments
 
 
+def test_the_memory_check_counts_the_vae_head_beside_its_frozen_base(monkeypatch):
+    """offload.place checks the base with the head around it: the head's weights, gradients and
+    moments are in the estimate, so free memory that fits the frozen base's step alone is not enough."""
+    vae, _, tokens = tiny_vae_step()
+    lora.mark_only_lora_trainable(vae.base)  # a frozen base: the head is most of what trains
+    head = offload.outside(vae, vae.base)
+    assert head and {id(p) for p in head}.isdisjoint(id(p) for p in vae.base.parameters())
+    assert len(head) + len(list(vae.base.parameters())) == len(list(vae.parameters()))
+    cpu = torch.device("cpu")
+    alone = offload.estimate_memory(vae.base, tokens, value_bytes=offload.activation_bytes(cpu))
+    both = offload.estimate_memory(vae.base, tokens, value_bytes=offload.activation_bytes(cpu), others=head)
+    head_bytes = sum(p.numel() * 4 for p in head)
+    assert both["weights"] == alone["weights"] + head_bytes and both["optimizer"] == alone["optimizer"] + 3 * head_bytes
+    # the weights are on the CPU already; what the base's step alone needs more is free, not the head's moments
+    monkeypatch.setattr(offload, "free_memory", lambda device: alone["total"] - alone["weights"])
+    with pytest.raises(UserError, match="GiB more cpu memory"):
+        offload.place(vae, vae.base, offload.MemoryConfig(), cpu, tokens, "--batch-size", should_print=False)
+
+
 def test_a_step_is_refused_when_it_needs_more_than_is_free(monkeypatch):
     """The weights already on the device are out of the free memory already: only the rest must fit."""
     model, _, tokens = tiny_vae_step()
