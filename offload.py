@@ -243,8 +243,8 @@ def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offl
     (activation_bytes; the default 4 is CUDA's with bf16). With should_checkpoint or should_offload
     `model` is an LM whose decoder layers keep only their input (width values), one layer's
     activations living at a time, during its re-run; offload has two layers' frozen weights on the
-    device at a time. others: parameters outside `model` that the step also keeps and trains (a
-    VAE's head around its base: `outside`), counted as weights, gradients and moments."""
+    device at a time. others: parameters outside `model` that the step also keeps (a VAE's head
+    around its base: `outside`), counted as `model`'s are."""
     params = [*model.parameters(), *others]
     weights = sum(p.numel() * p.element_size() for p in params)
     optimizer = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
@@ -281,7 +281,7 @@ def outside(model, base):
 
 def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False, others=()):
     """Refuse, in one line, a step that would not fit in what `device` has free: the estimate
-    (estimate_memory, with `others` as there) less the weights already on the device, which are out
+    (estimate_memory of `model` and `others`) less the weights already on the device, which are out
     of the free memory already. lower: what to lower, e.g. "--batch-size (now 64)". Returns the
     estimate."""
     others = list(others)
@@ -362,10 +362,9 @@ def smaller(model_name, memory, device):
 
 def place(model, base, memory, device, tokens_per_step, lower, should_print):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
-    MemoryConfig asks: per-layer checkpointing, the memory check (check_memory, counting the rest of
-    `model` too: a step of
-    tokens_per_step tokens that cannot fit is refused, asking to lower `lower`; the estimate printed
-    on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
+    MemoryConfig asks: per-layer checkpointing, the memory check (check_memory, the rest of `model`
+    counted too: a step of tokens_per_step tokens that cannot fit is refused, asking to lower `lower`;
+    the estimate printed on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
     (bitsandbytes put it there while loading; offload_layers just did), so only the parts of `model`
     outside it move; otherwise all of `model` moves."""
     if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along

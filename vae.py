@@ -404,6 +404,8 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
+    if batch_size is None:  # used, not trained: no gradients or AdamW moments in the memory check
+        vae.requires_grad_(False)
     # a user that trains nothing (sample.py) has no --batch-size: the flags that load this base smaller, if any
     lower = f"--batch-size (now {batch_size})" if batch_size is not None else offload.smaller(base_name, memory, device)
     num_windows = 1 if batch_size is None else batch_size

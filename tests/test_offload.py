@@ -284,6 +284,18 @@ def test_the_memory_check_counts_the_vae_head_beside_its_frozen_base(monkeypatch
         offload.place(vae, vae.base, offload.MemoryConfig(), cpu, tokens, "--batch-size", should_print=False)
 
 
+def test_a_vae_that_is_used_not_trained_is_checked_without_gradients_or_moments(monkeypatch):
+    """build_vae with no batch size (sample.py's): nothing trains, so the check counts no optimizer state."""
+    from vae import VAEConfig, build_vae
+
+    estimates, check = [], offload.check_memory
+    monkeypatch.setattr(offload, "check_memory", lambda *args: estimates.append(check(*args)) or estimates[-1])
+    cpu = torch.device("cpu")
+    for batch_size in (None, 4):
+        build_vae("tiny", VAEConfig(prefix_slots=16), offload.MemoryConfig(), cpu, True, batch_size, False)
+    assert estimates[0]["optimizer"] == 0 < estimates[1]["optimizer"]
+
+
 def test_a_step_is_refused_when_it_needs_more_than_is_free(monkeypatch):
     """The weights already on the device are out of the free memory already: only the rest must fit."""
     model, _, tokens = tiny_vae_step()
