@@ -236,7 +236,7 @@ def linear_values(module):
 
 
 def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offload=False, value_bytes=4,
-                    others=()):
+                    others=(), should_train=True):
     """The memory of a training step of `model` (any module) over tokens_per_step tokens, in bytes,
     an estimate that errs high: the weights as stored; for each trainable weight its gradient and
     AdamW's two moments, in its dtype; activations, linear_values per token at value_bytes each
@@ -244,10 +244,11 @@ def estimate_memory(model, tokens_per_step, should_checkpoint=False, should_offl
     `model` is an LM whose decoder layers keep only their input (width values), one layer's
     activations living at a time, during its re-run; offload has two layers' frozen weights on the
     device at a time. others: parameters outside `model` that the step also keeps (a VAE's head
-    around its base: `outside`), counted as `model`'s are."""
+    around its base: `outside`), counted as `model`'s are. should_train False: a model that is used,
+    not trained (sample.py), keeps no gradients or moments."""
     params = [*model.parameters(), *others]
     weights = sum(p.numel() * p.element_size() for p in params)
-    optimizer = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad)
+    optimizer = sum(3 * p.numel() * p.element_size() for p in params if p.requires_grad and should_train)
     per_token = linear_values(model)
     if should_checkpoint or should_offload:
         layers = decoder_layers(model)
@@ -279,14 +280,15 @@ def outside(model, base):
     return [p for p in model.parameters() if id(p) not in inside]
 
 
-def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False, others=()):
+def check_memory(model, device, tokens_per_step, lower, should_checkpoint=False, should_offload=False, others=(),
+                 should_train=True):
     """Refuse, in one line, a step that would not fit in what `device` has free: the estimate
     (estimate_memory of `model` and `others`) less the weights already on the device, which are out
     of the free memory already. lower: what to lower, e.g. "--batch-size (now 64)". Returns the
     estimate."""
     others = list(others)
     estimate = estimate_memory(model, tokens_per_step, should_checkpoint, should_offload, activation_bytes(device),
-                               others)
+                               others, should_train)
     there = sum(p.numel() * p.element_size() for p in [*model.parameters(), *others] if p.device.type == device.type)
     needed, free = estimate["total"] - there, free_memory(device)
     if free is not None and needed > free:
@@ -360,17 +362,18 @@ def smaller(model_name, memory, device):
     return f"what the base takes: add {' or '.join(unused)}" if unused else "what else uses the device's memory"
 
 
-def place(model, base, memory, device, tokens_per_step, lower, should_print):
+def place(model, base, memory, device, tokens_per_step, lower, should_print, should_train=True):
     """Put `model`, which contains `base` (after the adapters are added), on `device` as the
     MemoryConfig asks: per-layer checkpointing, the memory check (check_memory, the rest of `model`
-    counted too: a step of tokens_per_step tokens that cannot fit is refused, asking to lower `lower`;
-    the estimate printed on CUDA), offload of the base's frozen layers. A quantized or offloaded base is placed already
-    (bitsandbytes put it there while loading; offload_layers just did), so only the parts of `model`
-    outside it move; otherwise all of `model` moves."""
+    counted too, with should_train: a step of tokens_per_step tokens that cannot fit is refused,
+    asking to lower `lower`; the estimate printed on CUDA), offload of the base's frozen layers. A
+    quantized or offloaded base is placed already (bitsandbytes put it there while loading;
+    offload_layers just did), so only the parts of `model` outside it move; otherwise all of `model`
+    moves."""
     if memory.grad_checkpoint:  # our per-layer checkpointing, which keeps the caches a model passes along
         checkpoint_layers(base)
     estimate = check_memory(base, device, tokens_per_step, lower, memory.grad_checkpoint, memory.offload,
-                            outside(model, base))
+                            outside(model, base), should_train)
     if should_print and device.type == "cuda":
         print("memory estimate (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in estimate.items()))
     if memory.offload:

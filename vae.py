@@ -388,8 +388,8 @@ def should_train_base(base_name, freeze_base):
 def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, should_print):
     """A VAE over the base named base_name, placed on the device as the offload.MemoryConfig `memory`
     asks; its memory check is for a step of batch_size windows (the encoder's span of train_vae.py's
-    --context, the decoder's inputs: a prefix, the soft tokens, a span; None: one window, for a user that
-    trains nothing), with should_print as offload.place's."""
+    --context, the decoder's inputs: a prefix, the soft tokens, a span; None: one window and no gradients
+    or moments, for a user that trains nothing), with should_print as offload.place's."""
     context = cfg.prefix_slots
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
                                                should_save_base=base_name in TINY_MODELS)
@@ -404,12 +404,11 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    if batch_size is None:  # used, not trained: no gradients or AdamW moments in the memory check
-        vae.requires_grad_(False)
     # a user that trains nothing (sample.py) has no --batch-size: the flags that load this base smaller, if any
     lower = f"--batch-size (now {batch_size})" if batch_size is not None else offload.smaller(base_name, memory, device)
     num_windows = 1 if batch_size is None else batch_size
-    offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print)
+    offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print,
+                  should_train=batch_size is not None)
     return vae
 
 

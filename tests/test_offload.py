@@ -290,10 +290,13 @@ def test_a_vae_that_is_used_not_trained_is_checked_without_gradients_or_moments(
 
     estimates, check = [], offload.check_memory
     monkeypatch.setattr(offload, "check_memory", lambda *args: estimates.append(check(*args)) or estimates[-1])
+    trainable = []
     cpu = torch.device("cpu")
     for batch_size in (None, 4):
-        build_vae("tiny", VAEConfig(prefix_slots=16), offload.MemoryConfig(), cpu, True, batch_size, False)
+        vae = build_vae("tiny", VAEConfig(prefix_slots=16), offload.MemoryConfig(), cpu, True, batch_size, False)
+        trainable.append(all(p.requires_grad for p in vae.parameters()))
     assert estimates[0]["optimizer"] == 0 < estimates[1]["optimizer"]
+    assert trainable == [True, True]  # only the check changes: offload moves what has no gradient off the device
 
 
 def test_a_step_is_refused_when_it_needs_more_than_is_free(monkeypatch):
