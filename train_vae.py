@@ -108,7 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--ae-prefix", action="store_true", help="keep the prefix in the autoencoder phase too "
                    "(dropped for --prefix-drop of the batches, as after it; default: no prefix before the noise)")
     g.add_argument("--noise-ramp-iters", type=nonneg_int, default=None, help="then grow the sampling noise "
-                   "from 0 to full over this many steps (default: the rest of the run)")
+                   "from 0 to full over this many steps; 0: full at once (default: the rest of the run)")
     g.add_argument("--kl-schedule", default="cosine", choices=["cosine", "cyclical", "constant"], help="cosine: "
                    "BigVAE's sin^2 warm-up; cyclical: Optimus/AdaVAE cycles; constant (default: %(default)s)")
     g.add_argument("--kl-max", type=nonneg_float, default=0.01, help="KL weight reached (BigVAE: 0.01, later "
