@@ -19,14 +19,18 @@ from common import UserError
 
 def make_env(env_id):
     """gym.make(env_id), checked to be an env the world model can learn."""
-    if env_id.startswith("ALE/"):  # Atari: ale-py registers its envs (and ships the ROMs)
-        import ale_py
-
-        gym.register_envs(ale_py)
     try:
+        if env_id.startswith("ALE/"):  # Atari: ale-py registers its envs (and ships the ROMs)
+            import ale_py
+
+            gym.register_envs(ale_py)
         env = gym.make(env_id)
     except gym.error.DependencyNotInstalled as e:  # a known env whose package is missing, e.g. Box2D
         raise UserError(f"{env_id} needs a package that is not installed: {str(e).splitlines()[0]}") from e
+    except ModuleNotFoundError as e:  # ale-py, or a module an env imports itself (phys2d/...: jax)
+        package = "ale-py" if e.name == "ale_py" else e.name
+        raise UserError(f"{env_id} needs the Python module '{e.name}', which is not installed: "
+                        f"pip install {package}") from e
     except gym.error.Error as e:
         raise UserError(f"unknown Gymnasium env {env_id!r} ({e}); try CartPole-v1, Acrobot-v1 or "
                         "ALE/Pong-v5") from e

@@ -318,6 +318,15 @@ def test_bad_input_is_one_line(argv, says, capsys):
     assert not os.path.exists("out-agent")
 
 
+def test_an_env_whose_module_is_missing_is_one_line(monkeypatch, capsys):
+    """An env whose own code imports a module that is not installed (Gymnasium's phys2d/... envs need jax)."""
+    def make(env_id, **kwargs):
+        raise ModuleNotFoundError("No module named 'jax'", name="jax")
+    monkeypatch.setattr(gym, "make", make)
+    err = run_script_error(train_agent.main, QUICK + ["--env", "phys2d/CartPole-v1"], capsys)
+    assert "needs the Python module 'jax', which is not installed: pip install jax" in err
+
+
 def test_the_loop_with_an_lm_world_model_saves_only_the_adapter(saved_model_dir, capsys):
     metrics, _ = run_script(train_agent.main, QUICK + ["--max-iters", "1", "--backbone", "lm", "--model",
                                                        saved_model_dir, "--lora-r", "2"], capsys)
