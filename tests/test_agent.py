@@ -390,6 +390,26 @@ def test_the_real_steps_to_a_return_are_those_of_its_first_evaluation(tmp_path):
         agent_curve.summarise("iris", [run, other], target=None)
 
 
+def test_the_paired_difference_is_taken_seed_by_seed(tmp_path):
+    """experiments/agent_curve.py's paired comparison: B minus A over the seeds both ran (2 and 3),
+    evaluation by evaluation; seed 1 (A only) and seed 4 (B only) left out; no shared seed: None."""
+    from experiments import agent_curve
+
+    def run(name, seed, returns):
+        history = [{"env_steps": 1000 * (i + 1), "eval_return": r} for i, r in enumerate(returns)]
+        save_checkpoint(str(tmp_path / name), {"kind": "agent", "config": {"env": "CartPole-v1", "seed": seed},
+                                              "step": len(returns), "history": history})
+        return str(tmp_path / name)
+
+    a = agent_curve.summarise("a", [run("a1", 1, [10, 20]), run("a2", 2, [30, 40]), run("a3", 3, [50, 60])], None)
+    b = agent_curve.summarise("b", [run("b3", 3, [55, 90]), run("b2", 2, [40, 40]), run("b4", 4, [0, 0])], None)
+    d = agent_curve.paired(a, b)
+    assert d["seeds"] == [2, 3] and [p["differences"] for p in d["points"]] == [[10, 5], [0, 30]]
+    assert [p["mean"] for p in d["points"]] == [7.5, 15.0]
+    assert d["points"][1]["ci95"] == pytest.approx(agent_curve.interval([0, 30])[1])
+    assert agent_curve.paired(a, agent_curve.summarise("c", [run("c9", 9, [1, 2])], None)) is None
+
+
 def test_the_curve_s_interval_is_student_s_t():
     from experiments import agent_curve
 
