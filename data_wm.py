@@ -28,9 +28,11 @@ def make_env(env_id):
     except gym.error.DependencyNotInstalled as e:  # a known env whose package is missing, e.g. Box2D
         raise UserError(f"{env_id} needs a package that is not installed: {str(e).splitlines()[0]}") from e
     except ModuleNotFoundError as e:  # ale-py, or a module an env imports itself (phys2d/...: jax)
-        package = "ale-py" if e.name == "ale_py" else e.name
-        raise UserError(f"{env_id} needs the Python module '{e.name}', which is not installed: "
-                        f"pip install {package}") from e
+        if e.name is None:  # Gymnasium's own message, e.g. for "module:Env-v0" ids
+            raise UserError(f"{env_id}: {str(e).splitlines()[0]}") from e
+        module = e.name.split(".")[0]
+        hint = "pip install ale-py" if module == "ale_py" else "install the package that provides it"
+        raise UserError(f"{env_id} needs the Python module '{module}', which is not installed: {hint}") from e
     except gym.error.Error as e:
         raise UserError(f"unknown Gymnasium env {env_id!r} ({e}); try CartPole-v1, Acrobot-v1 or "
                         "ALE/Pong-v5") from e

@@ -9,7 +9,8 @@ Every figure is on held-out windows (textdata.py); half of them keep their prefi
 each likelihood is of the span given its prefix.
 - accuracy / cross-entropy, teacher-forced, with z = mu and with z of another example
   (`_shuffled`): the gap is what z carries; the accuracy also apart for the spans with their prefix
-  and those without (`val_acc_prefix`, `val_acc_no_prefix`: a run's autoencoder phase sees no prefix);
+  and those without (`val_acc_with_prefix`, `val_acc_without_prefix`, each where the held-out batches
+  hold that kind: train_vae.py's autoencoder phase sees no prefix, unless --ae-prefix);
 - greedy reconstruction from z = mu: exact match, the exact-prefix fraction (the share of a span's
   tokens before its first wrong one, ICAE's measure) and character similarity (1 - Levenshtein
   distance / the longer length); decoded on past end-of-text, which in a window of the stream
@@ -120,7 +121,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
             terms["iw_nll"] = -iw_log_likelihood(log_px, z, mu, logvar).sum().item()
             if not should_train_base:
                 terms["lm_nll"] = -token_log_probs(model.base_logits(target, prefix), target).sum().item()
-        kind = "prefix" if prefix is not None else "no_prefix"
+        kind = "with_prefix" if prefix is not None else "without_prefix"
         terms[f"acc_{kind}"], terms[f"tokens_{kind}"] = terms["acc"], target.numel()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -135,7 +136,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     model.head.latent_rms.fill_(math.sqrt(sums["power"] / num_spans))
     metrics = {f"val_{k}": sums[k] / num_tokens for k in ("ce", "acc", "ce_shuffled", "acc_shuffled")}
-    metrics.update({f"val_acc_{kind}": sums[f"acc_{kind}"] / sums[f"tokens_{kind}"] for kind in ("prefix", "no_prefix")
+    metrics.update({f"val_acc_{kind}": sums[f"acc_{kind}"] / sums[f"tokens_{kind}"] for kind in ("with_prefix", "without_prefix")
                     if f"tokens_{kind}" in sums})
     metrics.update(val_ppl=perplexity(metrics["val_ce"]), val_ppl_shuffled=perplexity(metrics["val_ce_shuffled"]),
                    val_exact=sum(exact) / len(exact), val_exact_prefix=sum(exact_prefix) / len(exact_prefix),

@@ -4,9 +4,9 @@ train_agent.py checkpoints (their `history`), one line per group of runs: the me
 group's seeds, and a band over the 95% interval of that mean (Student's t). The last line printed
 is one JSON object: for each group, each evaluation's mean, interval and per-seed returns, and each
 seed's real steps to the env's reward threshold (CartPole-v1: 475) and to --target; and for each
-group after the first, its return minus the first group's, seed by seed over the seeds both ran
-(`paired`: a paired comparison, in which one seed's luck counts once), with the mean difference's
-interval. Two groups differ where that interval leaves out 0.
+group after the first that shares at least two seeds with it, its return minus the first group's,
+seed by seed over the shared seeds (`paired`: a paired comparison, in which one seed's luck counts
+once), with the mean difference's interval. Two groups differ where that interval leaves out 0.
 
     python experiments/agent_curve.py --runs iris out-agent-s1 out-agent-s2 out-agent-s3 \\
         --runs lm out-agent-lm-s1 out-agent-lm-s2 --out assets/agent_cartpole.png
@@ -94,20 +94,19 @@ def summarise(label, dirs, target):
 
 def paired(reference, group):
     """group's returns minus reference's at each evaluation both made, over the seeds both ran: the
-    mean difference and its 95% interval; None when they share no seed."""
+    mean difference and its 95% interval; None when they share fewer than two seeds (no interval)."""
     def by_seed(g):
         return {seed: [p["returns"][i] for p in g["points"]] for i, seed in enumerate(g["seeds"])}
 
     ours, theirs = by_seed(group), by_seed(reference)
     seeds = sorted(set(ours) & set(theirs))
-    if not seeds:
+    if len(seeds) < 2:
         return None
     points = []
-    for mine, base in zip(group["points"], reference["points"]):
+    for i, (mine, base) in enumerate(zip(group["points"], reference["points"])):  # the shorter's evaluations
         if mine["env_steps"] != base["env_steps"]:
             raise UserError(f"{group['label']!r} and {reference['label']!r} were evaluated at different real env "
                             "steps; give runs made with the same --collect-steps and --eval-interval")
-        i = len(points)
         differences = [ours[seed][i] - theirs[seed][i] for seed in seeds]
         mean, half = interval(differences)
         points.append({"env_steps": mine["env_steps"], "mean": mean, "ci95": half, "differences": differences})
@@ -125,9 +124,9 @@ def main(argv=None):
     groups = [summarise(group[0], group[1:], args.target) for group in args.runs]
     if len({g["env"] for g in groups}) > 1:
         raise UserError("the groups are runs of different envs; one picture is one env's")
+    comparisons = [c for c in (paired(groups[0], g) for g in groups[1:]) if c is not None]
     draw_groups(groups, args.out)
-    differences = [d for d in (paired(groups[0], g) for g in groups[1:]) if d is not None]
-    print(json.dumps({"picture": args.out, "groups": groups, "paired": differences}))
+    print(json.dumps({"picture": args.out, "groups": groups, "paired": comparisons}))
 
 
 if __name__ == "__main__":

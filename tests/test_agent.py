@@ -318,13 +318,18 @@ def test_bad_input_is_one_line(argv, says, capsys):
     assert not os.path.exists("out-agent")
 
 
-def test_an_env_whose_module_is_missing_is_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("error, says", [
+    (ModuleNotFoundError("No module named 'jax.numpy'", name="jax.numpy"),
+     "phys2d/CartPole-v1 needs the Python module 'jax', which is not installed: install the package that provides it"),
+    (ModuleNotFoundError("No module named 'mypkg'"), "phys2d/CartPole-v1: No module named 'mypkg'"),  # no name
+])
+def test_an_env_whose_module_is_missing_is_one_line(error, says, monkeypatch, capsys):
     """An env whose own code imports a module that is not installed (Gymnasium's phys2d/... envs need jax)."""
     def make(env_id, **kwargs):
-        raise ModuleNotFoundError("No module named 'jax'", name="jax")
+        raise error
     monkeypatch.setattr(gym, "make", make)
     err = run_script_error(train_agent.main, QUICK + ["--env", "phys2d/CartPole-v1"], capsys)
-    assert "needs the Python module 'jax', which is not installed: pip install jax" in err
+    assert says in err and not os.path.exists("out-agent")
 
 
 def test_the_loop_with_an_lm_world_model_saves_only_the_adapter(saved_model_dir, capsys):
@@ -392,22 +397,30 @@ def test_the_real_steps_to_a_return_are_those_of_its_first_evaluation(tmp_path):
 
 def test_the_paired_difference_is_taken_seed_by_seed(tmp_path):
     """experiments/agent_curve.py's paired comparison: B minus A over the seeds both ran (2 and 3),
-    evaluation by evaluation; seed 1 (A only) and seed 4 (B only) left out; no shared seed: None."""
+    at the evaluations both made (A's two of B's three); seed 1 (A only) and seed 4 (B only) left out;
+    one shared seed: None; runs evaluated at other real steps: an error before the picture is drawn."""
     from experiments import agent_curve
 
-    def run(name, seed, returns):
-        history = [{"env_steps": 1000 * (i + 1), "eval_return": r} for i, r in enumerate(returns)]
+    def run(name, seed, returns, every=1000):
+        history = [{"env_steps": every * (i + 1), "eval_return": r} for i, r in enumerate(returns)]
         save_checkpoint(str(tmp_path / name), {"kind": "agent", "config": {"env": "CartPole-v1", "seed": seed},
                                               "step": len(returns), "history": history})
         return str(tmp_path / name)
 
-    a = agent_curve.summarise("a", [run("a1", 1, [10, 20]), run("a2", 2, [30, 40]), run("a3", 3, [50, 60])], None)
-    b = agent_curve.summarise("b", [run("b3", 3, [55, 90]), run("b2", 2, [40, 40]), run("b4", 4, [0, 0])], None)
+    a_dirs = [run("a1", 1, [10, 20]), run("a2", 2, [30, 40]), run("a3", 3, [50, 60])]
+    a = agent_curve.summarise("a", a_dirs, None)
+    b = agent_curve.summarise("b", [run("b3", 3, [55, 90, 1]), run("b2", 2, [40, 40, 1]), run("b4", 4, [0, 0, 1])],
+                              None)
     d = agent_curve.paired(a, b)
     assert d["seeds"] == [2, 3] and [p["differences"] for p in d["points"]] == [[10, 5], [0, 30]]
     assert [p["mean"] for p in d["points"]] == [7.5, 15.0]
-    assert d["points"][1]["ci95"] == pytest.approx(agent_curve.interval([0, 30])[1])
-    assert agent_curve.paired(a, agent_curve.summarise("c", [run("c9", 9, [1, 2])], None)) is None
+    assert d["points"][1]["ci95"] == pytest.approx(12.706 * 15.0)  # t(1) x sd (21.21) / sqrt(2)
+    assert agent_curve.paired(a, agent_curve.summarise("c", [run("c3", 3, [1, 2])], None)) is None
+    picture = tmp_path / "curve.png"
+    late = ["--runs", "late", run("l2", 2, [1, 2], every=500), run("l3", 3, [1, 2], every=500)]
+    with pytest.raises(UserError, match="evaluated at different real env steps"):
+        agent_curve.main(["--runs", "a", *a_dirs, *late, "--out", str(picture)])
+    assert not picture.exists()
 
 
 def test_the_curve_s_interval_is_student_s_t():

@@ -52,27 +52,30 @@ def trained(tmp_path_factory, text_file, base_dir):
 
 @torch.no_grad()
 def recomputed_metrics(out, data):
-    """val_acc, val_acc_shuffled and val_char_similarity of out's checkpoint, recomputed here from its
-    weights on SMALL's held-out windows of data (2 batches of 4 spans of 8 tokens, every other one
-    after an 8-token prefix): teacher-forced argmax accuracy with each span's z = mu, and with the
-    next span's (and with z = mu on the batch with its prefix and on the one without); the median
-    similarity of each span's greedy decoding to it."""
+    """val_acc, val_acc_shuffled, val_acc_with_prefix, val_acc_without_prefix and val_char_similarity
+    of out's checkpoint, recomputed here from its weights on SMALL's held-out windows of data (2
+    batches of 4 spans of 8 tokens, every other one after an 8-token prefix): teacher-forced argmax
+    accuracy with each span's z = mu (over all spans, and apart for those with and without their
+    prefix), and with the next span's; the median similarity of each span's greedy decoding to it."""
     model = vae.load_vae(out, torch.device("cpu")).eval()
     _, val = textdata.split_streams(textdata.read_documents(data), model.tokenizer, 16, data)
-    right, right_shuffled, num_tokens, similarity, by_kind = 0, 0, 0, [], {}
+    right, right_shuffled, num_tokens, similarity = 0, 0, 0, []
+    by_kind = {"with_prefix": [0, 0], "without_prefix": [0, 0]}  # right, tokens
     for i, starts in enumerate(textdata.spread_starts(val, 16, 2, 4)):
         batch = textdata.vae_batch(val, starts, 8, i % 2 == 0)
         target, prefix = batch["target_ids"], batch.get("prefix_ids")  # (4, 8) each
         mu, _ = model.encode(batch["input_ids"])
         right_here = (model(mu, target, prefix).argmax(-1) == target).sum().item()
         right += right_here
-        by_kind["val_acc_prefix" if i % 2 == 0 else "val_acc_no_prefix"] = right_here / target.numel()
+        kind = by_kind["with_prefix" if prefix is not None else "without_prefix"]
+        kind[0], kind[1] = kind[0] + right_here, kind[1] + target.numel()
         right_shuffled += (model(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
         num_tokens += target.numel()
         greedy = model.generate(mu, 8, prefix, should_stop_at_eos=False)
         similarity += map(char_similarity, model.detokenize(target), model.detokenize(greedy))
     return {"val_acc": right / num_tokens, "val_acc_shuffled": right_shuffled / num_tokens,
-            "val_char_similarity": statistics.median(similarity), **by_kind}
+            "val_char_similarity": statistics.median(similarity),
+            **{f"val_acc_{kind}": r / n for kind, (r, n) in by_kind.items()}}
 
 
 def run_main(argv, capsys):
