@@ -136,8 +136,8 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     model.head.latent_rms.fill_(math.sqrt(sums["power"] / num_spans))
     metrics = {f"val_{k}": sums[k] / num_tokens for k in ("ce", "acc", "ce_shuffled", "acc_shuffled")}
-    metrics.update({f"val_acc_{kind}": sums[f"acc_{kind}"] / sums[f"tokens_{kind}"] for kind in ("with_prefix", "without_prefix")
-                    if f"tokens_{kind}" in sums})
+    metrics.update({f"val_acc_{kind}": sums[f"acc_{kind}"] / sums[f"tokens_{kind}"]
+                    for kind in ("with_prefix", "without_prefix") if f"tokens_{kind}" in sums})
     metrics.update(val_ppl=perplexity(metrics["val_ce"]), val_ppl_shuffled=perplexity(metrics["val_ce_shuffled"]),
                    val_exact=sum(exact) / len(exact), val_exact_prefix=sum(exact_prefix) / len(exact_prefix),
                    val_char_similarity=statistics.median(similarity),

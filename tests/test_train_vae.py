@@ -67,8 +67,9 @@ def recomputed_metrics(out, data):
         mu, _ = model.encode(batch["input_ids"])
         right_here = (model(mu, target, prefix).argmax(-1) == target).sum().item()
         right += right_here
-        kind = by_kind["with_prefix" if prefix is not None else "without_prefix"]
-        kind[0], kind[1] = kind[0] + right_here, kind[1] + target.numel()
+        counts = by_kind["with_prefix" if prefix is not None else "without_prefix"]
+        counts[0] += right_here
+        counts[1] += target.numel()
         right_shuffled += (model(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
         num_tokens += target.numel()
         greedy = model.generate(mu, 8, prefix, should_stop_at_eos=False)
