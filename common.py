@@ -276,14 +276,14 @@ seed_int = number(int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1
 def device_name(text):
     """--device: auto, cpu, mps, cuda or cuda:N."""
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, cuda or cuda:N")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give auto, cpu, mps, cuda or cuda:N")
     return text
 
 
 def add_machine_args(group):
     """--device and --dtype, the same in every script that loads a model."""
-    group.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, cuda, "
-                       "cuda:1, ... (default: %(default)s)")
+    group.add_argument("--device", type=device_name, default="auto", help="auto (cuda when available), cpu, mps, "
+                       "cuda, cuda:1, ... (default: %(default)s)")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="base "
                        "model weights: auto (bf16 on CUDA, fp32 on CPU; fp32 for a base that trains) (default: "
                        "%(default)s)")
@@ -319,6 +319,8 @@ def replace_folder(final, write):
     takes its place; a failed write (a full disk) leaves the previous folder as it was and no
     temporary one, and is reported as one line."""
     tmp, old = final + ".tmp", final + ".old"
+    if not os.path.isdir(final) and os.path.isdir(old):  # killed between the two renames below: old is whole
+        os.rename(old, final)
     for leftover in (tmp, old):  # from a run killed mid-save
         shutil.rmtree(leftover, ignore_errors=True)
     try:

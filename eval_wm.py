@@ -86,8 +86,8 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
     H = horizon
     starts = imagination_starts(val["episode"], H, num_starts)
     env = imagination_env(world_model, tokenizer, generator=torch.Generator(device).manual_seed(seed))
-    obs, info = env.reset(val["obs"][starts].to(device))
-    real_tokens = val["obs_tokens"][starts]
+    real, real_tokens = val["obs"][starts], val["obs_tokens"][starts]  # the start observations, copied
+    obs, info = env.reset(real.to(device))
     imagined = [obs.cpu()]
     curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
     seconds = 0.0
@@ -96,7 +96,7 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
         obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(device))
         seconds += time.time() - t
         imagined.append(obs.cpu())
-        real, real_next = val["obs"][starts], val["obs"][starts + h]
+        real_next = val["obs"][starts + h]
         next_tokens = val["obs_tokens"][starts + h]
         curves["imag_acc"].append((info["obs_tokens"].cpu() == next_tokens).float().mean().item())
         curves["copy_acc"].append((real_tokens == next_tokens).float().mean().item())

@@ -36,7 +36,8 @@ from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup,
 
 MODEL_KEYS = ("model", "block_size", "synthetic")  # what a checkpoint records and a resumed run takes from it
 SYNTHETIC_AND_DATA = "--synthetic makes its own tokens: drop --data, or drop --synthetic to train on it"
-MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, stays under 64 MB
+MAX_MARKOV_VOCAB = 4096  # --synthetic markov: its transition matrix, V x V floats, is at most 64 MiB (twice that
+#                          while it is built)
 
 
 def parse_args(argv=None):
@@ -149,9 +150,11 @@ def main(argv=None):
 
     def save(step):
         config = {k: getattr(args, k) for k in TRAIN_KEYS + MODEL_KEYS}
+        # base/ first: a save cut short between the two leaves the checkpoint at the step before, which
+        # resumes and rewrites base/ exactly; the other order could leave a finished checkpoint by a stale base/
+        save_base_dir(model.base, tokenizer, args.out_dir)
         save_checkpoint(args.out_dir, {"kind": "lm", "config": config,
                                        "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
-        save_base_dir(model.base, tokenizer, args.out_dir)
 
     if run.is_main:
         print(f"{args.model}: {sum(p.numel() for p in base.parameters()):,} parameters, {len(train_stream):,} "

@@ -167,9 +167,10 @@ def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, mem
     vae.load_vae's.
     Returns (router, the VAE's checkpoint, its fingerprint)."""
     vae_state = load_checkpoint(vae_dir, "vae", vae_flag)  # read here too: the refusals come before the base loads
-    if vae_state.get("base", vae_state["config"]["model"]) in TINY_MODELS:
-        how = "trained fully" if should_train_base("tiny", vae_state["config"]["freeze_base"]) else "frozen, random"
-        raise UserError(f"the VAE in {vae_dir} is on tiny's base ({how}), so no pretrained LM is there to guide "
+    base_name = vae_state.get("base", vae_state["config"]["model"])
+    if base_name in TINY_MODELS:
+        how = "trained fully" if should_train_base(base_name, vae_state["config"]["freeze_base"]) else "frozen, random"
+        raise UserError(f"the VAE in {vae_dir} is on {base_name}'s base ({how}), so no pretrained LM is there to guide "
                         "against; train one on a frozen pretrained base (python pretrain_lm.py, then python "
                         "train_vae.py --model out-lm/base) and give that"
                         + ("" if vae_flag is None else f" to {vae_flag}"))

@@ -29,7 +29,7 @@ import sys
 import torch
 
 from checkpoint import load_checkpoint
-from common import (UserError, add_machine_args, at_least_2, config_from, flag_name, make_parser, number, parse,
+from common import (UserError, add_machine_args, at_least_2, config_from, flag_name, make_parser, nonneg_float, parse,
                     positive_int, run_cli, seed_int)
 from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
@@ -37,7 +37,6 @@ from router import load_router
 from trainer import pick_device
 from vae import load_vae
 
-finite = number(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")  # inf makes the logits NaN
 # flags that only one way of decoding reads: given without it they would do nothing, so they are refused
 ONLY_WITH = {"guide": ("router", "target", "scale", "num_spans", "span_tokens"),
              "interpolate": ("interp_steps", "interp_mode"), "sample": ("num_tokens",)}
@@ -54,13 +53,13 @@ def parse_args(argv=None):
     g = parser.add_argument_group("guided generation (--guide; router.py)")
     g.add_argument("--router", metavar="DIR", help="the --out-dir of a train_router.py run on this VAE")
     g.add_argument("--target", metavar="TEXT", nargs="+", help="the goal: the mean latent of these texts")
-    g.add_argument("--scale", type=finite, default=1.25, help="guidance scale: 0 the base alone, 1 the "
+    g.add_argument("--scale", type=nonneg_float, default=1.25, help="guidance scale: 0 the base alone, 1 the "
                    "router alone (BigVAE: 1.25; default: %(default)s)")
     g.add_argument("--num-spans", type=positive_int, default=4, help="spans to generate (default: %(default)s)")
     g.add_argument("--span-tokens", type=positive_int, default=None, help="tokens per span (default: the "
                    "checkpoint's --context)")
     g = parser.add_argument_group("decoding")
-    g.add_argument("--temperature", type=finite, default=0.0, help="0: greedy; else Gumbel-max sampling "
+    g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
                    "at this temperature (default: %(default)s)")
     g.add_argument("--interp-steps", type=at_least_2, default=5, help="points on the --interpolate path, both "
                    "ends included (default: %(default)s)")
@@ -105,8 +104,8 @@ def checked_texts(texts, vae, context, what="text"):
 def check_length(flag, value, limit):
     """Decoding past the base's last position would index outside its position table."""
     if value > limit:
-        raise UserError(f"{flag} {value} goes past the base's {limit} positions left after z and the context: give "
-                        f"{flag} {limit} or less")
+        raise UserError(f"{flag} {value} goes past the base's last position: it has room for {limit} tokens after z "
+                        f"and the context; give {flag} {limit} or less")
 
 
 def main(argv=None):
@@ -114,7 +113,7 @@ def main(argv=None):
     device = torch.device(pick_device(args.device))
     torch.manual_seed(args.seed)
     if args.guide is not None:
-        router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router"), args.router,
+        router, _, _ = load_router(args.resume, device, load_checkpoint(args.router, "router", "--router"), args.router,
                                    "--resume", config_from(MemoryConfig, vars(args)))
         vae, context = router.vae, router.vae.cfg.prefix_slots  # the VAE's --context
         ids, mask = vae.tokenize(checked_texts(args.target, vae, context, "target"))

@@ -93,8 +93,9 @@ def sweep(router, batch, scales, temperature, seed):
         nll = (-token_log_probs(router.vae.base_logits(generated, context), generated).mean(-1)).tolist()
         for name, values in (("cosine", cosines[scale]), ("base_nll", nll)):
             results[f"sweep_{name}_s{scale:g}"], results[f"sweep_{name}_s{scale:g}_ci95"] = mean_interval(values)
-        gap = [a - b for a, b in zip(cosines[scale], cosines[scales[0]])]  # paired, against the first scale
-        results[f"sweep_cosine_gap_s{scale:g}"], results[f"sweep_cosine_gap_s{scale:g}_ci95"] = mean_interval(gap)
+        if scale != scales[0]:  # paired, against the first scale
+            gap = [a - b for a, b in zip(cosines[scale], cosines[scales[0]])]
+            results[f"sweep_cosine_gap_s{scale:g}"], results[f"sweep_cosine_gap_s{scale:g}_ci95"] = mean_interval(gap)
     results["sweep_pairs"] = target.shape[0]
     return results
 
@@ -139,10 +140,10 @@ def main(argv=None):
 
     def save(step):
         config = {**{k: getattr(args, k) for k in TRAIN_KEYS}, "vae": args.vae, "vae_fingerprint": vae_print}
+        if base_name not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too, first
+            peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], base_name)
         save_checkpoint(args.out_dir, {"kind": "router", "config": config, "step": step, "model": router.state(),
                                        "optimizer": optimizer.state_dict()})
-        if base_name not in TINY_MODELS:  # as train_vae.py: the router adapter in peft's layout too
-            peft_layout.save_peft(router.vae.base, os.path.join(args.out_dir, "peft"), ["router"], base_name)
 
     t_start = time.time()
     if run.is_main:

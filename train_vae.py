@@ -211,9 +211,10 @@ def main(argv=None):
                  "optimizer": optimizer.state_dict()}
         if model.base_fingerprint is not None:  # a base that loads by name: what tells it apart (vae.load_weights)
             saved["base_fingerprint"] = model.base_fingerprint
-        save_checkpoint(args.out_dir, saved)
-        if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too
+        if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too, first
+            # (a save cut short between the two leaves the checkpoint a step behind, which resumes and rewrites it)
             peft_layout.save_peft(model.base, os.path.join(args.out_dir, "peft"), ["encoder", "decoder"], args.model)
+        save_checkpoint(args.out_dir, saved)
 
     if run.is_main:
         num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -52,9 +52,11 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN_ITERS = 1500  # the tiny LM's pretraining steps when compare_wm makes out-lm/base itself
 sys.path.insert(0, REPO)  # the repository's own small helpers (common.py), from any directory
 
-from common import device_name, make_parser, positive_int, seed_int  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from common import UserError, device_name, make_parser, positive_int, run_cli, seed_int  # noqa: E402
 
 ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
     "CartPole-v1": (["--num-bins", "32"], [1337, 1]),
@@ -80,13 +82,19 @@ def rows(args):
     return {"IRIS": ["--backbone", "iris"], **{ROWS[key][0]: lm + ROWS[key][1] for key in args.rows}}
 
 
+def log_lines(log_path):
+    """The lines of a run's log (the first is its command), or [] when there is none."""
+    if not os.path.isfile(log_path):
+        return []
+    with open(log_path) as log:
+        return log.read().strip().splitlines()
+
+
 def finished(log_path, command):
     """The JSON that ends the log of a finished run of this very command, else None."""
-    if os.path.isfile(log_path):
-        with open(log_path) as log:
-            lines = log.read().strip().splitlines()
-        if len(lines) > 1 and lines[0] == command and lines[-1].startswith("{"):
-            return json.loads(lines[-1])
+    lines = log_lines(log_path)
+    if len(lines) > 1 and lines[0] == command and lines[-1].startswith("{"):
+        return json.loads(lines[-1])
     return None
 
 
@@ -104,15 +112,18 @@ def train_wm(flags, out_dir, log_path):
     result = finished(log_path, command)
     if result is not None:
         return result
-    shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted run starts over
+    logged = (log_lines(log_path) or [None])[0]
+    if (logged is not None or os.path.exists(out_dir)) and logged != command:  # never delete another run
+        raise UserError(f"{out_dir} holds a run of another command ({logged or 'no log'}); give compare_wm "
+                        "another --out-dir, or remove that run yourself")
+    shutil.rmtree(out_dir, ignore_errors=True)  # an interrupted run of this very command starts over
     with open(log_path, "w") as log:
         print(command, file=log, flush=True)
         done = run_script("train_wm.py", flags + ["--out-dir", out_dir], stdout=log, stderr=subprocess.STDOUT)
     with open(log_path) as log:
         last = log.read().strip().splitlines()[-1]
     if done.returncode != 0:
-        print(f"error: train_wm.py {' '.join(flags)} failed ({last}); see {log_path}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(f"train_wm.py {' '.join(flags)} failed ({last}); see {log_path}")
     return json.loads(last)
 
 
@@ -172,11 +183,29 @@ def compare(env, seed, args):
     return results
 
 
+def pretrain_tiny_lm(device):
+    """out-lm/base, the tiny LM pretrained on text for PRETRAIN_ITERS steps: made by pretrain_lm.py when
+    missing, and resumed when a pretraining was cut short (base/ is rewritten at every save, so a folder
+    alone may be half-trained; its checkpoint's step says). A base/ with no checkpoint beside it is the
+    user's own, used as it is."""
+    step = load_checkpoint("out-lm", "lm")["step"] if os.path.isfile(os.path.join("out-lm", "ckpt.pt")) else None
+    if step is None and os.path.isdir("out-lm/base") or step is not None and step >= PRETRAIN_ITERS:
+        return
+    where = ["--out-dir", "out-lm"] if step is None else ["--resume", "out-lm"]
+    print(f"pretraining the tiny LM on text: pretrain_lm.py --max-iters {PRETRAIN_ITERS} {' '.join(where)}",
+          flush=True)
+    done = run_script("pretrain_lm.py", ["--max-iters", str(PRETRAIN_ITERS), "--device", device, *where],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise UserError(f"pretrain_lm.py failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     own, train_wm_flags = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     parser = make_parser(__doc__)
-    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="(default: both)")
+    parser.add_argument("--envs", nargs="+", default=list(ENVS), choices=list(ENVS), help="the environments to "
+                        "compare (default: both)")
     parser.add_argument("--seeds", type=seed_int, nargs="+", default=None, help="seeds to run every row with "
                         "(default: CartPole 1337 1, Pong 1337)")
     parser.add_argument("--max-iters", type=positive_int, default=600, help="updates per row (default: %(default)s)")
@@ -188,7 +217,8 @@ def main(argv=None):
                         "IRIS's always runs (default: all)")
     parser.add_argument("--lm-layers", type=positive_int, default=None, help="the LM rows keep the LM's first N "
                         "layers (train_wm.py --lm-layers; default: all)")
-    parser.add_argument("--out-dir", default="out-compare", help="(default: %(default)s)")
+    parser.add_argument("--out-dir", default="out-compare", help="where every run's own folder and log go, and "
+                        "tables.md (default: %(default)s)")
     parser.add_argument("--device", type=device_name, default="auto", help="passed to every run (default: "
                         "%(default)s)")
     parser.add_argument("--table", default=None, help="write the tables (markdown) to this file (default: "
@@ -209,27 +239,24 @@ def main(argv=None):
     if folder is not None and (os.path.isdir(args.table) or not os.access(folder, os.W_OK)):  # found now, not hours on
         parser.error(f"--table {args.table}: cannot write it; give a file in an existing folder you can write to, "
                      "or in --out-dir")
+    try:  # a folder compare_wm cannot write to is found now, not after the first row
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out-dir {args.out_dir}: cannot make it ({e.strerror}); give a folder you can write to")
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
-    if args.lm_dir == "out-lm/base" and not os.path.isdir(args.lm_dir):
-        print("pretraining the tiny LM on text: pretrain_lm.py --max-iters 1500", flush=True)
-        done = run_script("pretrain_lm.py", ["--max-iters", "1500", "--out-dir", "out-lm", "--device", args.device],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            print(f"error: pretrain_lm.py failed ({(done.stderr.strip().splitlines() or ['no output'])[-1]})",
-                  file=sys.stderr)
-            sys.exit(2)
+    if args.lm_dir == "out-lm/base":
+        pretrain_tiny_lm(args.device)
     everything, tables = {}, []
     for env in args.envs:
         runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}
         tables.append(table(env, runs))
         print(tables[-1], flush=True)
         everything[env] = runs
-    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "tables.md") if args.table is None else args.table, "w") as f:
         f.write("\n\n".join(tables) + "\n")
     print(json.dumps({"wall_seconds": round(time.time() - t_start), "results": everything}))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -67,8 +67,8 @@ OUT_OF_RANGE = [
     out_of_range(train_router, "--scales -1", NUM_0),
     *(out_of_range(sample, flags, INT_1) for flags in ("--sample 0", "--sample -1", "--num-tokens 0")),
     *(out_of_range(sample, flags, INT_2) for flags in ("--interp-steps 1", "--interp-steps 0")),
-    *(out_of_range(sample, flags, "a finite number >= 0")
-      for flags in ("--temperature -1", "--temperature inf", "--temperature nan")),
+    *(out_of_range(sample, flags, NUM_0) for flags in ("--temperature -1", "--temperature nan", "--scale -1")),
+    out_of_range(sample, "--temperature inf", "finite"),
 ]
 
 
@@ -291,8 +291,8 @@ def test_a_resume_conflict_names_each_flag_as_it_is_typed():
 
 
 def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file, guided_ids):
-    """A router on a VAE over a 64-position base: after z's memory slot and an 8-token window, 55
-    positions are left for a span (the last token needs none); 56 is refused in one line."""
+    """A router on a VAE over a 64-position base: z's memory slot, an 8-token window and the soft token
+    leave 54 positions, room for a span of 55 tokens (its last token needs none); 56 is refused in one line."""
     base, vae_dir, router_dir = (str(tmp_path / name) for name in ("base", "vae", "router"))
     lm.save_base(tiny_gpt2(), lm.ByteTokenizer(), base)
     run_script(train_vae.main, VAE_SMALL + ["--model", base, "--data", text_file, "--out-dir", vae_dir], capsys)
@@ -301,8 +301,8 @@ def test_guided_spans_decode_up_to_the_last_position(tmp_path, capsys, text_file
                                    "--device", "cpu"], capsys)
     argv = ["--resume", vae_dir, "--router", router_dir, "--guide", "the model reads", "--target", "a line.",
             "--num-spans", "1", "--device", "cpu", "--span-tokens"]
-    assert "--span-tokens 56 goes past the base's 55 positions left" in run_script_error(sample.main, argv + ["56"],
-                                                                                         capsys)
+    err = run_script_error(sample.main, argv + ["56"], capsys)
+    assert "--span-tokens 56 goes past the base's last position: it has room for 55 tokens" in err
     guided_ids.clear()  # train_router.py's sweep generated too
     guided, _ = run_script(sample.main, argv + ["55"], capsys)
     (ids,) = guided_ids  # sample.py's: all 55 tokens, and the text is theirs

@@ -12,6 +12,8 @@ import sys
 import pytest
 
 import train_wm
+from checkpoint import save_checkpoint
+from common import UserError
 from experiments import compare_wm
 
 TINY = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--batch-size", "4", "--segment-steps", "6",
@@ -48,9 +50,15 @@ def test_every_row_runs_and_a_second_call_reuses_them(tmp_path, monkeypatch):
 
     monkeypatch.setattr(subprocess, "run", no_runs)
     assert compare_wm.compare("CartPole-v1", 1, args) == results
-    args.max_iters = 2  # another command: not reused
-    with pytest.raises(AssertionError, match="run again"):
+    args.max_iters = 2  # another command in the same folders: refused, the finished runs kept
+    def runs():  # each run's folder (its files) and log (its text)
+        return {p.name: sorted(os.listdir(p)) if p.is_dir() else p.read_text()
+                for p in (tmp_path / "CartPole-v1" / "seed1").iterdir()}
+
+    before = runs()
+    with pytest.raises(UserError, match="holds a run of another command"):
         compare_wm.compare("CartPole-v1", 1, args)
+    assert runs() == before
 
 
 def test_the_time_matched_rows_get_iris_time_in_updates(tmp_path, monkeypatch):
@@ -127,6 +135,35 @@ def test_a_seed_or_device_train_wm_would_refuse_is_refused_first(flag, value, mo
 def test_a_failed_pretraining_exits_2_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no out-lm/base here: compare_wm pretrains it first
     monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: subprocess.CompletedProcess(a, 2, "", "error: x\n"))
+    monkeypatch.setattr(sys, "argv", ["compare_wm.py", "--envs", "CartPole-v1"])
     with pytest.raises(SystemExit) as exit_:
-        compare_wm.main(["--envs", "CartPole-v1"])
+        compare_wm.run_cli(compare_wm.main)  # as `python experiments/compare_wm.py` runs it
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: pretrain_lm.py failed (error: x)\n"
+
+
+@pytest.mark.parametrize("saved_step, has_base, expected", [
+    (None, False, ["--out-dir", "out-lm"]),  # nothing there: pretrain
+    (500, True, ["--resume", "out-lm"]),  # cut short after its first save: base/ is half-trained, resume it
+    (compare_wm.PRETRAIN_ITERS, True, None),  # finished: used as it is
+    (None, True, None)])  # a base/ of the user's own, no checkpoint: used as it is
+def test_a_pretraining_cut_short_is_resumed_not_used(saved_step, has_base, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if saved_step is not None:
+        save_checkpoint("out-lm", {"kind": "lm", "config": {}, "step": saved_step})
+    if has_base:
+        os.makedirs("out-lm/base")
+    calls = []
+    monkeypatch.setattr(compare_wm, "run_script", lambda name, flags, **k: calls.append((name, flags))
+                        or subprocess.CompletedProcess(flags, 0, "", ""))
+    compare_wm.pretrain_tiny_lm("cpu")
+    flags = ["--max-iters", str(compare_wm.PRETRAIN_ITERS), "--device", "cpu"]
+    assert calls == ([] if expected is None else [("pretrain_lm.py", flags + expected)])
+
+
+def test_an_out_dir_that_cannot_be_made_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: pytest.fail("ran before checking --out-dir"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        compare_wm.main(["--lm-dir", "tiny", "--out-dir", str(tmp_path / "a-file")])
+    assert exit_.value.code == 2 and "--out-dir" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == ""

@@ -297,3 +297,22 @@ def test_a_run_refused_after_its_out_dir_was_made_removes_it(tmp_path, capsys, t
     run_script_error(pretrain_lm.main, SMALL + ["--data", text_file, "--out-dir", str(out), "--block-size", "600"],
                      capsys)
     assert os.listdir(out) == []
+
+
+def test_a_folder_save_killed_between_its_renames_keeps_the_previous_folder(tmp_path):
+    """common.replace_folder renames final -> final.old, then final.tmp -> final: a kill between the two
+    leaves no final, a whole final.old and a final.tmp that may be whole or not. The next save puts
+    final.old back first, so a failed next write still leaves the previous folder."""
+    final = str(tmp_path / "base")
+    os.makedirs(final + ".old")
+    (tmp_path / "base.old" / "weights").write_text("previous")
+    os.makedirs(final + ".tmp")  # the killed save's new folder, maybe half-written
+
+    def fail(path):
+        os.makedirs(path)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(common.UserError, match="the previous one is unchanged"):
+        common.replace_folder(final, fail)
+    assert (tmp_path / "base" / "weights").read_text() == "previous"
+    assert sorted(os.listdir(tmp_path)) == ["base"]

@@ -9,6 +9,7 @@ import torch
 import lm
 import pretrain_lm
 import train_vae
+from common import UserError
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error
 
 SMALL = ["--max-iters", "2", "--eval-interval", "2", "--batch-size", "4", "--block-size", "16", "--eval-batches", "2",
@@ -44,6 +45,31 @@ def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file):
     run_script(pretrain_lm.main, argv + ["--out-dir", straight], capsys)
     crash_at_step_2_then_resume(pretrain_lm, argv, crashed, monkeypatch, capsys)
     a, b = (lm.load_base(os.path.join(d, "base"))[0].state_dict() for d in (straight, crashed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_save_cut_short_after_its_first_half_resumes_exactly(tmp_path, capsys, monkeypatch, text_file):
+    """The step-4 save fails writing base/ (a full disk): base/ and the checkpoint both stay at step 2,
+    and the resumed run ends where a straight one does (a checkpoint written first would be at step 4
+    beside a step-2 base/, and the resume would refuse to run a step)."""
+    argv = SMALL[2:] + ["--max-iters", "4", "--data", text_file]
+    straight, cut = str(tmp_path / "straight"), str(tmp_path / "cut")
+    run_script(pretrain_lm.main, argv + ["--out-dir", straight], capsys)
+    save, saves = pretrain_lm.save_base_dir, []
+
+    def full_disk_at_step_4(base, tokenizer, out_dir):
+        saves.append(out_dir)
+        if len(saves) == 2:  # the step-4 save (evaluations at 2 and 4)
+            raise UserError(f"cannot save {out_dir}/base (No space left on device)")
+        save(base, tokenizer, out_dir)
+
+    monkeypatch.setattr(pretrain_lm, "save_base_dir", full_disk_at_step_4)
+    assert "No space left" in run_script_error(pretrain_lm.main, argv + ["--out-dir", cut], capsys)
+    assert torch.load(os.path.join(cut, "ckpt.pt"), weights_only=True)["step"] == 2
+    monkeypatch.setattr(pretrain_lm, "save_base_dir", save)
+    run_script(pretrain_lm.main, ["--resume", cut, "--max-iters", "4", "--data", text_file], capsys)
+    a, b = (lm.load_base(os.path.join(d, "base"))[0].state_dict() for d in (straight, cut))
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

@@ -138,19 +138,22 @@ def test_only_the_router_and_its_z_projections_get_gradients():
 def test_train_eval_resume_and_guide(tmp_path, capsys, monkeypatch, text_file, vae_dirs, guided_ids):
     argv = SMALL + ["--vae", vae_dirs["a"], "--data", text_file, "--max-iters", "4", "--eval-interval", "2"]
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
-    intervals, mean_interval = [], train_router.mean_interval  # the sweep's per-pair lists, 3 a scale
+    intervals, mean_interval = [], train_router.mean_interval  # the sweep's per-pair lists
     monkeypatch.setattr(train_router, "mean_interval", lambda values: intervals.append(values) or mean_interval(values))
     metrics, lines = run_script(train_router.main, argv + ["--out-dir", straight], capsys)
-    n = 3 * sum(k.startswith("sweep_cosine_s") and k[14:].replace(".", "").isdigit() for k in metrics)
-    for sweep in range(0, len(intervals), n):  # each sweep: per scale, (cosine, base NLL, gap to the first scale)
-        cosines, gaps = intervals[sweep:sweep + n:3], intervals[sweep + 2:sweep + n:3]
-        assert len(cosines[0]) == 4 and all(gap == [a - b for a, b in zip(cos, cosines[0])]
-                                            for cos, gap in zip(cosines, gaps))  # paired: per pair, then the mean
+    num_scales = sum(k.startswith("sweep_cosine_s") and k[14:].replace(".", "").isdigit() for k in metrics)
+    n = 3 * num_scales - 1  # per scale: cosine, base NLL, and its gap to the first scale (none for the first)
+    assert num_scales > 1 and "sweep_cosine_gap_s0" not in metrics and len(intervals) % n == 0
+    for sweep in range(0, len(intervals), n):
+        first, rest = intervals[sweep], intervals[sweep + 2:sweep + n]  # rest: (cosine, base NLL, gap) per scale
+        cosines, gaps = rest[0::3], rest[2::3]
+        assert len(first) == 4 and all(gap == [a - b for a, b in zip(cos, first)]
+                                       for cos, gap in zip(cosines, gaps))  # paired: per pair, then the mean
     assert any(line.startswith("step 4/4 |") and "eta" in line for line in lines)
     for key in ("val_acc_router", "val_acc_base", "val_acc_shuffled", "sweep_cosine_s0", "sweep_cosine_s1.25",
                 "sweep_cosine_gap_s1.25", "sweep_cosine_gap_s1.25_ci95", "sweep_base_nll_s1.25", "steps"):
         assert key in metrics, key
-    assert metrics["sweep_pairs"] == 4 and n >= 6 and intervals and len(intervals) % n == 0
+    assert metrics["sweep_pairs"] == 4 and intervals
     state = torch.load(os.path.join(straight, "ckpt.pt"), weights_only=True)
     assert state["kind"] == "router" and all(".router." in k or k.startswith(("w_d.", "w_memory.")) for k in state["model"])
     crash_at_step_2_then_resume(train_router, argv, crashed, monkeypatch, capsys)

@@ -116,8 +116,10 @@ def test_a_cut_inside_a_character_still_fits_the_context(capsys):
     (["--reconstruct", "a", "--router", "r", "--scale", "2"], "--router, --scale only apply to --guide"),
     (["--reconstruct", "a", "--num-tokens", "5"], "--num-tokens only apply to --sample"),
     (["--sample", "1", "--interp-steps", "3"], "--interp-steps only apply to --interpolate"),
-    # z's memory slot and the CONTEXT prefix slots come first: 512 - 1 - 8 positions are left to decode into
-    (["--sample", "1", "--num-tokens", "504"], "--num-tokens 504 goes past the base's 503 positions left"),
+    # z's memory slot, the CONTEXT prefix slots and the soft token come first: 512 - 10 positions, room for 503
+    # tokens (the last one needs none)
+    (["--sample", "1", "--num-tokens", "504"], "--num-tokens 504 goes past the base's last position: it has room "
+                                               "for 503 tokens"),
     (["--sample", str(10**8)], "GiB is free: lower --sample (now 100000000)"),
     (["--interpolate", "a", "b", "--interp-steps", str(10**8)], "GiB is free: lower --interp-steps (now 100000000)"),
     (["--sample", "1", "--reconstruct", "a"], "not allowed with argument"),
