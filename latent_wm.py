@@ -55,7 +55,7 @@ from lm import hidden_size
 from lm_backbone import LMBackbone, LMCache
 from vae import VAE, VAEComponent, VAEConfig
 from vae_math import kl_weight, noise_scale
-from worldmodel import Head, WorldModelEnv, compute_labels, init_weights
+from worldmodel import Head, WorldModelEnv, compute_labels, init_weights, mean_cross_entropy
 
 NEXT_LATENT = ("kl", "decode")
 
@@ -215,7 +215,7 @@ class LatentWorldModel(nn.Module):
             next_term = (F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum")
                          / max(1, tokens.numel()))  # 0, not NaN, when no next step is real
         labels = compute_labels(batch["obs_tokens"], batch["rewards"], batch["ends"], mask)
-        reward, end = (F.cross_entropy(out[name].flatten(0, 1), labels[name].flatten(), ignore_index=-100)
+        reward, end = (mean_cross_entropy(out[name].flatten(0, 1), labels[name].flatten())
                        for name in ("reward", "end"))
         kl = masked_mean(0.5 * mu.pow(2).sum(-1), mask) / K
         beta = kl_weight(step, cfg.vae)

@@ -30,12 +30,13 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
    world model; here they keep their meaning;
 3. train the world model --wm-iters steps on segments from all the real data so far (the world
    model's flags, --state among them, --batch-size, --lr, --warmup-iters, --weight-decay and
-   --grad-clip are train_wm.py's; the learning rate warms up once, then stays constant, as IRIS's);
+   --grad-clip are train_wm.py's; the learning rate warms up once, then stays constant; IRIS's is
+   constant throughout);
    with --end-share, that share of each batch's segments holds an episode end (wm_setup.segment_batches),
    which a uniform draw rarely gives once episodes grow long;
 4. train the actor-critic --ac-iters steps, each on --ac-batch-size trajectories of --horizon
-   steps imagined from real observations drawn from the data (agent.py). IRIS waits a few
-   epochs before the first; here it trains from the first epoch on. With --state latent the
+   steps imagined from real observations drawn from the data (agent.py). IRIS starts it after 50
+   epochs (its world model after 25); here it trains from the first epoch on. With --state latent the
    world model imagines in latent space and decodes each imagined observation for the policy;
    with --policy-input latent too, the policy reads z instead (Dreamer's actor) and nothing is
    decoded. Simplification: the encoder is the world model's, which the agent never trains, and
@@ -43,8 +44,9 @@ One epoch, as IRIS's (src/trainer.py there), with --max-iters epochs in all:
 5. every --eval-interval epochs: play --eval-episodes real episodes on held-out seeds (never
    collected from) with the greedy and with the sampled policy; print; checkpoint.
 Every random draw is a function of --seed and the epoch or step, each stream with a seed of its
-own (STREAMS). Progress: a line per phase from the shared loop (the world model's, then the
-actor-critic's, every --log-interval steps and at the phase's end), and one per evaluated epoch
+own (STREAMS; a frame tokenizer's steps draw from the world model's, before it trains). Progress:
+a line per phase from the shared loop (the world model's, then the actor-critic's, every
+--log-interval steps and at the phase's end), and one per evaluated epoch
 with real env steps, real returns, imagined steps/s and the ETA. The last line printed is one
 JSON object of the run's metrics; `history` in the checkpoint holds every evaluated epoch's.
 """
@@ -113,8 +115,9 @@ def parse_args(argv=None):
                    "bounds (data_wm.with_space_bounds; default: %(default)s)")
     g.add_argument("--end-share", type=fraction, default=0.0, help="the share of each world-model batch drawn "
                    "(at least one segment for a share above 0) to hold an episode end, at a uniform position in its "
-                   "segment, the others from uniform starts: a rare event oversampled, as long episodes leave few ends to learn from (IRIS draws a segment's "
-                   "episode uniformly, which weighs short episodes' ends up; default: %(default)s, all uniform)")
+                   "segment, the others from uniform starts: a rare event oversampled, as long episodes leave few "
+                   "ends to learn from (IRIS draws a segment's episode, the newest ones more often, which weighs "
+                   "short episodes' ends up; default: %(default)s, all uniform)")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="held-out real episodes per "
                    "evaluation, each policy; --eval-only may play another number (default: %(default)s)")
     g.add_argument("--policy-input", default="obs", choices=["obs", "latent"], help="what the policy reads: obs, "
@@ -280,7 +283,10 @@ def main(argv=None):
 
         t_ac = time.time()
         ac_phase = phase_config(train_config, epoch, args.ac_iters, lr=args.ac_lr, grad_clip=args.ac_grad_clip,
-                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"))
+                                grad_accum=1, seed=stream_seed(args.seed, "actor_critic"),
+                                # the divergence hint's dtype: the actor-critic is fp32, and decoded observations
+                                # are finite in any --dtype; a policy that reads z reads the world model's numbers
+                                dtype=train_config.dtype if reads_latent else "float32")
         ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
                          schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)

@@ -257,9 +257,10 @@ def train_frame_tokenizer(tokenizer, train_data, val_obs, scale, settings, confi
 
     if run.is_main:
         print(f"training the frame tokenizer for {settings.tokenizer_iters} steps")
+    before = standing["step"]  # what an interruption named before this phase (train_agent.py: the epoch)
     train(tokenizer, optimizer, get_batch, lambda: tokenizer_metrics(tokenizer, val_obs, scale, run.device),
           config, run, start_step=state.get("tokenizer_step", 0), save=save, flags=("--tokenizer-lr", "--grad-clip"))
-    standing["step"] = None  # its steps are not the next loop's: an interruption from here names no step of them
+    standing["step"] = before  # its steps are not the next loop's: an interruption from here names what it did before
     tokenizer.eval()
 
 
@@ -359,11 +360,11 @@ def latent_world_model(settings, config, device, batch_size, should_print):
 def segment_batches(data, tokenizer, segment_steps, batch_size, seed, device, end_share=0.0):
     """get_batch(index) for trainer.train: batch_size segments of segment_steps steps from random starts in data,
     drawn from (seed, index). end_share: round(end_share * batch_size) of them (at least one for a share above
-    0) are drawn to hold an episode end instead, a rare event (IRIS draws each segment's episode uniformly,
-    which weighs short episodes' ends up; here ends are drawn outright): one of data's ends, uniformly, at a
-    uniform position in the segment (never before its episode's start, so never padded); the others start
-    uniformly. With no end in data all start uniformly; with end_share 0 nothing more is drawn, so the
-    batches are the uniform ones exactly."""
+    0) are drawn to hold an episode end instead, a rare event (IRIS draws each segment's episode, the newest
+    ones more often, which weighs short episodes' ends up; here ends are drawn outright): one of data's ends,
+    uniformly, at a uniform position in the segment (never before its episode's start, so never padded); the
+    others start uniformly. With no end in data all start uniformly; with end_share 0 nothing more is drawn,
+    so the batches are the uniform ones exactly."""
     num_tokens = batch_size * segment_steps * (tokenizer.tokens_per_obs + 1)
     end_steps = torch.nonzero(data["ends"]).squeeze(1)  # (E,)
     num_ends = max(1, round(end_share * batch_size)) if end_share > 0 and len(end_steps) > 0 else 0

@@ -237,6 +237,13 @@ def compute_labels(obs_tokens, rewards, ends, mask_padding):
     return {"obs": obs, "reward": reward, "end": end}
 
 
+def mean_cross_entropy(logits, labels):
+    """Cross-entropy (N, classes), (N,) averaged over the labels that are not -100; 0, not NaN, where none
+    is (one token per observation: a segment that starts on its episode's last step has no obs label)."""
+    total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
+
+
 class WorldModel(nn.Module):
     """tables: (observation table, action table) of the backbone's width; by default IRIS's,
     learned from scratch (lm_backbone.lm_token_tables gives rows of an LM's own table, which
@@ -292,7 +299,7 @@ class WorldModel(nn.Module):
 
     def compute_loss(self, batch: dict, step: int = 0) -> dict:
         """The three cross-entropies and their sum (IRIS weighs them equally)."""
-        terms = {name: F.cross_entropy(logits, labels, ignore_index=-100)
+        terms = {name: mean_cross_entropy(logits, labels)
                  for name, (logits, labels) in self.logits_and_labels(batch).items()}
         return {"loss": sum(terms.values()), **terms}
 

@@ -297,13 +297,16 @@ def test_episodes_of_each_epoch_are_numbered_after_the_last_and_cut_ones_not_cou
     assert both["episode"].tolist() == [0, 0, 1, 1, 2, 2] and len(both["obs"]) == 6
 
 
-@pytest.mark.parametrize("dtype", [[], ["--dtype", "float16"]], ids=["default", "float16"])
+@pytest.mark.parametrize("dtype", [[], ["--dtype", "float16"], ["--backbone", "lm", "--dtype", "float16"]],
+                         ids=["default", "float16", "lm-float16"])
 def test_a_diverging_actor_critic_names_its_own_lr(tmp_path, capsys, dtype):
     """The actor-critic trains at --ac-lr: its divergence names that flag, not the world model's --lr;
-    --dtype is an LM world model's, so with IRIS's fp32 transformer float16 is not blamed."""
+    --dtype is an LM world model's, and the fp32 actor-critic reads decoded observations, so float16 is
+    not blamed, with IRIS's transformer or an LM in float16."""
     err = run_script_error(train_agent.main, QUICK + dtype + ["--max-iters", "1", "--ac-lr", "1e30", "--ac-grad-clip",
                                                               "0", "--out-dir", str(tmp_path / "run")], capsys)
-    assert "lower --ac-lr (now 1e+30)" in err and not os.path.exists(tmp_path / "run" / "ckpt.pt")
+    assert "lower --ac-lr (now 1e+30)" in err and "float16" not in err
+    assert not os.path.exists(tmp_path / "run" / "ckpt.pt")
 
 
 @pytest.mark.parametrize("argv, says", [

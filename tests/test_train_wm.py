@@ -362,10 +362,12 @@ def test_a_resumed_run_s_shape_is_checked_with_its_saved_width(tmp_path, capsys)
     assert metrics["steps"] == 2
 
 
-def test_after_the_frame_tokenizer_an_interruption_names_none_of_its_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("before", [None, 0], ids=["train_wm", "train_agent-epoch-0"])
+def test_after_the_frame_tokenizer_an_interruption_names_none_of_its_steps(tmp_path, monkeypatch, before):
     """The tokenizer's phase saves its own steps; once it ends, an interrupted run must not report them
-    as the world model's (common.standing, which the interruption line reads)."""
-    monkeypatch.setitem(common.standing, "step", None)
+    as the world model's (common.standing, which the interruption line reads), and names again what it
+    named before: nothing in train_wm.py, train_agent.py's epoch."""
+    monkeypatch.setitem(common.standing, "step", before)
     tokenizer = FrameTokenizer(FrameTokenizerConfig())
     frames = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
     settings = wm_setup.TokenizerSettings(tokenizer_iters=2, tokenizer_lr=1e-3, tokenizer_batch_size=2)
@@ -374,7 +376,7 @@ def test_after_the_frame_tokenizer_an_interruption_names_none_of_its_steps(tmp_p
     monkeypatch.setattr(wm_setup, "save_checkpoint", lambda path, state: seen.append(common.standing["step"]))
     wm_setup.train_frame_tokenizer(tokenizer, {"obs": frames}, frames[:2], 255.0, settings, config,
                                    Run(torch.device("cpu")), {})
-    assert seen == [2] and common.standing["step"] is None  # its step while it saved, none after
+    assert seen == [2] and common.standing["step"] == before  # its step while it saved, the one before after
 
 
 def test_a_diverging_frame_tokenizer_names_its_own_lr(tmp_path):

@@ -339,3 +339,21 @@ def test_imagination_follows_the_learned_dynamics():
     o1 = env.step(torch.tensor([1, 0]))[0]
     o2 = env.step(torch.tensor([1, 1]))[0]
     assert o1.flatten().tolist() == [1, 1] and o2.flatten().tolist() == [2, 2]
+
+
+def test_a_batch_with_no_obs_label_has_a_finite_loss():
+    """One token per observation (FrozenLake, Taxi): a segment that starts on its episode's last step has
+    no observation to predict (its only token has no predictor; the next steps are padding). A batch of
+    only such segments gives an obs term of 0, not 0 / 0, and the loss of the others is unchanged."""
+    wm = tiny_world_model(K=1)
+    obs, actions = random_segment(wm, B=2, L=3)
+    batch = {"obs_tokens": obs, "actions": actions, "rewards": torch.zeros(2, 3), "ends": torch.zeros(2, 3),
+             "mask_padding": torch.ones(2, 3, dtype=torch.bool)}
+    batch["ends"][:, 0], batch["mask_padding"][:, 1:] = 1, False
+    terms = wm.compute_loss(batch)
+    assert terms["obs"].item() == 0 and torch.isfinite(terms["loss"]) and terms["end"] > 0
+    batch["mask_padding"][0, 1:], batch["ends"][0, 0] = True, 0  # one segment with its next two steps real
+    logits, labels = wm.logits_and_labels(batch)["obs"]
+    expected = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100)
+    assert (labels != -100).sum() == 2
+    torch.testing.assert_close(wm.compute_loss(batch)["obs"], expected)
