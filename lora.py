@@ -35,7 +35,8 @@ from common import UserError
 DEFAULT_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],  # qkv, attention and MLP output, MLP input
     **{llama_like: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for llama_like in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2")},
+       for llama_like in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    # (Mixtral's experts hold their MLP weights as stacked tensors, not Linear layers: not adapted here)
 }
 
 
@@ -244,6 +245,10 @@ def load_adapter_state_dict(model, name, state_dict):
         raise ValueError(f"adapter weights do not fit adapter '{name}' of this model "
                          f"({len(state_dict)} tensors given, {len(own)} expected); were they saved from another model?")
     params = model.state_dict()
+    wrong = [k for k, v in state_dict.items() if params[own[k]].shape != v.shape]
+    if wrong:  # copy_ would broadcast a (1, in) A into an (r, in) one without a word
+        raise ValueError(f"adapter weight {wrong[0]} is {tuple(state_dict[wrong[0]].shape)}, adapter '{name}' of this "
+                         f"model has {tuple(params[own[wrong[0]]].shape)}; were they saved from another model?")
     with torch.no_grad():
         for k, v in state_dict.items():
             params[own[k]].copy_(v)

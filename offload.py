@@ -118,7 +118,7 @@ class LayerOffloader:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.slots, self.stored = [], []  # per layer: [(owner, attr, key)]; {key: CPU tensor}
-        self.resident = {}  # layer index -> (CUDA event or None, {id(cpu tensor): device tensor})
+        self.resident = {}  # layer index -> (CUDA event or None, {slot key: device tensor})
         self.last_started = -1
         self.num_fetches = 0  # copies to the device, for the tests and the curious
         self.max_resident = 0

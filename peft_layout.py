@@ -97,6 +97,15 @@ def load_peft(model, directory, name):
     if missing:
         raise UserError(f"the adapter in {directory} adapts {missing[0]}, which this model lacks; it was made for "
                         f"{config.get('base_model_name_or_path')}: load that model")
+    for key, value in state.items():  # before anything is added or written: A is (r, in), B is (out, r)
+        layer = model.get_submodule(key.rsplit(".lora_", 1)[0])
+        size_in, size_out = ((layer.in_features, layer.out_features) if isinstance(layer, (LoRALayer, nn.Linear))
+                             else tuple(layer.weight.shape))  # GPT-2's Conv1D keeps its weight as (in, out)
+        expected = (r, size_in) if ".lora_A." in key else (size_out, r)
+        if tuple(value.shape) != expected:
+            raise UserError(f"the adapter in {directory} has {key} of shape {tuple(value.shape)}, where this model "
+                            f"needs {expected}; it was made for {config.get('base_model_name_or_path')}: load that "
+                            "model")
     existing = adapter_layers(model, name)
     if not existing:
         add_adapter(model, name, r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0),

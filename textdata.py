@@ -9,7 +9,8 @@ side (training / held out), and windows cut from it.
 The default corpus is the docstrings of this Python's standard library, read from its
 installed source files at run time (~1.3 MB of English paragraphs; nothing downloaded, no
 text shipped). --data FILE takes one document per line, or paragraphs separated by blank
-lines. Every 10th document is held out, so held-out text is never trained on.
+lines. Every 10th document is held out, so held-out documents are never trained on (a --data file
+that repeats a document can put its text on both sides; the default corpus has no repeats).
 A window is 2 x context tokens: the first half is `prefix_ids` (the context the decoder
 sees before z's span), the second the span that is encoded and reconstructed
 (`input_ids` = `target_ids`), as BigVAE cuts 128-token chunks into 64 + 64.

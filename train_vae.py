@@ -53,7 +53,7 @@ TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
 PRETRAINED_DEFAULTS = dict(lr=1e-4, context=64, word_dropout=0.0)
 VAE_TRAIN_KEYS = ("head_lr_scale",)  # optimisation settings of this script alone (a flag given wins)
 SCHEDULE_KEYS = ("ae_iters", "ae_prefix", "noise_ramp_iters", "kl_schedule", "kl_max", "kl_iters", "free_bits",
-                 "edge_weights", "word_dropout", "own_tokens")
+                 "edge_weights", "word_dropout", "own_tokens", "prefix_drop")
 
 
 def per_base(key):
@@ -147,7 +147,7 @@ def main(argv=None):
                      overridable=True)
         # a key the checkpoint lacks came after it was saved: that run had the feature off (VAEConfig's default)
         before = {**{k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}, "ae_prefix": False,
-                  "own_tokens": 0.0}
+                  "own_tokens": 0.0, "prefix_drop": 0.5}
         adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0

@@ -157,6 +157,8 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.99), lr_scales=()):
     tables, norms and biases do not. lr_scales: (module, scale) pairs whose parameters train at
     scale x the lr (their groups carry "lr_scale", which train() reads)."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) or lora.is_conv1d(m)}
+    decayed -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # a table tied to a Linear
+    #                                                         (GPT-2's wte is its lm_head's weight) stays a table
     scale_of = {id(p): scale for module, scale in lr_scales for p in module.parameters()}
     groups = {}  # (no decay, scale) -> params; without scales, the two groups of old in their order
     for p in (p for p in model.parameters() if p.requires_grad):

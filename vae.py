@@ -172,7 +172,7 @@ class VAE(nn.Module):
     def encode(self, input_ids, mask=None):
         """Posterior parameters (mu, logvar) of a batch of spans, (B, D) each; logvar None for bigvae."""
         hidden, mask = self.encoder_hidden(input_ids, mask)
-        pooled = self.head.pool(hidden.to(self.head.w_e.weight.dtype), mask)  # (B, C)
+        pooled = self.head.pool(hidden.to(self.head.w_e.weight.dtype), mask)  # (B, Q * C)
         logvar = self.head.w_logvar(pooled) if self.head.w_logvar is not None else None
         return self.head.w_e(pooled), logvar
 

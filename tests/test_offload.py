@@ -217,7 +217,7 @@ def tiny_vae_step():
     from vae import VAE, VAEConfig
 
     base, _ = lm.load_base("tiny")
-    vae = VAE(base, VAEConfig(prefix_slots=32)).train()  # train_vae.py's defaults on tiny: context 32
+    vae = VAE(base, VAEConfig(prefix_slots=32)).train()  # tiny as train_vae.py trains it, at --context 32
     ids = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "target_ids": ids, "prefix_ids": ids}
     return vae, lambda: vae.compute_loss(batch, step=10**6)["loss"], 16 * 3 * 32
@@ -238,7 +238,8 @@ def iris_world_model_step(tokens_per_obs, vocab_size):
 @pytest.mark.parametrize("step", [tiny_vae_step, lambda: iris_world_model_step(4, 64),
                                   lambda: iris_world_model_step(16, 512)], ids=["vae", "wm-cartpole", "wm-frames"])
 def test_the_activation_estimate_covers_what_a_cpu_step_keeps_and_not_absurdly_more(step):
-    """train_vae.py's and train_wm.py's default models (CartPole's 4 tokens per observation, Pong's 16):
+    """train_vae.py's (at --context 32) and train_wm.py's default models (CartPole's 4 tokens per observation,
+    Pong's 16):
     the CPU estimate is above what the step saves for its backward pass (the peak adds temporaries
     to that), and within 4x of it."""
     model, loss_fn, tokens = step()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lora
@@ -152,6 +152,14 @@ def test_load_peft_refuses_what_it_cannot_read(saved_model_dir, tmp_path):
     with open(config_path, "w") as f:
         json.dump({**config, "use_dora": True}, f)
     with pytest.raises(UserError, match="has use_dora=True; only plain LoRA adapters"):
+        peft_layout.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    weights_path = os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS)
+    weights = load_file(weights_path)
+    first_a = sorted(k for k in weights if ".lora_A." in k)[0]
+    save_file({**weights, first_a: weights[first_a][:, :-1].contiguous()}, weights_path)  # another model's width
+    with pytest.raises(UserError, match=r"has .*lora_A.weight of shape \(\d+, \d+\), where this model needs"):
         peft_layout.load_peft(fresh, os.path.join(out, "encoder"), "encoder")
     with open(os.path.join(out, "encoder", peft_layout.PEFT_WEIGHTS), "wb") as f:
         f.write(b"not safetensors")

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import checkpoint
 import common
+import lm
 import trainer
 from common import UserError
 
@@ -119,7 +120,7 @@ def test_a_non_finite_loss_stops_before_anything_is_saved(tmp_path, capsys):
 def test_a_loss_not_finite_before_any_update_does_not_blame_the_lr(tmp_path, monkeypatch):
     def infinite_kl(self, batch, step):
         kl = torch.tensor(math.inf)
-        return {"loss": self.linear(batch["x"]).mean() + kl, "kl": kl}  # as --free-bits inf made it
+        return {"loss": self.linear(batch["x"]).mean() + kl, "kl": kl}  # as a KL that overflowed would make it
 
     monkeypatch.setattr(Regression, "compute_loss", infinite_kl)
     with pytest.raises(UserError, match=r"^the loss is inf and the gradient norm \S+ at step 1 \(not finite: loss, "
@@ -235,6 +236,11 @@ def test_one_weight_decay_rule():
     decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
     assert decayed == {id(model[2].weight)}  # a linear layer's weight; not embeddings, norms or biases
     assert sum(len(g["params"]) for g in groups) == 5
+    base, _ = lm.load_base("tiny")  # GPT-2's token table is also its output layer's weight (tied)
+    assert base.lm_head.weight is base.transformer.wte.weight
+    groups = trainer.make_optimizer(base, 1e-3, 0.1).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    assert id(base.transformer.wte.weight) not in decayed and id(base.transformer.h[0].mlp.c_fc.weight) in decayed
 
 
 def test_lr_scales_train_a_module_at_a_multiple_of_the_lr():
