@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from agent import first_reaching  # noqa: E402
 from checkpoint import load_checkpoint  # noqa: E402
-from common import UserError, make_parser, run_cli  # noqa: E402
+from common import UserError, make_parser, number, run_cli  # noqa: E402
 from experiments.plot import draw  # noqa: E402
 
 # Student's t at 97.5% by degrees of freedom 1 to 30
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--runs", nargs="+", action="append", required=True, metavar=("LABEL", "DIR"),
                         help="a line: its label, then the --out-dir of each seed's train_agent.py run")
     parser.add_argument("--out", default="agent_curve.png", help="where the picture goes (default: %(default)s)")
-    parser.add_argument("--target", type=float, default=None, help="also report the real steps to this "
+    parser.add_argument("--target", type=number(float, lambda v: v == v, "a number"), default=None, help="also report the real steps to this "
                         "return (e.g. 195, CartPole-v0's threshold)")
     args = parser.parse_args(argv)
     if any(len(group) < 2 for group in args.runs):

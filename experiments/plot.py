@@ -13,14 +13,14 @@ from common import UserError
 COLORS = ["red", "blue", "green", "orange", "purple", "gray"]
 
 
-def draw(series, path, x_label, title, y_from_zero=True, y_digits=0):
-    """Lines of (x, mean, half) points, a band drawn where half > 0; the y axis starts at 0 unless
-    y_from_zero is False; y_digits: decimals on the y axis."""
+def draw(series, path, x_label, title, y_digits=0):
+    """Lines of (x, mean, half) points, a band drawn where half > 0; the y axis starts at 0 (or below,
+    where a band goes); y_digits: decimals on the y axis."""
     W, H, left, bottom, top, right = 640, 400, 60, 40, 30, 20
     xs = [x for s in series for x, _, _ in s["points"]]
     ys = [v for s in series for _, mean, half in s["points"] for v in (mean - half, mean + half)]
     x_hi, y_lo, y_hi = max(xs) or 1.0, min(ys), max(ys)
-    y_lo = min(0.0, y_lo) if y_from_zero else y_lo
+    y_lo = min(0.0, y_lo)
     span = (y_hi - y_lo) or 1.0
 
     def at(x, y):

@@ -9,8 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: tests nev
 # GPT-2's BPE files for tiktoken: the copy beside the repository when there is one (as in CI), else
 # tiktoken's own cache (it downloads them once, on a machine with network)
 _CACHE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "tiktoken_cache")
-if os.path.isdir(_CACHE):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.abspath(_CACHE))
+if os.path.isdir(_CACHE) and not os.environ.get("TIKTOKEN_CACHE_DIR"):  # an empty one would turn tiktoken's cache off
+    os.environ["TIKTOKEN_CACHE_DIR"] = os.path.abspath(_CACHE)
 
 import pytest
 import torch

@@ -398,6 +398,15 @@ def test_the_real_steps_to_a_return_are_those_of_its_first_evaluation(tmp_path):
         agent_curve.summarise("iris", [run, other], target=None)
 
 
+@pytest.mark.parametrize("value, says", [("nan", "it must be a number"), ("inf", "it must be finite")])
+def test_agent_curve_refuses_a_target_no_return_can_reach(value, says, capsys):
+    from experiments import agent_curve
+
+    with pytest.raises(SystemExit) as exit_:
+        agent_curve.parse_args(["--runs", "iris", "dir", "--target", value])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_the_paired_difference_is_taken_seed_by_seed(tmp_path):
     """experiments/agent_curve.py's paired comparison: B minus A over the seeds both ran (2 and 3),
     at the evaluations both made (A's two of B's three); seed 1 (A only) and seed 4 (B only) left out;
