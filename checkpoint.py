@@ -163,8 +163,9 @@ def load_optimizer(optimizer, state_dict):
              [len(group["params"]) for group in state_dict["param_groups"]])
     if sizes[0] != sizes[1]:
         raise UserError(f"the checkpoint's optimizer groups its parameters as {sizes[1]}, this run as {sizes[0]}: "
-                        "a learning-rate scale (--head-lr-scale) was turned on or off (resume without it), or the "
-                        "checkpoint trained a tied embedding table before such tables stopped decaying (start anew)")
+                        "a learning-rate scale (train_vae's --head-lr-scale) was turned on or off (resume without "
+                        "it), or the checkpoint trained a tied embedding table before such tables stopped decaying "
+                        "(start anew)")
     optimizer.load_state_dict(state_dict)
     for group, kept in zip(optimizer.param_groups, made):
         group.pop("lr_scale", None)

@@ -147,7 +147,7 @@ def main(argv=None):
                      overridable=True)
         # a key the checkpoint lacks came after it was saved: that run had the feature off (VAEConfig's default)
         before = {**{k: v for k, v in dataclasses.asdict(VAEConfig()).items() if k in MODEL_KEYS}, "ae_prefix": False,
-                  "own_tokens": 0.0, "prefix_drop": 0.5}
+                  "own_tokens": 0.0}
         adopt_config(vars(args), args.explicit, {**before, **state["config"]}, MODEL_KEYS + SCHEDULE_KEYS, args.resume)
         if "word_dropout" not in state["config"].keys() | args.explicit:  # saved before the flag existed: it had none
             args.word_dropout = 0.0

@@ -46,8 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs", nargs="+", action="append", required=True, metavar=("LABEL", "DIR"),
                         help="a line: its label, then the --out-dir of each seed's train_agent.py run")
     parser.add_argument("--out", default="agent_curve.png", help="where the picture goes (default: %(default)s)")
-    parser.add_argument("--target", type=number(float, lambda v: v == v, "a number"), default=None, help="also report the real steps to this "
-                        "return (e.g. 195, CartPole-v0's threshold)")
+    parser.add_argument("--target", type=number(float, lambda v: not math.isnan(v), "a number"), default=None,
+                        help="also report the real steps to this return (e.g. 195, CartPole-v0's threshold)")
     args = parser.parse_args(argv)
     if any(len(group) < 2 for group in args.runs):
         parser.error("each --runs needs a label and at least one run directory")

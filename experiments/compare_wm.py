@@ -19,8 +19,8 @@ tiny LM, 26-41 min per CartPole seed and 61 min for Pong (11 runs each); the che
 
 Rows (every train_wm.py flag not named here is the same in every row):
     IRIS                    IRIS's transformer (train_wm.py's default size), from scratch
-    LM pretrained ...       the tiny LM pretrained on text (`pretrain_lm.py`, run
-                            first if --lm-dir has none), frozen, + a LoRA adapter; with each
+    LM pretrained ...       the tiny LM pretrained on text (`pretrain_lm.py` into out-lm, run
+                            or finished first), frozen, + a LoRA adapter; with each
                             embedding choice: IRIS's tables, the LM's own rows frozen or trained
     LM random, frozen       the same architecture with random weights, frozen, + LoRA
     LM from scratch         the same architecture, random weights, every weight trained
@@ -38,7 +38,8 @@ tokens/s) equals IRIS's. Seeds: each seed collects its own data and initialises 
 anew; the table gives the mean over seeds and, after +-, their standard deviation. Each
 run's log (its last line: the run's JSON) goes to OUT_DIR/<env>/seed<S>/<row>.log; a run
 whose log ends in its JSON and starts with the very same command is not run again, so an
-interrupted comparison continues where it stopped. Every run is its own process with this
+interrupted comparison continues where it stopped; a run of another command in the same folder
+is refused, never deleted (give each comparison its own --out-dir). Every run is its own process with this
 one's environment, on one CPU thread unless OMP_NUM_THREADS says otherwise. The last line
 printed is one JSON object with every run's metrics.
 """
@@ -53,9 +54,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_ITERS = 1500  # the tiny LM's pretraining steps when compare_wm makes out-lm/base itself
-sys.path.insert(0, REPO)  # the repository's own small helpers (common.py), from any directory
+sys.path.insert(0, REPO)  # the repository's own small helpers (common.py, checkpoint.py), from any directory
 
-from checkpoint import load_checkpoint  # noqa: E402
 from common import UserError, device_name, make_parser, positive_int, run_cli, seed_int  # noqa: E402
 
 ENVS = {  # env: (flags that size its data and vocabulary the same for every row, default seeds)
@@ -184,13 +184,26 @@ def compare(env, seed, args):
 
 
 def pretrain_tiny_lm(device):
-    """out-lm/base, the tiny LM pretrained on text for PRETRAIN_ITERS steps: made by pretrain_lm.py when
-    missing, and resumed when a pretraining was cut short (base/ is rewritten at every save, so a folder
-    alone may be half-trained; its checkpoint's step says). A base/ with no checkpoint beside it is the
-    user's own, used as it is."""
-    step = load_checkpoint("out-lm", "lm")["step"] if os.path.isfile(os.path.join("out-lm", "ckpt.pt")) else None
-    if step is None and os.path.isdir("out-lm/base") or step is not None and step >= PRETRAIN_ITERS:
-        return
+    """out-lm/base, for --lm-dir's default: the tiny LM pretrained on text for PRETRAIN_ITERS steps, made by
+    pretrain_lm.py when out-lm is missing, and resumed when its pretraining was cut short (base/ is rewritten at
+    every save, so the folder alone may be half-trained; its checkpoint's step says). Anything else there (another
+    pretraining, a base/ with no checkpoint beside it) is refused: give it with --lm-dir to use it as it is."""
+    from checkpoint import load_checkpoint  # not at the top: it imports torch, which --help need not wait for
+
+    use_it = "give --lm-dir out-lm/base to use it as it is, or move out-lm away to pretrain anew"
+    has_checkpoint = os.path.isfile(os.path.join("out-lm", "ckpt.pt"))
+    if not has_checkpoint and os.path.isdir("out-lm/base"):
+        raise UserError(f"out-lm/base has no out-lm/ckpt.pt beside it (a pretraining cut short at its first save, "
+                        f"or a base of your own): {use_it}")
+    step = None
+    if has_checkpoint:
+        state = load_checkpoint("out-lm", "lm")
+        if state["config"]["model"] != "tiny" or state["config"].get("synthetic") is not None:
+            raise UserError(f"out-lm holds another pretraining (--model {state['config']['model']}, --synthetic "
+                            f"{state['config'].get('synthetic')}) than the tiny LM on text: {use_it}")
+        step = state["step"]
+        if step >= PRETRAIN_ITERS:
+            return
     where = ["--out-dir", "out-lm"] if step is None else ["--resume", "out-lm"]
     print(f"pretraining the tiny LM on text: pretrain_lm.py --max-iters {PRETRAIN_ITERS} {' '.join(where)}",
           flush=True)
@@ -210,9 +223,9 @@ def main(argv=None):
                         "(default: CartPole 1337 1, Pong 1337)")
     parser.add_argument("--max-iters", type=positive_int, default=600, help="updates per row (default: %(default)s)")
     parser.add_argument("--collect-steps", type=positive_int, default=None, help="override each env's data size")
-    parser.add_argument("--lm-dir", default="out-lm/base", help="the pretrained LM: out-lm/base (made by "
-                        "pretrain_lm.py when missing), another directory saved with save_pretrained, or a name "
-                        "(smollm2, a Hugging Face id) (default: %(default)s)")
+    parser.add_argument("--lm-dir", default=None, help="the pretrained LM: a directory saved with save_pretrained, or "
+                        "a name (smollm2, a Hugging Face id) (default: out-lm/base, which pretrain_lm.py makes, or "
+                        "finishes, first)")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="the LM rows to run; "
                         "IRIS's always runs (default: all)")
     parser.add_argument("--lm-layers", type=positive_int, default=None, help="the LM rows keep the LM's first N "
@@ -243,10 +256,13 @@ def main(argv=None):
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         parser.error(f"--out-dir {args.out_dir}: cannot make it ({e.strerror}); give a folder you can write to")
+    if not os.access(args.out_dir, os.W_OK):
+        parser.error(f"--out-dir {args.out_dir}: cannot write to it; give a folder you can write to")
     args.train_wm_flags = train_wm_flags
     t_start = time.time()
-    if args.lm_dir == "out-lm/base":
+    if args.lm_dir is None:
         pretrain_tiny_lm(args.device)
+        args.lm_dir = "out-lm/base"
     everything, tables = {}, []
     for env in args.envs:
         runs = {seed: compare(env, seed, args) for seed in (ENVS[env][1] if args.seeds is None else args.seeds)}

@@ -141,26 +141,36 @@ def test_a_failed_pretraining_exits_2_in_one_line(tmp_path, monkeypatch, capsys)
     assert exit_.value.code == 2 and capsys.readouterr().err == "error: pretrain_lm.py failed (error: x)\n"
 
 
-@pytest.mark.parametrize("saved_step, has_base, expected", [
-    (None, False, ["--out-dir", "out-lm"]),  # nothing there: pretrain
-    (500, True, ["--resume", "out-lm"]),  # cut short after its first save: base/ is half-trained, resume it
-    (compare_wm.PRETRAIN_ITERS, True, None),  # finished: used as it is
-    (None, True, None)])  # a base/ of the user's own, no checkpoint: used as it is
-def test_a_pretraining_cut_short_is_resumed_not_used(saved_step, has_base, expected, tmp_path, monkeypatch):
+ON_TEXT = {"model": "tiny", "synthetic": None}  # what compare_wm's own pretraining records
+
+
+@pytest.mark.parametrize("saved_step, config, has_base, expected", [
+    (None, None, False, ["--out-dir", "out-lm"]),  # nothing there: pretrain
+    (500, ON_TEXT, True, ["--resume", "out-lm"]),  # cut short after its first save: base/ is half-trained, resume it
+    (compare_wm.PRETRAIN_ITERS, ON_TEXT, True, []),  # finished: used as it is
+    (None, None, True, "has no out-lm/ckpt.pt beside it"),  # cut short before its first checkpoint, or the user's
+    (compare_wm.PRETRAIN_ITERS, {**ON_TEXT, "synthetic": "markov"}, True, "holds another pretraining")])
+def test_a_pretraining_cut_short_is_resumed_not_used(saved_step, config, has_base, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if saved_step is not None:
-        save_checkpoint("out-lm", {"kind": "lm", "config": {}, "step": saved_step})
+        save_checkpoint("out-lm", {"kind": "lm", "config": config, "step": saved_step})
     if has_base:
         os.makedirs("out-lm/base")
     calls = []
     monkeypatch.setattr(compare_wm, "run_script", lambda name, flags, **k: calls.append((name, flags))
                         or subprocess.CompletedProcess(flags, 0, "", ""))
+    if isinstance(expected, str):  # refused: nothing run, nothing removed
+        with pytest.raises(UserError, match=expected):
+            compare_wm.pretrain_tiny_lm("cpu")
+        assert calls == [] and os.path.isdir("out-lm/base")
+        return
     compare_wm.pretrain_tiny_lm("cpu")
     flags = ["--max-iters", str(compare_wm.PRETRAIN_ITERS), "--device", "cpu"]
-    assert calls == ([] if expected is None else [("pretrain_lm.py", flags + expected)])
+    assert calls == ([("pretrain_lm.py", flags + expected)] if expected else [])
 
 
 def test_an_out_dir_that_cannot_be_made_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    """A file in its place (a read-only folder is refused the same way, by os.access)."""
     monkeypatch.setattr(compare_wm, "run_script", lambda *a, **k: pytest.fail("ran before checking --out-dir"))
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as exit_:

@@ -100,10 +100,11 @@ def test_adapter_save_load_round_trip(pair, saved_model_dir, tmp_path):
     lora.add_adapter(wrong, "encoder", r=4, targets=["c_attn" if "c_attn" in str(wrong) else "q_proj"])
     with pytest.raises(ValueError, match="do not fit"):
         lora.load_adapter(wrong, "encoder", tmp_path / "encoder.safetensors")
-    narrow, _ = load_base(saved_model_dir)  # the same layers at another rank: refused, not broadcast
-    lora.add_adapter(narrow, "encoder", r=2)
-    with pytest.raises(ValueError, match=r"is \(4, \d+\), adapter 'encoder' of this model has \(2, \d+\)"):
-        lora.load_adapter(narrow, "encoder", tmp_path / "encoder.safetensors")
+    rank_1, _ = load_base(saved_model_dir)  # the same layers at rank 1: copy_ would broadcast it into rank 4
+    lora.add_adapter(rank_1, "one", r=1)
+    lora.save_adapter(rank_1, "one", tmp_path / "one.safetensors")
+    with pytest.raises(ValueError, match=r"is \(1, \d+\), adapter 'other' of this model has \(4, \d+\)"):
+        lora.load_adapter(fresh, "other", tmp_path / "one.safetensors")
 
 
 def test_only_lora_trains_and_base_gets_no_grad(pair):

@@ -333,7 +333,7 @@ def test_the_head_trains_at_its_own_lr_and_a_resumed_run_keeps_it(tmp_path, caps
     before = read_bytes(os.path.join(out, "ckpt.pt"))
     err = run_error(train_vae.main, ["--resume", out, "--data", text_file, "--max-iters", "4", "--device", "cpu",
                                      "--head-lr-scale", "1"], capsys)
-    assert "a learning-rate scale (--head-lr-scale) was turned on or off (resume without it)" in err
+    assert "a learning-rate scale (train_vae's --head-lr-scale) was turned on or off (resume without it)" in err
     assert read_bytes(os.path.join(out, "ckpt.pt")) == before
 
 
@@ -461,17 +461,20 @@ def test_a_checkpoint_from_before_word_dropout_resumes_without_it(trained, tmp_p
 def test_a_checkpoint_from_before_a_model_flag_refuses_it(trained, tmp_path, capsys, text_file):
     """A model key the saved config lacks came later: that run had VAEConfig's default (here one soft
     token, no lead token), so resuming with another value is the same conflict as with a saved one;
-    so are --ae-prefix, whose phase had no prefix before the flag, --own-tokens (none before it) and
-    --prefix-drop (saved since; 0.5 before)."""
+    so are --ae-prefix, whose phase had no prefix before the flag, and --own-tokens (none before it).
+    --prefix-drop, saved since, is another's: a checkpoint without it may have run at any value."""
     state = checkpoint.load_checkpoint(trained, "vae")
     for key in ("soft_tokens", "lead_token", "ae_prefix", "own_tokens", "prefix_drop"):
         del state["config"][key]
     checkpoint.save_checkpoint(str(tmp_path), state)
     argv = SMALL + ["--data", text_file, "--resume", str(tmp_path), "--lead-token", "--soft-tokens", "2", "--ae-prefix",
                     "--own-tokens", "0.5", "--prefix-drop", "0.2"]
+    err = run_error(train_vae.main, argv, capsys)
     assert ("with other settings: --soft-tokens 2 (saved: 1), --lead-token True (saved: False), --ae-prefix True "
-            "(saved: False), --own-tokens 0.5 (saved: 0.0), --prefix-drop 0.2 (saved: 0.5)"
-            in run_error(train_vae.main, argv, capsys))
+            "(saved: False), --own-tokens 0.5 (saved: 0.0)" in err and "prefix-drop" not in err)
+    argv = SMALL + ["--data", text_file, "--resume", trained, "--out-dir", str(tmp_path / "again"), "--prefix-drop",
+                    "0.2"]
+    assert "--prefix-drop 0.2 (saved: 0.5)" in run_error(train_vae.main, argv, capsys)  # saved now: a resume keeps it
 
 
 def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(trained, tmp_path):
