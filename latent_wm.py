@@ -212,8 +212,7 @@ class LatentWorldModel(nn.Module):
             next_term = masked_mean(cfg.dyn_weight * kl_dyn + cfg.rep_weight * kl_rep, mask[:, 1:]) / K
         else:
             logits, tokens = self.next_obs_logits(batch, out["latent"])
-            next_term = (F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum")
-                         / max(1, tokens.numel()))  # 0, not NaN, when no next step is real
+            next_term = mean_cross_entropy(logits.flatten(0, 1), tokens.flatten())  # 0 when no next step is real
         labels = compute_labels(batch["obs_tokens"], batch["rewards"], batch["ends"], mask)
         reward, end = (mean_cross_entropy(out[name].flatten(0, 1), labels[name].flatten())
                        for name in ("reward", "end"))

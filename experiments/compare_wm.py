@@ -90,9 +90,8 @@ def log_lines(log_path):
         return log.read().strip().splitlines()
 
 
-def finished(log_path, command):
-    """The JSON that ends the log of a finished run of this very command, else None."""
-    lines = log_lines(log_path)
+def finished(lines, command):
+    """The JSON that ends a run's log lines when it is a finished run of this very command, else None."""
     if len(lines) > 1 and lines[0] == command and lines[-1].startswith("{"):
         return json.loads(lines[-1])
     return None
@@ -109,10 +108,11 @@ def train_wm(flags, out_dir, log_path):
     """One train_wm.py run (or the same one, finished before); its final JSON.
     The log's first line is the command."""
     command = "# train_wm.py " + " ".join(flags + ["--out-dir", out_dir])
-    result = finished(log_path, command)
+    lines = log_lines(log_path)
+    result = finished(lines, command)
     if result is not None:
         return result
-    logged = (log_lines(log_path) or [None])[0]
+    logged = (lines or [None])[0]
     if (logged is not None or os.path.exists(out_dir)) and logged != command:  # never delete another run
         raise UserError(f"{out_dir} holds a run of another command ({logged or 'no log'}); give compare_wm "
                         "another --out-dir, or remove that run yourself")
