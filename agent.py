@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
+
 
 @dataclass
 class ActorCriticConfig:
@@ -145,17 +147,19 @@ def imagine(actor_critic, wm_env, start_obs, horizon, policy_input="obs"):
     actions sampled from the policy, which reads policy_input: "obs", each observation as decoded,
     or "latent", the latent world model's z (LatentWorldModelEnv's info["latent"], (B, D)) ->
     {"obs": (B, H + 1, ...) what the policy read, "actions", "rewards", "ends": (B, H)}.
-    Random draws come from torch's global generator."""
+    Random draws come from torch's global generator. The world model's LoRA adapters (an LM inside)
+    run folded into their base weights (lora.folded): the world model does not train in here."""
     def seen(obs, info):
         return obs if policy_input == "obs" else info["latent"]
 
-    obs, info = wm_env.reset(start_obs)
-    trajectory = {"obs": [seen(obs, info)], "actions": [], "rewards": [], "ends": []}
-    for _ in range(horizon):
-        action = actor_critic.act(trajectory["obs"][-1])
-        obs, reward, end, _, info = wm_env.step(action)
-        for key, value in zip(("obs", "actions", "rewards", "ends"), (seen(obs, info), action, reward, end)):
-            trajectory[key].append(value)
+    with lora.folded(wm_env.world_model):
+        obs, info = wm_env.reset(start_obs)
+        trajectory = {"obs": [seen(obs, info)], "actions": [], "rewards": [], "ends": []}
+        for _ in range(horizon):
+            action = actor_critic.act(trajectory["obs"][-1])
+            obs, reward, end, _, info = wm_env.step(action)
+            for key, value in zip(("obs", "actions", "rewards", "ends"), (seen(obs, info), action, reward, end)):
+                trajectory[key].append(value)
     return {key: torch.stack(values, dim=1) for key, values in trajectory.items()}
 
 

@@ -247,9 +247,10 @@ def bench_imagine(args):
         def fn():
             env = env_class(world_model, tokens_as_obs, should_use_cache=should_use_cache,
                             generator=torch.Generator(device).manual_seed(0), **kwargs)
-            env.reset(start)
-            for action in actions:
-                env.step(action)
+            with lora.folded(world_model):  # as agent.imagine and eval_wm.imagine run it
+                env.reset(start)
+                for action in actions:
+                    env.step(action)
         return fn
 
     out = {"bench": "imagine", "device": str(device), "batch_size": args.batch_size,

@@ -19,6 +19,7 @@ from collections import defaultdict
 import torch
 import torch.nn as nn
 
+import lora
 from common import UserError, run_cli, write_failure
 from data_wm import segments
 from latent_wm import imagination_env
@@ -87,21 +88,22 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
     starts = imagination_starts(val["episode"], H, num_starts)
     env = imagination_env(world_model, tokenizer, generator=torch.Generator(device).manual_seed(seed))
     real, real_tokens = val["obs"][starts], val["obs_tokens"][starts]  # the start observations, copied
-    obs, info = env.reset(real.to(device))
-    imagined = [obs.cpu()]
     curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
     seconds = 0.0
-    for h in range(1, H + 1):
-        t = time.time()
-        obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(device))
-        seconds += time.time() - t
-        imagined.append(obs.cpu())
-        real_next = val["obs"][starts + h]
-        next_tokens = val["obs_tokens"][starts + h]
-        curves["imag_acc"].append((info["obs_tokens"].cpu() == next_tokens).float().mean().item())
-        curves["copy_acc"].append((real_tokens == next_tokens).float().mean().item())
-        curves["imag_err"].append(((obs.cpu().float() - real_next.float()).abs() / scale).mean().item())
-        curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
+    with lora.folded(world_model):  # an LM's adapters folded into its weights (no gradients here)
+        obs, info = env.reset(real.to(device))
+        imagined = [obs.cpu()]
+        for h in range(1, H + 1):
+            t = time.time()
+            obs, _, _, _, info = env.step(val["actions"][starts + h - 1].to(device))
+            seconds += time.time() - t
+            imagined.append(obs.cpu())
+            real_next = val["obs"][starts + h]
+            next_tokens = val["obs_tokens"][starts + h]
+            curves["imag_acc"].append((info["obs_tokens"].cpu() == next_tokens).float().mean().item())
+            curves["copy_acc"].append((real_tokens == next_tokens).float().mean().item())
+            curves["imag_err"].append(((obs.cpu().float() - real_next.float()).abs() / scale).mean().item())
+            curves["copy_err"].append(((real.float() - real_next.float()).abs() / scale).mean().item())
     i = len(starts) // 2  # a start from the middle of the held-out data, not an episode's first frame
     example = {"real": val["obs"][starts[i]:starts[i] + H + 1], "imagined": torch.stack(imagined)[:, i]}
     if isinstance(tokenizer, DiscreteTokenizer):  # the state's token (state - start): one plot, not one per cell

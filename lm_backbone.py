@@ -60,6 +60,7 @@ class LMBackbone(nn.Module):
         self.lm = lm
         self.width = hidden_size(lm)
         lora.add_adapter(lm, "dynamics", r=r, alpha=alpha, dropout=dropout)
+        self.lora_layers = lora.lora_layers(lm)  # every target wrapped now; later adapters reuse these layers
         for name, p in lm.named_parameters():  # only the dynamics adapter (and the base, if asked) trains
             p.requires_grad = lora.is_lora_key(name, "dynamics") or (should_train_base and not lora.is_lora_key(name))
         for table in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # never run: the world model
@@ -77,7 +78,7 @@ class LMBackbone(nn.Module):
         cache: an LMCache to extend; mask (B, T): bidirectional over those positions (None: causal)."""
         dtype = self.lm.get_input_embeddings().weight.dtype
         extra = {} if mask is None else {"attention_mask": bidirectional_mask(mask, dtype)}
-        with lora.use_adapter(self.lm, adapter):
+        with lora.use_adapter(self.lm, adapter, self.lora_layers):
             out = self.body(inputs_embeds=embeds.to(dtype), use_cache=cache is not None, **extra,
                             **cache_kwarg(self.body, None if cache is None else cache.past))
         return out.last_hidden_state.to(embeds.dtype)

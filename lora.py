@@ -17,7 +17,9 @@ its base until trained. One layer holds several *named* adapters ("encoder", "de
 The base layer can be an nn.Linear, GPT-2's Conv1D (weight stored transposed, in x out)
 or a bitsandbytes 8-bit/4-bit linear: the adapter only adds to the base's output.
 merge() folds the active adapter into a floating-point base weight (for fast inference);
-unmerge() takes it out again. Neither happens behind your back.
+unmerge() takes it out again. Neither happens behind your back. folded() leaves the weights
+alone: inside its block, passes without gradients use a copy of the base weight with the
+adapter folded in (imagination: thousands of small passes, one product a layer instead of three).
 
 peft_layout.py writes and reads these adapters in peft's own files.
 """
@@ -61,6 +63,7 @@ class LoRALayer(nn.Module):
         self.scaling = {}
         self.active = None  # name of the adapter in use; None = base layer only
         self.merged = None  # name of the adapter folded into base.weight, if any
+        self.folded = {}  # adapter name -> (a copy of base.weight with it folded in, the weights' versions)
 
     def add(self, name, r, alpha, dropout):
         device = self.base.weight.device
@@ -70,7 +73,27 @@ class LoRALayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / r
 
+    def versions(self, name):  # bumped by every in-place change (an optimizer step, a load)
+        return tuple(w._version for w in (self.base.weight, self.lora_A[name].weight, self.lora_B[name].weight))
+
+    def fold(self, name):
+        """Keep a copy of base.weight with adapter `name` folded in (lora.folded); not with dropout."""
+        if self.merged is None and isinstance(self.lora_dropout[name], nn.Identity):
+            with torch.no_grad():
+                w = self.base.weight
+                self.folded[name] = ((w.float() + self.delta_weight(name)).to(w.dtype), self.versions(name))
+
+    def folded_forward(self, x):
+        weight, versions = self.folded[self.active]
+        if versions != self.versions(self.active):
+            raise RuntimeError("a weight changed inside lora.folded(): its folded copy is stale; fold again")
+        if is_conv1d(self.base):  # GPT-2's Conv1D: y = bias + x @ weight, weight (in, out)
+            return torch.addmm(self.base.bias, x.reshape(-1, self.in_features), weight).view(*x.shape[:-1], -1)
+        return nn.functional.linear(x, weight, self.base.bias)  # (B, T, out)
+
     def forward(self, x):
+        if self.active in self.folded and not torch.is_grad_enabled():
+            return self.folded_forward(x)
         out = self.base(x)
         if self.active is None or self.merged is not None:
             return out
@@ -167,16 +190,35 @@ def active_adapter(model, layers=None):
 
 
 @contextlib.contextmanager
-def use_adapter(model, name):
+def use_adapter(model, name, layers=None):
     """Run a block with adapter `name` (None: no adapter), then restore the previous one. One walk
-    over the model's modules for all three steps: imagination switches adapters at every pass."""
-    layers = lora_layers(model)
+    over the model's modules for all three steps, none when the caller keeps its `layers`
+    (lora_layers(model)): imagination switches adapters at every pass."""
+    layers = lora_layers(model) if layers is None else layers
     previous = active_adapter(model, layers)
     set_adapter(model, name, layers)
     try:
         yield model
     finally:
         set_adapter(model, previous, layers)
+
+
+@contextlib.contextmanager
+def folded(model, names=None):
+    """Within the block, passes without gradients run adapters `names` (None: all) folded into copies of
+    the floating-point base weights: x @ (W + B A alpha / r) instead of x @ W + (x A^T) B^T alpha / r, equal
+    up to rounding. Passes with gradients run as usual; the copies cost one base weight per adapter and
+    are dropped at the end. A weight changed inside the block makes the next folded pass raise."""
+    layers = [layer for layer in lora_layers(model) if layer.base.weight.is_floating_point()]
+    previous = [dict(layer.folded) for layer in layers]
+    for layer in layers:
+        for name in [n for n in layer.lora_A if names is None or n in names]:
+            layer.fold(name)
+    try:
+        yield model
+    finally:
+        for layer, before in zip(layers, previous):
+            layer.folded = before
 
 
 def merge(model):

@@ -13,6 +13,7 @@ import wm_setup
 from conftest import crash_at_step_2_then_resume, run_script, run_script_error, tiny_gpt2, tiny_mistral
 from latent_wm import LatentWorldModel, LatentWorldModelConfig, LatentWorldModelEnv
 from obs_tokenizer import TokenObservations, VectorTokenizer, VectorTokenizerConfig
+from worldmodel import TransformerConfig
 
 K, V, A, L, D = 4, 16, 3, 5, 8  # tokens per observation, their vocabulary, actions, steps, latent size
 CONFIG = LatentWorldModelConfig(tokens_per_obs=K, obs_vocab_size=V, num_actions=A, max_steps=L, latent_size=D)
@@ -137,6 +138,28 @@ def test_cached_imagination_equals_recomputation(should_decode):
             assert obs.shape == (4, K) and torch.equal(obs, recomputed[0]) and torch.equal(obs, info["obs_tokens"])
         else:
             assert obs is None and "obs_tokens" not in info
+
+
+def test_imagination_with_folded_adapters_follows_the_unfolded_one():
+    """agent.imagine runs the adapters folded into the weights (lora.folded): the same latents up to
+    rounding, step after step, across a context rebuild."""
+    model = as_if_trained(make_model()).eval()
+    start, actions = torch.randint(V, (4, K)), torch.randint(A, (3 * L, 4))
+    runs = []
+    for should_fold in (True, False):
+        env = LatentWorldModelEnv(model, TokenObservations(), should_decode=False)
+        with lora.folded(model) if should_fold else torch.no_grad():
+            latents = [env.reset(start)[1]["latent"]] + [env.step(action)[4]["latent"] for action in actions]
+        runs.append(torch.stack(latents))
+    assert torch.allclose(runs[0], runs[1], atol=1e-5)
+
+
+def test_iris_sized_gelu_is_gpt2s_up_to_rounding():
+    from transformers.activations import ACT2FN
+
+    lm = latent_wm.iris_sized_lm(TransformerConfig(width=16, num_layers=1, num_heads=2), CONFIG)
+    x = torch.linspace(-8, 8, 1001)
+    assert torch.allclose(lm.transformer.h[0].mlp.act(x), ACT2FN["gelu_new"](x), atol=1e-6)
 
 
 @torch.no_grad()

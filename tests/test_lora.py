@@ -64,6 +64,50 @@ def test_merge_equals_unmerged_and_unmerge_restores(pair):
         assert torch.allclose(v, before[k], atol=1e-6), k
 
 
+def test_folded_equals_unfolded_without_gradients_and_leaves_the_weights(pair):
+    model, _ = pair
+    randomize(model, "encoder", 4)
+    randomize(model, "decoder", 5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {}
+    for name in ("encoder", "decoder"):
+        lora.set_adapter(model, name)
+        expected[name] = logits(model)
+    layers = lora.lora_layers(model)
+    with lora.folded(model, ["decoder"]):
+        assert all(set(layer.folded) == {"decoder"} for layer in layers)
+        with lora.folded(model):  # nested: all adapters, then back to the outer block's
+            assert all(set(layer.folded) == {"encoder", "decoder"} for layer in layers)
+        assert all(set(layer.folded) == {"decoder"} for layer in layers)
+        for name in ("encoder", "decoder"):
+            lora.set_adapter(model, name)
+            assert torch.allclose(logits(model), expected[name], atol=1e-5)
+        assert not torch.equal(logits(model), expected["encoder"])
+    assert all(layer.folded == {} for layer in layers)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_folded_trains_as_usual_and_a_changed_weight_is_refused(pair):
+    model, _ = pair
+    randomize(model, "decoder", 6)
+    lora.set_adapter(model, "decoder")
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(IDS).logits.square().mean().backward()
+        return [p.grad.clone() for p in lora.lora_parameters(model, "decoder")]
+
+    outside = grads()
+    with lora.folded(model):
+        inside = grads()  # with gradients the LoRA path runs: the adapter still learns
+        with torch.no_grad():
+            next(lora.lora_parameters(model, "decoder")).add_(0.1)  # an optimizer step, say
+        with pytest.raises(RuntimeError, match="fold again"):
+            logits(model)
+    assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+
+
 def test_switching_adapters_and_context_manager(pair):
     model, reference = pair
     randomize(model, "encoder", 2)
@@ -163,6 +207,8 @@ def test_bitsandbytes_8bit_base_layer():
     assert (base_out - dense(x)).abs().max() < 0.05  # 8-bit is close to the dense layer, not equal
     with pytest.raises(ValueError, match="cannot be merged"):
         lora.merge(model)
+    with torch.no_grad(), lora.folded(model):  # nor folded: it runs as it did
+        assert layer.folded == {} and torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_dropout_acts_on_the_adapter_branch_in_training_only():
