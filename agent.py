@@ -148,7 +148,7 @@ def imagine(actor_critic, wm_env, start_obs, horizon, policy_input="obs"):
     or "latent", the latent world model's z (LatentWorldModelEnv's info["latent"], (B, D)) ->
     {"obs": (B, H + 1, ...) what the policy read, "actions", "rewards", "ends": (B, H)}.
     Random draws come from torch's global generator. The world model's LoRA adapters (an LM inside)
-    run folded into their base weights (lora.folded): the world model does not train in here."""
+    run folded into copies of their base weights (lora.folded): the world model does not train in here."""
     def seen(obs, info):
         return obs if policy_input == "obs" else info["latent"]
 

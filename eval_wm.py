@@ -90,7 +90,7 @@ def imagine(world_model, tokenizer, val, scale, horizon, num_starts, seed, devic
     real, real_tokens = val["obs"][starts], val["obs_tokens"][starts]  # the start observations, copied
     curves = {"imag_acc": [], "copy_acc": [], "imag_err": [], "copy_err": []}
     seconds = 0.0
-    with lora.folded(world_model):  # an LM's adapters folded into its weights (no gradients here)
+    with lora.folded(world_model):  # an LM's adapters folded into copies of its weights (no gradients here)
         obs, info = env.reset(real.to(device))
         imagined = [obs.cpu()]
         for h in range(1, H + 1):

@@ -287,8 +287,8 @@ def iris_sized_lm(shape, config):
     """A GPT-2-shaped transformer of IRIS's world-model shape (worldmodel.TransformerConfig: width, layers,
     heads, dropout) for LatentWorldModelConfig `config`, random and trained whole: --backbone iris (wm_setup.py
     builds the rest). Its token table is never read. Its GELU is GPT-2's tanh approximation as one fused
-    kernel ("gelu_pytorch_tanh", the same function as GPT-2's "gelu_new" up to rounding, which spends seven
-    kernels on it: a tenth of an imagined step's time at this size)."""
+    kernel ("gelu_pytorch_tanh", the same function as GPT-2's "gelu_new" up to rounding, which spends eight
+    element-wise kernels on it: about a tenth of an imagined step's time at this size, results/agent_cartpole.md)."""
     from transformers import GPT2Config, GPT2LMHeadModel  # not at the top: see lm.import_transformers
 
     return GPT2LMHeadModel(GPT2Config(n_layer=shape.num_layers, n_head=shape.num_heads, n_embd=shape.width,

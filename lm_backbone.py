@@ -60,7 +60,7 @@ class LMBackbone(nn.Module):
         self.lm = lm
         self.width = hidden_size(lm)
         lora.add_adapter(lm, "dynamics", r=r, alpha=alpha, dropout=dropout)
-        self.lora_layers = lora.lora_layers(lm)  # every target wrapped now; later adapters reuse these layers
+        self.lora_layers = lora.lora_layers(lm)  # every target wrapped now; adapters added later with the default targets reuse them
         for name, p in lm.named_parameters():  # only the dynamics adapter (and the base, if asked) trains
             p.requires_grad = lora.is_lora_key(name, "dynamics") or (should_train_base and not lora.is_lora_key(name))
         for table in (lm.get_input_embeddings(), lm.get_output_embeddings()):  # never run: the world model

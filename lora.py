@@ -63,7 +63,8 @@ class LoRALayer(nn.Module):
         self.scaling = {}
         self.active = None  # name of the adapter in use; None = base layer only
         self.merged = None  # name of the adapter folded into base.weight, if any
-        self.folded = {}  # adapter name -> (a copy of base.weight with it folded in, the weights' versions)
+        self.folded = None  # inside lora.folded(): adapter name -> (base.weight with it folded in, made from)
+        self.can_fold = True  # offload.py clears it: its weights move between devices
 
     def add(self, name, r, alpha, dropout):
         device = self.base.weight.device
@@ -73,26 +74,28 @@ class LoRALayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = alpha / r
 
-    def versions(self, name):  # bumped by every in-place change (an optimizer step, a load)
-        return tuple(w._version for w in (self.base.weight, self.lora_A[name].weight, self.lora_B[name].weight))
-
-    def fold(self, name):
-        """Keep a copy of base.weight with adapter `name` folded in (lora.folded); not with dropout."""
-        if self.merged is None and isinstance(self.lora_dropout[name], nn.Identity):
-            with torch.no_grad():
-                w = self.base.weight
-                self.folded[name] = ((w.float() + self.delta_weight(name)).to(w.dtype), self.versions(name))
+    def sources(self, name):
+        """What a folded copy was made from: each weight's storage and its count of in-place changes
+        (an optimizer step, a load, a merge)."""
+        return tuple((w.data_ptr(), w._version) for w in (self.base.weight, self.lora_A[name].weight,
+                                                           self.lora_B[name].weight))
 
     def folded_forward(self, x):
-        weight, versions = self.folded[self.active]
-        if versions != self.versions(self.active):
-            raise RuntimeError("a weight changed inside lora.folded(): its folded copy is stale; fold again")
+        """The active adapter folded into a copy of base.weight, made on its first pass in the block."""
+        name, sources = self.active, self.sources(self.active)
+        if name not in self.folded:
+            with torch.no_grad():
+                self.folded[name] = (self.merged_weight(name, +1), sources)
+        weight, made_from = self.folded[name]
+        if made_from != sources:
+            raise RuntimeError("a weight changed inside lora.folded(): its folded copy is stale; open a new block")
         if is_conv1d(self.base):  # GPT-2's Conv1D: y = bias + x @ weight, weight (in, out)
             return torch.addmm(self.base.bias, x.reshape(-1, self.in_features), weight).view(*x.shape[:-1], -1)
         return nn.functional.linear(x, weight, self.base.bias)  # (B, T, out)
 
     def forward(self, x):
-        if self.active in self.folded and not torch.is_grad_enabled():
+        if (self.folded is not None and self.active is not None and self.merged is None
+                and not torch.is_grad_enabled() and isinstance(self.lora_dropout[self.active], nn.Identity)):
             return self.folded_forward(x)
         out = self.base(x)
         if self.active is None or self.merged is not None:
@@ -106,6 +109,11 @@ class LoRALayer(nn.Module):
         delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]  # (out, in)
         return delta.T if is_conv1d(self.base) else delta
 
+    def merged_weight(self, name, sign):
+        """base.weight plus (sign +1) or minus (-1) adapter `name`'s update, in the base's dtype."""
+        w = self.base.weight
+        return (w.float() + sign * self.delta_weight(name)).to(w.dtype)
+
     def merge(self):
         if self.merged is not None or self.active is None:
             return
@@ -113,16 +121,14 @@ class LoRALayer(nn.Module):
             raise ValueError("merge() needs a floating-point base weight; 8-bit and 4-bit layers "
                              "cannot be merged, run them with the adapter unmerged")
         with torch.no_grad():
-            w = self.base.weight
-            w.copy_((w.float() + self.delta_weight(self.active)).to(w.dtype))
+            self.base.weight.copy_(self.merged_weight(self.active, +1))
         self.merged = self.active
 
     def unmerge(self):
         if self.merged is None:
             return
         with torch.no_grad():
-            w = self.base.weight
-            w.copy_((w.float() - self.delta_weight(self.merged)).to(w.dtype))
+            self.base.weight.copy_(self.merged_weight(self.merged, -1))
         self.merged = None
 
 
@@ -204,21 +210,22 @@ def use_adapter(model, name, layers=None):
 
 
 @contextlib.contextmanager
-def folded(model, names=None):
-    """Within the block, passes without gradients run adapters `names` (None: all) folded into copies of
-    the floating-point base weights: x @ (W + B A alpha / r) instead of x @ W + (x A^T) B^T alpha / r, equal
-    up to rounding. Passes with gradients run as usual; the copies cost one base weight per adapter and
-    are dropped at the end. A weight changed inside the block makes the next folded pass raise."""
-    layers = [layer for layer in lora_layers(model) if layer.base.weight.is_floating_point()]
-    previous = [dict(layer.folded) for layer in layers]
+def folded(model):
+    """Within the block, a pass without gradients runs the active adapter folded into a copy of the base
+    weight, W + (alpha / r) B A: one product instead of three (W's, A's, B's), equal up to rounding.
+    Each adapter is folded on its first such pass (a copy of the base weights each); passes with
+    gradients run as usual; the copies are dropped at the end. Only float32 bases fold (in bfloat16 the
+    fold would round a small update away, which the unfolded sum keeps), not offloaded ones, nor adapters
+    with dropout. A weight changed in place or replaced inside the block makes the next folded pass raise."""
+    layers = [layer for layer in lora_layers(model) if layer.folded is None and layer.can_fold
+              and layer.base.weight.dtype == torch.float32 and layer.merged is None]
     for layer in layers:
-        for name in [n for n in layer.lora_A if names is None or n in names]:
-            layer.fold(name)
+        layer.folded = {}
     try:
         yield model
     finally:
-        for layer, before in zip(layers, previous):
-            layer.folded = before
+        for layer in layers:
+            layer.folded = None
 
 
 def merge(model):

@@ -139,6 +139,8 @@ class LayerOffloader:
                 for p in module.parameters(recurse=False):
                     if p.requires_grad:
                         p.data = p.data.to(self.device)
+                if hasattr(module, "can_fold"):  # a lora.LoRALayer: its base weight comes and goes, never folded
+                    module.can_fold = False
             layer.forward = checkpointed(layer, before=lambda i=i: self._before(i))
 
     def _fetch(self, i):

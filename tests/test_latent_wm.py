@@ -150,6 +150,8 @@ def test_imagination_with_folded_adapters_follows_the_unfolded_one():
         env = LatentWorldModelEnv(model, TokenObservations(), should_decode=False)
         with lora.folded(model) if should_fold else torch.no_grad():
             latents = [env.reset(start)[1]["latent"]] + [env.step(action)[4]["latent"] for action in actions]
+            layers = lora.lora_layers(model.backbone.lm)
+            assert all(set(layer.folded) == {"encoder", "dynamics"} for layer in layers) if should_fold else True
         runs.append(torch.stack(latents))
     assert torch.allclose(runs[0], runs[1], atol=1e-5)
 

@@ -87,6 +87,23 @@ def test_offloaded_lm_keeps_the_kv_cache_exact(make_lm):
 
 
 @LMS
+def test_offloaded_layers_run_unfolded_in_imagination(make_lm):
+    """lora.folded (agent.imagine) leaves the offloaded layers alone: each pass brings their weights anew."""
+    model = world_model(make_lm)
+    x = tokens()
+    with torch.no_grad():
+        full = model(x)
+    offload.offload_layers(model.backbone.lm, "cpu")
+    with lora.folded(model), torch.no_grad():
+        for _ in range(2):  # a copy folded on the first pass would be stale on the second
+            out = model(x)
+            assert all(torch.allclose(out[name], full[name], atol=1e-5) for name in full)
+        layers = lora.lora_layers(model.backbone.lm)
+        assert any(not layer.can_fold for layer in layers)
+        assert all(layer.folded is None for layer in layers if not layer.can_fold)
+
+
+@LMS
 def test_only_dynamics_adapter_embedder_and_heads_train(make_lm):
     model = world_model(make_lm, other_adapter="decoder")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -74,16 +74,17 @@ def test_folded_equals_unfolded_without_gradients_and_leaves_the_weights(pair):
         lora.set_adapter(model, name)
         expected[name] = logits(model)
     layers = lora.lora_layers(model)
-    with lora.folded(model, ["decoder"]):
-        assert all(set(layer.folded) == {"decoder"} for layer in layers)
-        with lora.folded(model):  # nested: all adapters, then back to the outer block's
-            assert all(set(layer.folded) == {"encoder", "decoder"} for layer in layers)
-        assert all(set(layer.folded) == {"decoder"} for layer in layers)
-        for name in ("encoder", "decoder"):
-            lora.set_adapter(model, name)
-            assert torch.allclose(logits(model), expected[name], atol=1e-5)
-        assert not torch.equal(logits(model), expected["encoder"])
-    assert all(layer.folded == {} for layer in layers)
+    with lora.folded(model):
+        assert all(layer.folded == {} for layer in layers)  # nothing copied before a pass needs it
+        lora.set_adapter(model, "decoder")
+        assert torch.allclose(logits(model), expected["decoder"], atol=1e-5)
+        assert all(set(layer.folded) == {"decoder"} for layer in layers)  # only the adapter that ran
+        with lora.folded(model):  # nested: the outer block's copies serve, and stay after it
+            lora.set_adapter(model, "encoder")
+            assert torch.allclose(logits(model), expected["encoder"], atol=1e-5)
+        assert all(set(layer.folded) == {"encoder", "decoder"} for layer in layers)
+        assert not torch.equal(logits(model), expected["decoder"])
+    assert all(layer.folded is None for layer in layers)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -101,11 +102,29 @@ def test_folded_trains_as_usual_and_a_changed_weight_is_refused(pair):
     outside = grads()
     with lora.folded(model):
         inside = grads()  # with gradients the LoRA path runs: the adapter still learns
+        logits(model)  # folded now
         with torch.no_grad():
             next(lora.lora_parameters(model, "decoder")).add_(0.1)  # an optimizer step, say
-        with pytest.raises(RuntimeError, match="fold again"):
+        with pytest.raises(RuntimeError, match="stale"):
+            logits(model)
+    with lora.folded(model):
+        logits(model)
+        layer = lora.lora_layers(model)[0]
+        layer.base.weight.data = layer.base.weight.data.clone()  # replaced, as offload.py does: no version bump
+        with pytest.raises(RuntimeError, match="stale"):
             logits(model)
     assert all(torch.equal(a, b) for a, b in zip(outside, inside))
+
+
+def test_only_float32_bases_fold(pair):
+    model, _ = pair
+    randomize(model, "decoder", 7)
+    lora.set_adapter(model, "decoder")
+    model.to(torch.bfloat16)  # a bf16 fold would round the adapter's small update into the weight
+    unfolded = logits(model)
+    with lora.folded(model):
+        assert torch.equal(logits(model), unfolded)
+        assert all(layer.folded is None for layer in lora.lora_layers(model))
 
 
 def test_switching_adapters_and_context_manager(pair):
@@ -208,7 +227,7 @@ def test_bitsandbytes_8bit_base_layer():
     with pytest.raises(ValueError, match="cannot be merged"):
         lora.merge(model)
     with torch.no_grad(), lora.folded(model):  # nor folded: it runs as it did
-        assert layer.folded == {} and torch.allclose(model(x), expected, atol=1e-5)
+        assert layer.folded is None and torch.allclose(model(x), expected, atol=1e-5)
 
 
 def test_dropout_acts_on_the_adapter_branch_in_training_only():
