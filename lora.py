@@ -63,7 +63,7 @@ class LoRALayer(nn.Module):
         self.scaling = {}
         self.active = None  # name of the adapter in use; None = base layer only
         self.merged = None  # name of the adapter folded into base.weight, if any
-        self.folded = None  # inside lora.folded(): adapter name -> (base.weight with it folded in, made from)
+        self.folded = None  # inside lora.folded(): adapter name -> (base.weight with it folded in, made from what)
         self.can_fold = True  # offload.py clears it: its weights move between devices
 
     def add(self, name, r, alpha, dropout):
@@ -83,10 +83,11 @@ class LoRALayer(nn.Module):
     def folded_forward(self, x):
         """The active adapter folded into a copy of base.weight, made on its first pass in the block."""
         name, sources = self.active, self.sources(self.active)
-        if name not in self.folded:
+        if name not in self.folded:  # its sources kept too, so a replaced one's storage is not reused
             with torch.no_grad():
-                self.folded[name] = (self.merged_weight(name, +1), sources)
-        weight, made_from = self.folded[name]
+                kept = (self.base.weight.detach(), self.lora_A[name].weight.detach(), self.lora_B[name].weight.detach())
+                self.folded[name] = (self.merged_weight(name, +1), sources, kept)
+        weight, made_from, _ = self.folded[name]
         if made_from != sources:
             raise RuntimeError("a weight changed inside lora.folded(): its folded copy is stale; open a new block")
         if is_conv1d(self.base):  # GPT-2's Conv1D: y = bias + x @ weight, weight (in, out)
@@ -216,7 +217,7 @@ def folded(model):
     Each adapter is folded on its first such pass (a copy of the base weights each); passes with
     gradients run as usual; the copies are dropped at the end. Only float32 bases fold (in bfloat16 the
     fold would round a small update away, which the unfolded sum keeps), not offloaded ones, nor adapters
-    with dropout. A weight changed in place or replaced inside the block makes the next folded pass raise."""
+    with dropout. A weight changed in place or replaced after its copy was made makes the next folded pass raise."""
     layers = [layer for layer in lora_layers(model) if layer.folded is None and layer.can_fold
               and layer.base.weight.dtype == torch.float32 and layer.merged is None]
     for layer in layers:
