@@ -57,6 +57,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import lora
 from agent import ActorCritic, ActorCriticConfig, first_reaching, imagine, play, policy_view
 from checkpoint import TRAIN_KEYS, adopt_config, check_out_dir, load_checkpoint, load_optimizer, save_checkpoint
 from common import (UserError, batch_seed, config_from, fraction, make_parser, nonneg_float, parse, positive_float,
@@ -287,8 +288,9 @@ def main(argv=None):
                                 # the divergence hint's dtype: the actor-critic is fp32, and decoded observations
                                 # are finite in any --dtype; a policy that reads z reads the world model's numbers
                                 dtype=train_config.dtype if reads_latent else "float32")
-        ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
-                         schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
+        with lora.folded(world_model):  # folded once for the phase (imagine's own block then reuses the copies)
+            ac_terms = train(actor_critic, ac_optimizer, imagined_batch, None, ac_phase, run, epoch * args.ac_iters,
+                             schedule=lambda step, config: config.lr, flags=("--ac-lr", "--ac-grad-clip"))
         imagined_per_s = args.ac_iters * args.ac_batch_size * args.horizon / (time.time() - t_ac)
         # 5. evaluation on held-out real episodes
         done = epoch + 1
