@@ -8,7 +8,8 @@ Mistral-7B VAE in bench_memory.py).
     python bench.py vae                 # VAE encode / reconstruct throughput: tiny and GPT-2-small shape
     python bench.py imagine             # world-model imagination: KV cache vs recomputing the context,
                                         # IRIS's transformer and the LM backbone (--lm gpt2: GPT-2 small's shape)
-    python bench.py vae-step --lm smollm2 --steps 4   # a VAE training step: fp32, bf16 autocast, torch.compile
+    python bench.py vae-step --lm smollm2 --steps 4   # a VAE training step: fp32, bf16 autocast, torch.compile,
+                                        # the encoder over the first third of the layers (--encoder-layers)
     python bench.py agent --steps 5 --batch-size 64 --device cpu   # one actor-critic step in imagination
                                         # (agent.py: imagine 20 CartPole steps, loss, backward, update), cache vs
                                         # recompute, both backbones, and the latent world model with a policy
@@ -178,7 +179,8 @@ def bench_vae(args):
 
 def bench_vae_step(args):
     """One VAE training step (compute_loss, backward, AdamW; the autoencoder phase, no prefix) in fp32,
-    under bf16 autocast, and compiled (torch.compile of compute_loss, fp32), on a frozen base of
+    under bf16 autocast, compiled (torch.compile of compute_loss, fp32), and with the encoder over the
+    first third of the layers (train_vae.py --encoder-layers; fp32), on a frozen base of
     SmolLM2-135M's shape with random weights (--lm smollm2), GPT-2 small's or tiny's. bf16 pays only where the CPU
     multiplies bf16 natively (AVX512-BF16 or AMX; `cpu_bf16_native` below); without it, it is slower."""
     transformers = lm.import_transformers()
@@ -199,8 +201,9 @@ def bench_vae_step(args):
     optimizer = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=1e-4)
     compiled = torch.compile(vae.compute_loss)
 
-    def step(autocast=False, loss_fn=vae.compute_loss):
+    def step(autocast=False, loss_fn=vae.compute_loss, encoder_layers=0):
         def fn():
+            vae.cfg.encoder_layers = encoder_layers
             with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss = loss_fn(batch, 0)["loss"]
             loss.backward()
@@ -208,8 +211,9 @@ def bench_vae_step(args):
             optimizer.zero_grad(set_to_none=True)
         return fn
 
-    t = alternate({"fp32": step(), "bf16_autocast": step(autocast=True), "compiled": step(loss_fn=compiled)},
-                  args.steps)
+    third = max(1, base.config.num_hidden_layers // 3)  # the encoder over the first third of the layers
+    t = alternate({"fp32": step(), "bf16_autocast": step(autocast=True), "compiled": step(loss_fn=compiled),
+                   "encoder_third": step(encoder_layers=third)}, args.steps)
     try:  # the CPU's flags, on Linux
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -220,7 +224,8 @@ def bench_vae_step(args):
             "cpu_bf16_native": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
             **{f"step_s_{k}": round(v, 4) for k, v in t.items()},
             "speedup_bf16_autocast": round(t["fp32"] / t["bf16_autocast"], 3),
-            "speedup_compiled": round(t["fp32"] / t["compiled"], 3)}
+            "speedup_compiled": round(t["fp32"] / t["compiled"], 3),
+            "encoder_layers": third, "speedup_encoder_third": round(t["fp32"] / t["encoder_third"], 3)}
 
 
 def bench_imagine(args):

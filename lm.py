@@ -32,6 +32,7 @@ import os
 import torch
 
 import lora
+import offload
 from common import TINY_MODELS, UserError
 
 MODEL_ALIASES = {"mistral": "mistralai/Mistral-7B-v0.1"}
@@ -345,3 +346,19 @@ def hidden_size(model):
 def num_positions(model):
     """The longest sequence the LM takes (GPT-2: n_positions; Llama, Mistral: max_position_embeddings)."""
     return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+
+
+@contextlib.contextmanager
+def first_layers_only(model, num_layers):
+    """Inside the block the LM runs its first num_layers transformer layers, then its final norm (AdaVAE's
+    encoder: GPT-2's first 8 of 12); the others come back after it, even on an error. 0: all of them."""
+    if num_layers == 0:
+        yield
+        return
+    layers = offload.decoder_layers(model)
+    rest = list(layers)[num_layers:]
+    del layers[num_layers:]
+    try:
+        yield
+    finally:
+        layers.extend(rest)

@@ -46,7 +46,7 @@ from vae_eval import evaluate, evaluate_paragraphs
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
 MODEL_KEYS = ("model", "freeze_base", "context", "latent_size", "pool_queries", "posterior", "z_memory", "soft_tokens", "lora_r",
-              "lora_alpha", "decoder_init", "lead_token")
+              "lora_alpha", "decoder_init", "lead_token", "encoder_layers")
 # per-base defaults (README, "The text VAE"): tiny trains fully on a CPU, on spans short enough to
 # learn in minutes, with word dropout; a frozen pretrained base starts from BigVAE's settings
 TINY_DEFAULTS = dict(lr=1e-3, context=16, word_dropout=0.3)
@@ -97,6 +97,9 @@ def parse_args(argv=None):
     g.add_argument("--lead-token", action="store_true", help="put an end-of-text token before z's soft tokens, "
                    "so that they are not the first position, a pretrained LM's attention sink (default: BigVAE's order, "
                    "the soft token first)")
+    g.add_argument("--encoder-layers", type=nonneg_int, default=0, help="the encoder reads the span with the "
+                   "base's first this many layers, the decoder with all (AdaVAE: 8 of GPT-2's 12): a cheaper step; 0: "
+                   "all (BigVAE; default: %(default)s)")
     g.add_argument("--head-lr-scale", type=positive_float, default=1.0, help="the VAE head (f, w_e, w_d, z's "
                    "keys/values, w_logvar) trains at this multiple of --lr, the adapters at --lr (BigVAE: one lr; default: "
                    "%(default)s)")

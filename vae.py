@@ -11,8 +11,9 @@ adavae-moe) with two pieces from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 
 
 One base LM, two LoRA adapters (lora.py) switched per call:
 - encode: the "encoder" adapter reads the span with bidirectional attention (a 4-D mask;
-  transformers 5.x needs no patching for it), an attention pooling over the real (not
-  padded) positions and `w_e` give mu (and log-variance for the diagonal posterior);
+  transformers 5.x needs no patching for it; `encoder_layers`: with the base's first layers
+  only, as AdaVAE), an attention pooling over the real (not padded) positions and `w_e` give
+  mu (and log-variance for the diagonal posterior);
 - decode: the "decoder" adapter predicts `target_ids` from `[w_d(z), prefix, target[:-1]]`,
   BigVAE's one soft token in `inputs_embeds` (`soft_tokens` K > 1: w_d(z) cut into K of them,
   ICAE's memory slots, z still one vector; they did not pay on tiny, results/vae_levers.md; `lead_token`: an
@@ -71,6 +72,8 @@ class VAEConfig:
     lead_token: bool = False  # an end-of-text token before the soft tokens, which then are not the first position: a
     #                           pretrained LM's attention sink (Xiao et al. 2023), that all its layers are tuned to
     #                           (off: BigVAE's order)
+    encoder_layers: int = 0  # the encoder reads the span with the base's first this many layers (AdaVAE: 8 of GPT-2's
+    #                          12; the decoder always has all): a cheaper step; 0: all of them (BigVAE)
 
 
 POSTERIORS = ("bigvae", "diagonal")
@@ -164,7 +167,7 @@ class VAE(nn.Module):
         """Last hidden states of the encoder adapter, every position seeing every real one: (B, T, C)."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
         dtype = self.base.get_input_embeddings().weight.dtype
-        with lora.use_adapter(self.base, "encoder"):
+        with lora.use_adapter(self.base, "encoder"), lm.first_layers_only(self.base, self.cfg.encoder_layers):
             out = self.base.base_model(input_ids=input_ids, attention_mask=bidirectional_mask(mask, dtype),
                                        use_cache=False)  # no cache to fill: a checkpointed re-run would fill it twice
         return out.last_hidden_state, mask
@@ -393,6 +396,9 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
     context = cfg.prefix_slots
     base, tokenizer = offload.load_with_memory(base_name, memory, device, should_train_base,
                                                should_save_base=base_name in TINY_MODELS)
+    if cfg.encoder_layers > base.config.num_hidden_layers:
+        raise UserError(f"--encoder-layers {cfg.encoder_layers}: {base_name} has {base.config.num_hidden_layers} "
+                        f"layers; give at most that, or 0 for all of them")
     vae = VAE(base, cfg, tokenizer)
     # a base that loads by name, not from the checkpoint: what tells it apart later (load_weights), read
     # before offload moves its layers
@@ -404,6 +410,10 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
+    if cfg.encoder_layers > 0:  # the encoder adapter above them never runs: no gradient, no moments, nothing DDP waits for
+        for layer in offload.decoder_layers(base)[cfg.encoder_layers:]:
+            for p in lora.lora_parameters(layer, "encoder"):
+                p.requires_grad_(False)
     # a user that trains nothing (sample.py) has no --batch-size: the flags that load this base smaller, if any
     lower = f"--batch-size (now {batch_size})" if batch_size is not None else offload.smaller(base_name, memory, device)
     num_windows = 1 if batch_size is None else batch_size

@@ -146,6 +146,23 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
         "model": base_dir, "latent_size": 16, "lora_r": 4, "context": 8}
 
 
+def test_encoder_layers_trains_and_keeps_only_the_encoder_adapter_it_runs(tmp_path, capsys, text_file, base_dir):
+    """--encoder-layers 1 of the base's 2: the encoder adapter of layer 0 trains, layer 1's never runs and
+    stays as it started (B zero); the checkpoint holds the setting, and --eval-only rebuilds it from there."""
+    out = str(tmp_path / "run")
+    argv = SMALL + ["--model", base_dir, "--data", text_file, "--lr", "3e-2", "--encoder-layers", "1"]
+    metrics, _ = run_main(argv + ["--out-dir", out, "--max-iters", "2", "--eval-interval", "2"], capsys)
+    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert state["config"]["encoder_layers"] == state["vae_config"]["encoder_layers"] == 1
+    b = {layer: [v for k, v in state["model"].items() if f".h.{layer}." in k and ".lora_B.encoder." in k]
+         for layer in (0, 1)}
+    assert len(b[0]) == len(b[1]) == 4 and all(v.abs().sum() > 0 for v in b[0])
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in b[1])
+    again, _ = run_main(["--eval-only", "--resume", out, "--data", text_file, "--device", "cpu", "--batch-size", "4",
+                         "--eval-batches", "2"], capsys)
+    assert again["val_ce"] == pytest.approx(metrics["val_ce"], abs=1e-5)
+
+
 def test_resume_is_exact(tmp_path, capsys, monkeypatch, text_file, base_dir):
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     argv = SMALL + ["--model", base_dir, "--data", text_file, "--max-iters", "4", "--eval-interval", "2",
@@ -250,6 +267,7 @@ def test_torchrun_two_processes_equal_one_with_gradient_accumulation(tmp_path, t
     (["--offload"], "this base trains: freeze it (train_vae.py: add --freeze-base"),
     (["--offload", "--freeze-base"], "tiny's weights here are random and saved in the checkpoint"),
     (["--load-8bit"], "--load-8bit quantizes a frozen base, but this base trains"),
+    (["--encoder-layers", "99"], "--encoder-layers 99: tiny has 2 layers; give at most that, or 0 for all of them"),
     (["--edge-weights"], "first 8 and last 8 tokens apart, which --context 8 cannot hold both of: use --context 16"),
     (["--lr", "1e6", "--grad-clip", "0"], "stopped before saving")])  # a fresh run that diverges
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, text_file, flags, message):

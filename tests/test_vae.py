@@ -10,7 +10,7 @@ from conftest import assert_greedy, tiny_gpt2, tiny_mistral
 import lm
 import lora
 from vae import VAE, VAEConfig
-from vae_math import gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
+from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 
 def make_vae(base="gpt2", **overrides):
@@ -38,6 +38,36 @@ def test_encoder_is_bidirectional_and_decoder_causal(base):
         z = torch.randn(1, 16)  # target position t is predicted from z and the targets before t only:
         la, lb = vae(z, ids([5, 6, 1, 8, 9])), vae(z, a)  # changing target 2 changes the predictions of 3 on
         assert torch.allclose(la[:, :3], lb[:, :3], atol=1e-6) and not torch.allclose(la[:, 3:], lb[:, 3:])
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_the_encoder_can_read_with_its_first_layers_only(base):
+    """encoder_layers = 1 of the 2: the encoder's states are the first layer's output (adapter on), put
+    through the final norm; every layer is back after it, in its place, even after an error; and the
+    decoder, which runs all of them, is the same as a VAE's whose encoder has every layer."""
+    import offload
+    full, cut = make_vae(base), make_vae(base, encoder_layers=1)
+    for vae in (full, cut):  # the same weights (make_vae seeds), with non-zero adapters
+        torch.manual_seed(1)
+        for p in lora.lora_parameters(vae.base):
+            torch.nn.init.normal_(p, std=0.05)
+    a, mask = ids([5, 6, 7, 8, 9]), torch.ones(1, 5, dtype=torch.bool)
+    layers = offload.decoder_layers(cut.base)
+    before = list(layers)
+    with torch.no_grad(), lora.use_adapter(full.base, "encoder"):
+        states = full.base.base_model(input_ids=a, attention_mask=bidirectional_mask(mask, torch.float32),
+                                      output_hidden_states=True).hidden_states  # embeddings, then each layer's output
+        norm = full.base.base_model.ln_f if base == "gpt2" else full.base.base_model.norm
+        assert torch.allclose(cut.encoder_hidden(a)[0], norm(states[1]), atol=1e-6)
+        assert not torch.allclose(full.encoder_hidden(a)[0], norm(states[1]), atol=1e-3)
+        assert list(layers) == before
+        z = torch.randn(1, 16)
+        assert torch.equal(cut(z, a), full(z, a))
+    with pytest.raises(RuntimeError, match="inside"):
+        with lm.first_layers_only(cut.base, 1):
+            assert list(layers) == before[:1]
+            raise RuntimeError("inside")
+    assert list(layers) == before
 
 
 @pytest.mark.parametrize("base", ["gpt2", "mistral"])
