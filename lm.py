@@ -351,7 +351,8 @@ def num_positions(model):
 @contextlib.contextmanager
 def first_layers_only(model, num_layers):
     """Inside the block the LM runs its first num_layers transformer layers, then its final norm (AdaVAE's
-    encoder: GPT-2's first 8 of 12); the others come back after it, even on an error. 0: all of them."""
+    encoder: GPT-2's first 8 of 12); the others come back after it, even on an error. 0: all of them. Not
+    nested: inside it offload.decoder_layers, which knows the stack by its length, finds none."""
     if num_layers == 0:
         yield
         return

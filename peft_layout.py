@@ -9,7 +9,8 @@ and "decoder" beside the head in vae.safetensors) read into our VAE.
     peft_layout.load_peft(base, "out-vae/peft/decoder", "decoder")
     peft_layout.load_bigvae(vae, "bigvae-checkpoint")
 
-Loading reads JSON and safetensors only: nothing is unpickled.
+Loading reads JSON and safetensors only: nothing is unpickled. What peft's files cannot say stays in
+train_vae.py's checkpoint: the VAE head, and how many layers the encoder runs (--encoder-layers).
 """
 
 import json

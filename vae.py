@@ -134,6 +134,8 @@ class VAE(nn.Module):
                 or cfg.decoder_init not in DECODER_INITS):
             raise ValueError(f"posterior must be one of {POSTERIORS}, kl_schedule one of {KL_SCHEDULES}, "
                              f"decoder_init one of {DECODER_INITS}")
+        if not 0 <= cfg.encoder_layers <= base.config.num_hidden_layers:
+            raise ValueError(f"encoder_layers must be 0 (all) to {base.config.num_hidden_layers}")
         self.base, self.cfg, self.tokenizer = base, cfg, tokenizer
         self.eos_id = tokenizer.eos_id if tokenizer is not None else base.config.eos_token_id
         for name in ("encoder", "decoder"):
@@ -410,15 +412,17 @@ def build_vae(base_name, cfg, memory, device, should_train_base, batch_size, sho
                         f"{base_name}: " + (f"use --context {fit} or less" if fit >= 1 else "lower --soft-tokens"))
     if not should_train_base:
         lora.mark_only_lora_trainable(base)
-    if cfg.encoder_layers > 0:  # the encoder adapter above them never runs: no gradient, no moments, nothing DDP waits for
-        for layer in offload.decoder_layers(base)[cfg.encoder_layers:]:
-            for p in lora.lora_parameters(layer, "encoder"):
-                p.requires_grad_(False)
     # a user that trains nothing (sample.py) has no --batch-size: the flags that load this base smaller, if any
     lower = f"--batch-size (now {batch_size})" if batch_size is not None else offload.smaller(base_name, memory, device)
     num_windows = 1 if batch_size is None else batch_size
     offload.place(vae, base, memory, device, num_windows * (context + needed), lower, should_print,
                   should_train=batch_size is not None)
+    # the encoder adapter above its layers never runs: no gradient, no moments, nothing for DDP to wait for
+    # (frozen after place, which takes every frozen parameter for the base's and swaps it out)
+    if cfg.encoder_layers > 0:
+        for layer in offload.decoder_layers(base)[cfg.encoder_layers:]:
+            for p in lora.lora_parameters(layer, "encoder"):
+                p.requires_grad_(False)
     return vae
 
 

@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import checkpoint
 import lm
+import lora
 import offload
 import sample
 import textdata
@@ -146,19 +147,34 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
         "model": base_dir, "latent_size": 16, "lora_r": 4, "context": 8}
 
 
-def test_encoder_layers_trains_and_keeps_only_the_encoder_adapter_it_runs(tmp_path, capsys, text_file, base_dir):
-    """--encoder-layers 1 of the base's 2: the encoder adapter of layer 0 trains, layer 1's never runs and
-    stays as it started (B zero); the checkpoint holds the setting, and --eval-only rebuilds it from there."""
-    out = str(tmp_path / "run")
-    argv = SMALL + ["--model", base_dir, "--data", text_file, "--lr", "3e-2", "--encoder-layers", "1"]
-    metrics, _ = run_main(argv + ["--out-dir", out, "--max-iters", "2", "--eval-interval", "2"], capsys)
-    state = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+@pytest.mark.parametrize("memory", [["--grad-checkpoint"], ["--offload"]])
+def test_encoder_layers_trains_and_keeps_only_the_encoder_adapter_it_runs(tmp_path, capsys, text_file, base_dir,
+                                                                           memory):
+    """--encoder-layers 1 of a base's 3: the encoder adapter of layer 0 trains, those of layers 1 and 2 never run:
+    frozen, they stay as they started (B zero); the checkpoint holds the setting, --eval-only rebuilds it from
+    there, and a run that re-runs layers in the backward pass (checkpointing) or swaps the base's weights out
+    (offload: at the save only the last layer is in, so layer 1 would be saved empty if taken for the base's)
+    saves the same weights."""
+    three = str(tmp_path / "three")
+    lm.save_base(GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=64, vocab_size=257,
+                                            bos_token_id=256, eos_token_id=256)), lm.ByteTokenizer(), three)
+    argv = SMALL + ["--model", three, "--data", text_file, "--lr", "3e-2", "--encoder-layers", "1", "--max-iters",
+                    "2", "--eval-interval", "2"]
+    plain, other = str(tmp_path / "plain"), str(tmp_path / "other")
+    metrics, _ = run_main(argv + ["--out-dir", plain], capsys)
+    run_main(argv + ["--out-dir", other] + memory, capsys)
+    state, state_other = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (plain, other))
     assert state["config"]["encoder_layers"] == state["vae_config"]["encoder_layers"] == 1
+    for k, v in state["model"].items():
+        torch.testing.assert_close(state_other["model"][k], v, rtol=1e-4, atol=1e-6, msg=k)
     b = {layer: [v for k, v in state["model"].items() if f".h.{layer}." in k and ".lora_B.encoder." in k]
-         for layer in (0, 1)}
-    assert len(b[0]) == len(b[1]) == 4 and all(v.abs().sum() > 0 for v in b[0])
-    assert all(torch.equal(v, torch.zeros_like(v)) for v in b[1])
-    again, _ = run_main(["--eval-only", "--resume", out, "--data", text_file, "--device", "cpu", "--batch-size", "4",
+         for layer in range(3)}
+    assert [len(v) for v in b.values()] == [4, 4, 4] and all(v.abs().sum() > 0 for v in b[0])
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in b[1] + b[2])
+    layers = offload.decoder_layers(vae.load_vae(plain, torch.device("cpu")).base)
+    assert [any(p.requires_grad for p in lora.lora_parameters(layer, "encoder")) for layer in layers] == [
+        True, False, False]
+    again, _ = run_main(["--eval-only", "--resume", plain, "--data", text_file, "--device", "cpu", "--batch-size", "4",
                          "--eval-batches", "2"], capsys)
     assert again["val_ce"] == pytest.approx(metrics["val_ce"], abs=1e-5)
 
