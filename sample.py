@@ -17,7 +17,8 @@ Guided generation (--guide, with a router from train_router.py): --num-spans spa
 context, each steered toward the mean latent of the --target texts by classifier-free guidance
 at --scale (router.py). A text to reconstruct may be of any length: one longer than the
 checkpoint's --context comes back span by span, each span decoded after the decoded text before
-it (vae.reconstruct, BigVAE's chaining). A text to interpolate or steer toward is one latent, so
+it (vae.reconstruct, BigVAE's chaining), each span's z refined from mu toward the span by
+--refine-steps Adam steps on the decoder's loss (vae.VAE.refine). A text to interpolate or steer toward is one latent, so
 one longer than --context is cut to it (the encoder saw spans of that length), with a warning.
 Prints the texts, then one JSON object.
 """
@@ -30,23 +31,24 @@ import torch
 
 from checkpoint import load_checkpoint
 from common import (UserError, add_machine_args, at_least_2, config_from, flag_name, make_parser, nonneg_float, parse,
-                    positive_int, run_cli, seed_int)
+                    nonneg_int, positive_int, run_cli, seed_int)
 from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
 from router import load_router
 from trainer import pick_device
-from vae import load_vae
+from vae import REFINE_STEPS, load_vae
 
 # flags that only one way of decoding reads: given without it they would do nothing, so they are refused
 ONLY_WITH = {"guide": ("router", "target", "scale", "num_spans", "span_tokens"),
-             "interpolate": ("interp_steps", "interp_mode"), "sample": ("num_tokens",)}
+             "interpolate": ("interp_steps", "interp_mode"), "sample": ("num_tokens",), "reconstruct": ("refine_steps",)}
 
 
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--resume", metavar="DIR", required=True, help="the --out-dir of a train_vae.py run")
     g = parser.add_argument_group("what to decode (one of)").add_mutually_exclusive_group(required=True)
-    g.add_argument("--reconstruct", metavar="TEXT", nargs="+", help="encode these texts (z = mu) and decode them")
+    g.add_argument("--reconstruct", metavar="TEXT", nargs="+", help="encode these texts (z = mu, refined: "
+                   "--refine-steps) and decode them")
     g.add_argument("--interpolate", metavar="TEXT", nargs=2, help="decode points between two texts' latents")
     g.add_argument("--sample", metavar="N", type=positive_int, help="decode N texts from prior samples of z")
     g.add_argument("--guide", metavar="CONTEXT", help="continue this text toward --target with --router")
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     g = parser.add_argument_group("decoding")
     g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
                    "at this temperature (default: %(default)s)")
+    g.add_argument("--refine-steps", type=nonneg_int, default=REFINE_STEPS, help="--reconstruct: move each "
+                   "span's z from mu by this many Adam steps on the decoder's loss of the span (vae.VAE.refine); 0: "
+                   "z = mu (default: %(default)s)")
     g.add_argument("--interp-steps", type=at_least_2, default=5, help="points on the --interpolate path, both "
                    "ends included (default: %(default)s)")
     g.add_argument("--interp-mode", default="slerp", choices=["slerp", "lerp"], help="the --interpolate path "
@@ -143,7 +148,7 @@ def main(argv=None):
         check_memory(vae.base, device, rows * (vae.text_start(None) + num_tokens), f"{flag} (now {rows})")
     if args.reconstruct is not None:
         result = {"reconstructions": vae.reconstruct(checked_texts(args.reconstruct, vae, math.inf),
-                                                     args.temperature)}
+                                                     args.temperature, args.refine_steps)}
     elif args.interpolate is not None:
         a, b = checked_texts(args.interpolate, vae, context)
         result = {"interpolation": vae.interpolate(a, b, args.interp_steps, args.interp_mode, args.temperature)}

@@ -43,6 +43,10 @@ from common import TINY_MODELS, UserError, config_from
 from lm import cache_kwarg, hidden_size, num_positions, read_only_cache_class
 from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
+# encoding past the encoder (VAE.refine): Adam steps that move z from mu toward the decoder's own best code
+# for the text, and their lr per coordinate of z (small against the unit noise the decoder trained through)
+REFINE_STEPS, REFINE_LR = 10, 0.05
+
 
 @dataclass
 class VAEConfig:
@@ -180,6 +184,22 @@ class VAE(nn.Module):
         pooled = self.head.pool(hidden.to(self.head.w_e.weight.dtype), mask)  # (B, Q * C)
         logvar = self.head.w_logvar(pooled) if self.head.w_logvar is not None else None
         return self.head.w_e(pooled), logvar
+
+    def refine(self, mu, target_ids, prefix_ids=None, num_steps=REFINE_STEPS, lr=REFINE_LR):
+        """z moved from mu by num_steps steps of Adam on the decoder's cross-entropy of target_ids (after the
+        prefix, as it will decode them): semi-amortised inference (Kim et al. 2018, SA-VAE; Kuratov et al.
+        2025 fit one input vector per text from scratch). The encoder has read the text, so this is still
+        encoding; the decoder later sees only z. Only z moves: autograd.grad touches no parameter's .grad,
+        and each row's loss is its own sum, so its steps do not depend on the batch. (B, D) -> (B, D)."""
+        z = mu.detach().float().clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([z], lr=lr)
+        with torch.enable_grad():
+            for _ in range(num_steps):
+                logits = self(z, target_ids, prefix_ids)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="sum")
+                z.grad, = torch.autograd.grad(loss, z)
+                optimizer.step()
+        return z.detach()
 
     @staticmethod
     def sample(mu, logvar, scale=1.0):
@@ -341,11 +361,12 @@ class VAE(nn.Module):
         return [self.tokenizer.decode([i for i in row if i != eos]) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
     @torch.no_grad()
-    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True):
+    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True, refine_steps=0):
         """A token list of any length back through z (greedy at temperature 0), span by span as BigVAE
-        chains spans: each span of `span` tokens is encoded alone (z = mu) and decoded after the
-        previous decoded tokens as its prefix. The last span is the text's last `span` tokens, overlapping the one
-        before it, so every span the encoder reads is as long as the ones it trained on."""
+        chains spans: each span of `span` tokens is encoded alone (z = mu, then refine_steps of refine
+        toward it after that prefix) and decoded after the previous decoded tokens as its prefix. The last
+        span is the text's last `span` tokens, overlapping the one before it, so every span the encoder
+        reads is as long as the ones it trained on."""
         device = self.head.w_e.weight.device
         starts = [0] if len(ids) <= span else [*range(0, len(ids) - span, span), len(ids) - span]
         out = []
@@ -353,16 +374,19 @@ class VAE(nn.Module):
             chunk = torch.tensor([ids[start:start + span]], device=device)  # (1, S)
             mu, _ = self.encode(chunk)
             prefix = torch.tensor([out[max(0, start - span):start]], device=device) if start else None  # (1, P)
+            if refine_steps > 0:
+                mu = self.refine(mu, chunk, prefix, refine_steps)
             decoded = self.generate(mu, chunk.shape[1], prefix, temperature, should_stop_at_eos)
             out = out[:start] + decoded[0].tolist()
         return out
 
-    def reconstruct(self, texts, temperature=0.0):
+    def reconstruct(self, texts, temperature=0.0, refine_steps=0):
         """Texts back through z; one longer than the trained span (cfg.prefix_slots) in chained spans."""
         ids, mask = self.tokenize(texts)
         rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
         span = self.cfg.prefix_slots
-        return self.detokenize([self.reconstruct_ids(ids, span or len(ids), temperature) for ids in rows])
+        return self.detokenize([self.reconstruct_ids(ids, span or len(ids), temperature, refine_steps=refine_steps)
+                                for ids in rows])
 
     @torch.no_grad()
     def sample_prior(self, n, num_tokens, temperature=0.0):

@@ -15,6 +15,8 @@ each likelihood is of the span given its prefix.
   tokens before its first wrong one, ICAE's measure) and character similarity (1 - Levenshtein
   distance / the longer length); decoded on past end-of-text, which in a window of the stream
   only separates two documents;
+- with refine_steps (the full evaluation), the same with z refined from mu toward the span
+  (vae.VAE.refine: encoding past the encoder), `_refined`, and another span's refined z, the control;
 - whole held-out paragraphs back through z in chained spans (vae.reconstruct_ids, as BigVAE
   chains them): their exact match and character similarity (`evaluate_paragraphs`);
 - ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one sample of z, per token and per example;
@@ -96,11 +98,15 @@ def token_log_probs(logits, target):
 
 
 @torch.no_grad()
-def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_shown=3, should_print=True):
+def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_shown=3, should_print=True,
+             refine_steps=0):
     """Held-out metrics (module docstring). num_iw_samples 0: the cheap ones only, with greedy
-    decoding on the first two batches; else all of them, greedy on every batch."""
+    decoding on the first two batches; else all of them, greedy on every batch, and with refine_steps
+    > 0 the figures of z refined from mu too."""
     is_full = num_iw_samples > 0
-    sums, num_tokens, num_spans, mus, logvars, exact, exact_prefix, similarity, shown = {}, 0, 0, [], [], [], [], [], []
+    ways = ("", "_refined") if is_full and refine_steps > 0 else ("",)
+    sums, num_tokens, num_spans, mus, logvars = {}, 0, 0, [], []
+    exact, exact_prefix, similarity, shown = ({way: [] for way in ways} for _ in range(4))
     for i, batch in enumerate(val_batches):
         target, prefix = batch["target_ids"], batch.get("prefix_ids")
         B, T = target.shape
@@ -110,10 +116,12 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         logvars.append(torch.zeros_like(mu) if logvar is None else logvar)
         kl = kl_per_dim(mu, logvar).sum(-1)  # (B,)
         terms = {"kl": kl.sum().item(), "power": (mu.pow(2) + logvars[-1].exp()).sum().item() / mu.shape[1]}
-        for name, z in (("", mu), ("_shuffled", mu.roll(1, 0))):
-            logits = model(z, target, prefix)  # (B, T, V)
-            terms["ce" + name] = -token_log_probs(logits, target).sum().item()
-            terms["acc" + name] = (logits.argmax(-1) == target).sum().item()
+        codes = {"": mu, "_refined": model.refine(mu, target, prefix, refine_steps) if len(ways) > 1 else None}
+        for way in ways:  # each z and another span's (the control)
+            for name, z in ((way, codes[way]), (way + "_shuffled", codes[way].roll(1, 0))):
+                logits = model(z, target, prefix)  # (B, T, V)
+                terms["ce" + name] = -token_log_probs(logits, target).sum().item()
+                terms["acc" + name] = (logits.argmax(-1) == target).sum().item()
         if is_full:
             z = model.sample(mu[None].expand(num_iw_samples, -1, -1), None if logvar is None else logvar[None])
             log_px = torch.stack([token_log_probs(model(z_k, target, prefix), target).sum(-1) for z_k in z])  # (K, B)
@@ -126,23 +134,28 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
         num_tokens, num_spans = num_tokens + target.numel(), num_spans + B
-        if is_full or i < 2:  # greedy decoding from z = mu
-            greedy = model.generate(mu, T, prefix, should_stop_at_eos=False)  # windows of a stream: on past end-of-text
-            exact += (greedy == target).all(1).tolist()
-            exact_prefix += exact_prefix_fraction(greedy, target).tolist()
+        for way in ways if is_full or i < 2 else ():  # greedy decoding from z = mu (and refined)
+            greedy = model.generate(codes[way], T, prefix, should_stop_at_eos=False)  # a stream's windows: past end-of-text
+            exact[way] += (greedy == target).all(1).tolist()
+            exact_prefix[way] += exact_prefix_fraction(greedy, target).tolist()
             pairs = list(zip(model.detokenize(target), model.detokenize(greedy)))
-            similarity += [char_similarity(a, b) for a, b in pairs]
-            shown += pairs[: max(0, num_shown - len(shown))]
+            similarity[way] += [char_similarity(a, b) for a, b in pairs]
+            shown[way] += pairs[: num_shown - len(shown[way])]
     mu, logvar = torch.cat(mus), torch.cat(logvars)
     model.head.latent_rms.fill_(math.sqrt(sums["power"] / num_spans))
-    metrics = {f"val_{k}": sums[k] / num_tokens for k in ("ce", "acc", "ce_shuffled", "acc_shuffled")}
+    metrics = {f"val_{k}{way}{control}": sums[f"{k}{way}{control}"] / num_tokens
+               for way in ways for control in ("", "_shuffled") for k in ("ce", "acc")}
     metrics.update({f"val_acc_{kind}": sums[f"acc_{kind}"] / sums[f"tokens_{kind}"]
                     for kind in ("with_prefix", "without_prefix") if f"tokens_{kind}" in sums})
     metrics.update(val_ppl=perplexity(metrics["val_ce"]), val_ppl_shuffled=perplexity(metrics["val_ce_shuffled"]),
-                   val_exact=sum(exact) / len(exact), val_exact_prefix=sum(exact_prefix) / len(exact_prefix),
-                   val_char_similarity=statistics.median(similarity),
                    val_kl=sums["kl"] / num_spans, val_active_units=int((mu.var(0) > 0.01).sum().item()),
                    val_latent_rms=model.head.latent_rms.item())
+    for way in ways:
+        metrics.update({f"val_exact{way}": statistics.mean(exact[way]),
+                        f"val_exact_prefix{way}": statistics.mean(exact_prefix[way]),
+                        f"val_char_similarity{way}": statistics.median(similarity[way])})
+    if len(ways) > 1:
+        metrics.update(val_refine_steps=refine_steps)
     if is_full:
         metrics.update(val_rec_per_token=sums["rec"] / num_tokens, val_kl_per_token=sums["kl"] / num_tokens,
                        val_elbo=-(sums["rec"] + sums["kl"]) / num_spans,
@@ -153,19 +166,23 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         if not should_train_base:
             metrics.update(val_ppl_lm=perplexity(sums["lm_nll"] / num_tokens))
     if should_print:
-        for original, reconstruction in shown:
-            print(f"  original: {original!r}\n  greedy:   {reconstruction!r}")
+        for i, (original, greedy) in enumerate(shown[""]):
+            print(f"  original: {original!r}\n  greedy:   {greedy!r}")
+            if len(ways) > 1:
+                print(f"  refined:  {shown['_refined'][i][1]!r}")
     return metrics
 
 
 @torch.no_grad()
-def evaluate_paragraphs(model, paragraphs, span):
-    """Whole paragraphs (token lists) back through z in chained spans of `span` tokens: the share
-    that comes back exactly, and the median character similarity."""
-    exact, similarity = [], []
+def evaluate_paragraphs(model, paragraphs, span, refine_steps=0):
+    """Whole paragraphs (token lists) back through z in chained spans of `span` tokens (each z refined
+    refine_steps steps, vae.VAE.reconstruct_ids): the share that comes back exactly, and the median
+    character similarity."""
+    exact, similarity, way = [], [], "_refined" if refine_steps > 0 else ""
     for ids in paragraphs:
-        original, greedy = model.detokenize([ids, model.reconstruct_ids(ids, span, should_stop_at_eos=False)])
+        reconstruction = model.reconstruct_ids(ids, span, should_stop_at_eos=False, refine_steps=refine_steps)
+        original, greedy = model.detokenize([ids, reconstruction])
         exact.append(original == greedy)
         similarity.append(char_similarity(original, greedy))
-    return {"val_paragraph_exact": sum(exact) / len(exact),
-            "val_paragraph_char_similarity": statistics.median(similarity), "val_paragraphs": len(paragraphs)}
+    return {f"val_paragraph_exact{way}": sum(exact) / len(exact),
+            f"val_paragraph_char_similarity{way}": statistics.median(similarity), "val_paragraphs": len(paragraphs)}

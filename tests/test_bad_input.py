@@ -47,6 +47,8 @@ OUT_OF_RANGE = [
     out_of_range(train_vae, "--free-bits inf", "finite"), out_of_range(train_vae, "--lr nan", "a number > 0"),
     out_of_range(train_vae, "--lr 0", "a number > 0"), out_of_range(train_vae, "--head-lr-scale 0", "a number > 0"),
     out_of_range(train_vae, "--eval-paragraphs -1", "an integer >= 0"),
+    out_of_range(train_vae, "--refine-steps -1", "an integer >= 0"),
+    out_of_range(sample, "--refine-steps -2", "an integer >= 0"),
     out_of_range(train_router, "--sweep-pairs 1", INT_2),
     (train_vae, "--batch-size x", "'x' is not an integer"),
     (train_vae, "--posterior gaussian", "invalid choice: 'gaussian' (choose from 'bigvae', 'diagonal')"),

@@ -116,6 +116,7 @@ def test_a_cut_inside_a_character_still_fits_the_context(capsys):
     (["--reconstruct", "a", "--router", "r", "--scale", "2"], "--router, --scale only apply to --guide"),
     (["--reconstruct", "a", "--num-tokens", "5"], "--num-tokens only apply to --sample"),
     (["--sample", "1", "--interp-steps", "3"], "--interp-steps only apply to --interpolate"),
+    (["--sample", "1", "--refine-steps", "3"], "--refine-steps only apply to --reconstruct"),
     # z's memory slot, the CONTEXT prefix slots and the soft token come first: 512 - 10 positions, room for 503
     # tokens (the last one needs none)
     (["--sample", "1", "--num-tokens", "504"], "--num-tokens 504 goes past the base's last position: it has room "

@@ -27,7 +27,9 @@ SMALL = ["--context", "8", "--batch-size", "4", "--eval-batches", "2", "--latent
 KEYS = ("val_ce", "val_acc", "val_ce_shuffled", "val_acc_shuffled", "val_exact", "val_exact_prefix", "val_kl", "val_active_units",
         "val_latent_rms", "val_char_similarity", "val_ppl", "val_ppl_shuffled")
 # vae_eval.py's full set: the end of a run and --eval-only; val_ppl_lm only where the base is frozen
-FULL_KEYS = ("val_paragraph_exact", "val_paragraph_char_similarity", "val_iw_nll", "val_iw_ppl", "val_mi", "val_elbo", "val_elbo_per_token", "val_rec_per_token",
+FULL_KEYS = ("val_paragraph_exact_refined", "val_paragraph_char_similarity_refined", "val_acc_refined",
+             "val_acc_refined_shuffled", "val_ce_refined", "val_exact_refined", "val_exact_prefix_refined",
+             "val_char_similarity_refined", "val_iw_nll", "val_iw_ppl", "val_mi", "val_elbo", "val_elbo_per_token", "val_rec_per_token",
              "val_kl_per_token", "val_ppl_lm")
 
 
@@ -53,14 +55,15 @@ def trained(tmp_path_factory, text_file, base_dir):
 
 @torch.no_grad()
 def recomputed_metrics(out, data):
-    """val_acc, val_acc_shuffled, val_acc_with_prefix, val_acc_without_prefix and val_char_similarity
-    of out's checkpoint, recomputed here from its weights on SMALL's held-out windows of data (2
-    batches of 4 spans of 8 tokens, every other one after an 8-token prefix): teacher-forced argmax
-    accuracy with each span's z = mu (over all spans, and apart for those with and without their
-    prefix), and with the next span's; the median similarity of each span's greedy decoding to it."""
+    """val_acc, val_acc_shuffled, val_acc_with_prefix, val_acc_without_prefix, val_char_similarity and the
+    refined accuracies of out's checkpoint, recomputed here from its weights on SMALL's held-out windows of
+    data (2 batches of 4 spans of 8 tokens, every other one after an 8-token prefix): teacher-forced argmax
+    accuracy with each span's z = mu (over all spans, and apart for those with and without their prefix),
+    and with the next span's; the same with z refined (vae.REFINE_STEPS); the median similarity of each
+    span's greedy decoding to it."""
     model = vae.load_vae(out, torch.device("cpu")).eval()
     _, val = textdata.split_streams(textdata.read_documents(data), model.tokenizer, 16, data)
-    right, right_shuffled, num_tokens, similarity = 0, 0, 0, []
+    right, right_shuffled, right_refined, right_refined_shuffled, num_tokens, similarity = 0, 0, 0, 0, 0, []
     by_kind = {"with_prefix": [0, 0], "without_prefix": [0, 0]}  # right, tokens
     for i, starts in enumerate(textdata.spread_starts(val, 16, 2, 4)):
         batch = textdata.vae_batch(val, starts, 8, i % 2 == 0)
@@ -72,10 +75,14 @@ def recomputed_metrics(out, data):
         counts[0] += right_here
         counts[1] += target.numel()
         right_shuffled += (model(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
+        z = model.refine(mu, target, prefix, vae.REFINE_STEPS)  # grads on inside, for z alone
+        right_refined += (model(z, target, prefix).argmax(-1) == target).sum().item()
+        right_refined_shuffled += (model(z.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
         num_tokens += target.numel()
         greedy = model.generate(mu, 8, prefix, should_stop_at_eos=False)
         similarity += map(char_similarity, model.detokenize(target), model.detokenize(greedy))
     return {"val_acc": right / num_tokens, "val_acc_shuffled": right_shuffled / num_tokens,
+            "val_acc_refined": right_refined / num_tokens, "val_acc_refined_shuffled": right_refined_shuffled / num_tokens,
             "val_char_similarity": statistics.median(similarity),
             **{f"val_acc_{kind}": r / n for kind, (r, n) in by_kind.items()}}
 
@@ -325,7 +332,9 @@ def test_history_and_its_curve(trained, tmp_path, capsys, monkeypatch, text_file
     assert [h["step"] for h in history] == [2, 4]
     assert history[0]["minutes"] <= history[1]["minutes"]
     recomputed = recomputed_metrics(trained, text_file)  # the checkpoint is the last evaluation's
+    recomputed = {k: v for k, v in recomputed.items() if "refined" not in k}  # the end's alone refines z
     assert {k: history[1][k] for k in recomputed} == pytest.approx(recomputed, abs=1e-6)
+    assert not any("refined" in k for h in history for k in h)
     picture = tmp_path / "curve.png"
     out, _ = run_script(vae_curve.main, [trained, "--out", str(picture)], capsys)
     assert [p["val_acc_shuffled"] for p in out["points"][trained]] == [h["val_acc_shuffled"] for h in history]

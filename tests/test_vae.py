@@ -283,9 +283,11 @@ def test_text_start_is_the_first_text_position_and_a_text_fits_up_to_the_last(so
                 vae(z, torch.randint(0, 256, (1, T + 1)), p)
 
 
-def test_reconstruct_ids_chains_spans():
+@pytest.mark.parametrize("refine_steps", [0, 3])
+def test_reconstruct_ids_chains_spans(refine_steps):
     """A text longer than a span: span by span, each decoded after the decoded tokens before it as its
-    prefix, the last span overlapping the one before (BigVAE's chaining)."""
+    prefix, the last span overlapping the one before (BigVAE's chaining); refined, each span's z is
+    refined toward it after that same prefix."""
     torch.manual_seed(0)
     vae = make_vae(prefix_slots=4)
     with torch.no_grad():
@@ -293,17 +295,44 @@ def test_reconstruct_ids_chains_spans():
     text = list(range(40, 50))  # 10 tokens, spans of 4: starts 0, 4, 6
 
     def decode(start, prefix):
-        mu = vae.encode(torch.tensor([text[start:start + 4]]))[0]
+        span = torch.tensor([text[start:start + 4]])
+        mu = vae.encode(span)[0]
         prefix = torch.tensor([prefix]) if prefix else None
-        return vae.generate(mu, 4, prefix, should_stop_at_eos=False)[0].tolist()
+        z = vae.refine(mu, span, prefix, refine_steps)
+        return vae.generate(z, 4, prefix, should_stop_at_eos=False)[0].tolist()
 
     first = decode(0, [])
     second = first + decode(4, first)
     expected = second[:6] + decode(6, second[2:6])
-    assert vae.reconstruct_ids(text, 4, should_stop_at_eos=False) == expected and len(expected) == 10
-    short = vae.generate(vae.encode(torch.tensor([text[:3]]))[0], 3)[0].tolist()
-    assert vae.reconstruct_ids(text[:3], 4) == short  # shorter than a span: one span, as long as the text
-    assert vae.reconstruct([bytes(text[:3]).decode()]) == vae.detokenize([short])
+    assert vae.reconstruct_ids(text, 4, should_stop_at_eos=False, refine_steps=refine_steps) == expected
+    assert len(expected) == 10
+    short = torch.tensor([text[:3]])
+    short = vae.generate(vae.refine(vae.encode(short)[0], short, None, refine_steps), 3)[0].tolist()
+    assert vae.reconstruct_ids(text[:3], 4, refine_steps=refine_steps) == short  # shorter than a span: one span
+    assert vae.reconstruct([bytes(text[:3]).decode()], refine_steps=refine_steps) == vae.detokenize([short])
+
+
+@pytest.mark.parametrize("base", ["gpt2", "mistral"])
+def test_refine_moves_only_z_and_lowers_each_spans_loss(base):
+    """VAE.refine: Adam on z alone, after the prefix: no parameter changes or gets a .grad, every span's
+    loss falls below mu's, a span refined alone gets the z it gets in the batch, 0 steps give mu."""
+    vae = make_vae(base)
+    torch.manual_seed(1)
+    span, prefix = torch.randint(0, 256, (3, 8)), torch.randint(0, 256, (3, 4))
+    with torch.no_grad():
+        mu, _ = vae.encode(span)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+
+    @torch.no_grad()
+    def losses(z):  # (B,): each span's summed cross-entropy after its prefix
+        return F.cross_entropy(vae(z, span, prefix).transpose(1, 2), span, reduction="none").sum(1)
+
+    z = vae.refine(mu, span, prefix, num_steps=20, lr=0.1)
+    assert all(p.grad is None for p in vae.parameters()) and not z.requires_grad
+    assert all(torch.equal(v, vae.state_dict()[k]) for k, v in before.items())
+    assert (losses(z) < losses(mu) - 0.1).all(), (losses(mu), losses(z))
+    assert torch.allclose(vae.refine(mu[1:2], span[1:2], prefix[1:2], num_steps=20, lr=0.1), z[1:2], atol=1e-4)
+    assert torch.equal(vae.refine(mu, span, prefix, num_steps=0), mu)
 
 
 @pytest.mark.parametrize("base", ["gpt2", "mistral"])

@@ -65,8 +65,8 @@ class EchoOrNot:
     """A stand-in VAE whose reconstruction is right for even-length paragraphs and drops the last
     token of odd-length ones: evaluate_paragraphs' figures are then known by hand."""
 
-    def reconstruct_ids(self, ids, span, should_stop_at_eos=True):
-        assert span == 4 and not should_stop_at_eos
+    def reconstruct_ids(self, ids, span, should_stop_at_eos=True, refine_steps=0):
+        assert span == 4 and not should_stop_at_eos and refine_steps in (0, 3)
         return ids if len(ids) % 2 == 0 else ids[:-1]
 
     def detokenize(self, rows):
@@ -79,6 +79,9 @@ def test_evaluate_paragraphs_by_hand():
     assert metrics == {"val_paragraph_exact": 2 / 3, "val_paragraph_char_similarity": 1.0, "val_paragraphs": 3}
     metrics = evaluate_paragraphs(EchoOrNot(), [list(b"abcde"), list(b"abc"), list(b"abcdefgh")], 4)
     assert metrics["val_paragraph_exact"] == 1 / 3 and metrics["val_paragraph_char_similarity"] == 0.8  # median
+    refined = evaluate_paragraphs(EchoOrNot(), paragraphs, 4, refine_steps=3)  # the same figures, named so
+    assert refined == {"val_paragraph_exact_refined": 2 / 3, "val_paragraph_char_similarity_refined": 1.0,
+                       "val_paragraphs": 3}
 
 
 def test_perplexity_past_floats_range_is_inf_not_an_error():
