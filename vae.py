@@ -5,7 +5,7 @@ adavae-moe) with two pieces from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 
     model, tokenizer = lm.load_base("gpt2")
     vae = VAE(model, VAEConfig(), tokenizer)       # tokenizer: only for the text helpers
     terms = vae.compute_loss(batch, step)        # {"loss", "rec", "kl", "beta", "noise"}
-    vae.reconstruct(["Return the sum of a and b."])   # any length: span by span (reconstruct_ids)
+    vae.reconstruct(["Return the sum of a and b."])   # any length: span by span, z refined (reconstruct_ids)
     vae.interpolate("first text", "second text", steps=5)
     vae = load_vae("out-vae", device)             # a trained one, from train_vae.py's checkpoint
 
@@ -44,7 +44,8 @@ from lm import cache_kwarg, hidden_size, num_positions, read_only_cache_class
 from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, noise_scale, slerp, token_weights
 
 # encoding past the encoder (VAE.refine): Adam steps that move z from mu toward the decoder's own best code
-# for the text, and their lr per coordinate of z (small against the unit noise the decoder trained through)
+# for the text, and their lr per coordinate of z (small against BigVAE's unit noise, which the decoder
+# trains through once the noise has ramped in)
 REFINE_STEPS, REFINE_LR = 10, 0.05
 
 
@@ -187,11 +188,13 @@ class VAE(nn.Module):
 
     def refine(self, mu, target_ids, prefix_ids=None, num_steps=REFINE_STEPS, lr=REFINE_LR):
         """z moved from mu by num_steps steps of Adam on the decoder's cross-entropy of target_ids (after the
-        prefix, as it will decode them): semi-amortised inference (Kim et al. 2018, SA-VAE; Kuratov et al.
-        2025 fit one input vector per text from scratch). The encoder has read the text, so this is still
-        encoding; the decoder later sees only z. Only z moves: autograd.grad touches no parameter's .grad,
-        and each row's loss is its own sum, so its steps do not depend on the batch. (B, D) -> (B, D)."""
-        z = mu.detach().float().clone().requires_grad_(True)
+        prefix, as it will decode them). The refinement of SA-VAE (Kim et al. 2018), simplified: the
+        likelihood alone (no KL term; mu only, a logvar is not used) and at evaluation only (the encoder
+        does not train through it); Kuratov et al. 2025 fit one input vector per text from scratch. The
+        encoder has read the text, so this is still encoding; the decoder later sees only z. Only z moves:
+        autograd.grad touches no parameter's .grad, and each row's loss is its own sum, so its steps do not
+        depend on the batch. (B, D) -> (B, D)."""
+        z = mu.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=lr)
         with torch.enable_grad():
             for _ in range(num_steps):
@@ -199,6 +202,9 @@ class VAE(nn.Module):
                 loss = F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten(), reduction="sum")
                 z.grad, = torch.autograd.grad(loss, z)
                 optimizer.step()
+        if not torch.isfinite(z).all():  # a float16 base's backward can overflow
+            raise UserError("refining z gave a non-finite value: load the base in bfloat16 or float32, or give "
+                            "--refine-steps 0 (z = mu)")
         return z.detach()
 
     @staticmethod
@@ -361,7 +367,7 @@ class VAE(nn.Module):
         return [self.tokenizer.decode([i for i in row if i != eos]) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
     @torch.no_grad()
-    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True, refine_steps=0):
+    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True, refine_steps=REFINE_STEPS):
         """A token list of any length back through z (greedy at temperature 0), span by span as BigVAE
         chains spans: each span of `span` tokens is encoded alone (z = mu, then refine_steps of refine
         toward it after that prefix) and decoded after the previous decoded tokens as its prefix. The last
@@ -380,8 +386,9 @@ class VAE(nn.Module):
             out = out[:start] + decoded[0].tolist()
         return out
 
-    def reconstruct(self, texts, temperature=0.0, refine_steps=0):
-        """Texts back through z; one longer than the trained span (cfg.prefix_slots) in chained spans."""
+    def reconstruct(self, texts, temperature=0.0, refine_steps=REFINE_STEPS):
+        """Texts back through z (refined, reconstruct_ids); one longer than the trained span (cfg.prefix_slots)
+        in chained spans."""
         ids, mask = self.tokenize(texts)
         rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
         span = self.cfg.prefix_slots

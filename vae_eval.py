@@ -15,10 +15,12 @@ each likelihood is of the span given its prefix.
   tokens before its first wrong one, ICAE's measure) and character similarity (1 - Levenshtein
   distance / the longer length); decoded on past end-of-text, which in a window of the stream
   only separates two documents;
-- with refine_steps (the full evaluation), the same with z refined from mu toward the span
-  (vae.VAE.refine: encoding past the encoder), `_refined`, and another span's refined z, the control;
+- with refine_steps (the full evaluation), z refined from mu toward the span (vae.VAE.refine:
+  encoding past the encoder): accuracy and cross-entropy with it and with another span's refined z
+  (the control), and its greedy figures, each `..._refined`;
 - whole held-out paragraphs back through z in chained spans (vae.reconstruct_ids, as BigVAE
-  chains them): their exact match and character similarity (`evaluate_paragraphs`);
+  chains them): their exact match and character similarity (`evaluate_paragraphs`), with z = mu
+  and, with refine_steps, refined (`..._refined`);
 - ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one sample of z, per token and per example;
 - importance-weighted NLL (Burda et al. 2016): -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)),
   z_k ~ q(z|x); it bounds -log p(x) from above, tighter as K grows; and its perplexity;
@@ -37,6 +39,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from vae import REFINE_STEPS
 from vae_math import kl_per_dim
 
 
@@ -99,7 +102,7 @@ def token_log_probs(logits, target):
 
 @torch.no_grad()
 def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_shown=3, should_print=True,
-             refine_steps=0):
+             refine_steps=REFINE_STEPS):
     """Held-out metrics (module docstring). num_iw_samples 0: the cheap ones only, with greedy
     decoding on the first two batches; else all of them, greedy on every batch, and with refine_steps
     > 0 the figures of z refined from mu too."""
@@ -151,8 +154,8 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
                    val_kl=sums["kl"] / num_spans, val_active_units=int((mu.var(0) > 0.01).sum().item()),
                    val_latent_rms=model.head.latent_rms.item())
     for way in ways:
-        metrics.update({f"val_exact{way}": statistics.mean(exact[way]),
-                        f"val_exact_prefix{way}": statistics.mean(exact_prefix[way]),
+        metrics.update({f"val_exact{way}": sum(exact[way]) / len(exact[way]),
+                        f"val_exact_prefix{way}": sum(exact_prefix[way]) / len(exact_prefix[way]),
                         f"val_char_similarity{way}": statistics.median(similarity[way])})
     if len(ways) > 1:
         metrics.update(val_refine_steps=refine_steps)
@@ -174,15 +177,18 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
 
 
 @torch.no_grad()
-def evaluate_paragraphs(model, paragraphs, span, refine_steps=0):
-    """Whole paragraphs (token lists) back through z in chained spans of `span` tokens (each z refined
-    refine_steps steps, vae.VAE.reconstruct_ids): the share that comes back exactly, and the median
-    character similarity."""
-    exact, similarity, way = [], [], "_refined" if refine_steps > 0 else ""
-    for ids in paragraphs:
-        reconstruction = model.reconstruct_ids(ids, span, should_stop_at_eos=False, refine_steps=refine_steps)
-        original, greedy = model.detokenize([ids, reconstruction])
-        exact.append(original == greedy)
-        similarity.append(char_similarity(original, greedy))
-    return {f"val_paragraph_exact{way}": sum(exact) / len(exact),
-            f"val_paragraph_char_similarity{way}": statistics.median(similarity), "val_paragraphs": len(paragraphs)}
+def evaluate_paragraphs(model, paragraphs, span, refine_steps=REFINE_STEPS):
+    """Whole paragraphs (token lists) back through z in chained spans of `span` tokens
+    (vae.VAE.reconstruct_ids), with z = mu and, for refine_steps > 0, each z refined that many steps
+    (`_refined`): the share that comes back exactly, and the median character similarity."""
+    metrics = {"val_paragraphs": len(paragraphs)}
+    for way, steps in (("", 0), ("_refined", refine_steps)) if refine_steps > 0 else (("", 0),):
+        exact, similarity = [], []
+        for ids in paragraphs:
+            reconstruction = model.reconstruct_ids(ids, span, should_stop_at_eos=False, refine_steps=steps)
+            original, greedy = model.detokenize([ids, reconstruction])
+            exact.append(original == greedy)
+            similarity.append(char_similarity(original, greedy))
+        metrics.update({f"val_paragraph_exact{way}": sum(exact) / len(exact),
+                        f"val_paragraph_char_similarity{way}": statistics.median(similarity)})
+    return metrics

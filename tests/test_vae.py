@@ -312,11 +312,13 @@ def test_reconstruct_ids_chains_spans(refine_steps):
     assert vae.reconstruct([bytes(text[:3]).decode()], refine_steps=refine_steps) == vae.detokenize([short])
 
 
-@pytest.mark.parametrize("base", ["gpt2", "mistral"])
-def test_refine_moves_only_z_and_lowers_each_spans_loss(base):
+@pytest.mark.parametrize("base, overrides", [("gpt2", {}), ("mistral", {}), ("gpt2", dict(soft_tokens=2, lead_token=True)),
+                                             ("gpt2", dict(z_memory=0)), ("gpt2", dict(posterior="diagonal"))])
+def test_refine_moves_only_z_and_lowers_each_spans_loss(base, overrides):
     """VAE.refine: Adam on z alone, after the prefix: no parameter changes or gets a .grad, every span's
-    loss falls below mu's, a span refined alone gets the z it gets in the batch, 0 steps give mu."""
-    vae = make_vae(base)
+    loss falls below mu's, a span refined alone gets the z it gets in the batch (float64: no rounding
+    between the two batch shapes to amplify), 0 steps give mu."""
+    vae = make_vae(base, **overrides).double()
     torch.manual_seed(1)
     span, prefix = torch.randint(0, 256, (3, 8)), torch.randint(0, 256, (3, 4))
     with torch.no_grad():
@@ -327,11 +329,12 @@ def test_refine_moves_only_z_and_lowers_each_spans_loss(base):
     def losses(z):  # (B,): each span's summed cross-entropy after its prefix
         return F.cross_entropy(vae(z, span, prefix).transpose(1, 2), span, reduction="none").sum(1)
 
-    z = vae.refine(mu, span, prefix, num_steps=20, lr=0.1)
+    z = vae.refine(mu, span, prefix, num_steps=20, lr=0.3)
     assert all(p.grad is None for p in vae.parameters()) and not z.requires_grad
     assert all(torch.equal(v, vae.state_dict()[k]) for k, v in before.items())
-    assert (losses(z) < losses(mu) - 0.1).all(), (losses(mu), losses(z))
-    assert torch.allclose(vae.refine(mu[1:2], span[1:2], prefix[1:2], num_steps=20, lr=0.1), z[1:2], atol=1e-4)
+    assert (losses(z) < losses(mu) - 0.02).all(), (losses(mu), losses(z))
+    assert (losses(vae.refine(mu, span, prefix)) < losses(mu)).all()  # the defaults' steps lower it too
+    assert torch.allclose(vae.refine(mu[1:2], span[1:2], prefix[1:2], num_steps=20, lr=0.3), z[1:2], atol=1e-9)
     assert torch.equal(vae.refine(mu, span, prefix, num_steps=0), mu)
 
 
