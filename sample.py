@@ -18,8 +18,9 @@ context, each steered toward the mean latent of the --target texts by classifier
 at --scale (router.py). A text to reconstruct may be of any length: one longer than the
 checkpoint's --context comes back span by span, each span decoded after the decoded text before
 it (vae.reconstruct, BigVAE's chaining), each span's z refined from mu toward the span by
---refine-steps Adam steps on the decoder's loss (vae.VAE.refine). A text to interpolate or steer toward is one latent, so
-one longer than --context is cut to it (the encoder saw spans of that length), with a warning.
+--refine-steps Adam steps on the decoder's loss (vae.VAE.refine). A text to interpolate or steer
+toward is one latent, so one longer than --context is cut to it (the encoder saw spans of that
+length), with a warning.
 Prints the texts, then one JSON object.
 """
 
@@ -36,7 +37,7 @@ from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
 from router import load_router
 from trainer import pick_device
-from vae import REFINE_STEPS, load_vae
+from vae import NUM_REFINE_STEPS, load_vae
 
 # flags that only one way of decoding reads: given without it they would do nothing, so they are refused
 ONLY_WITH = {"guide": ("router", "target", "scale", "num_spans", "span_tokens"),
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     g = parser.add_argument_group("decoding")
     g.add_argument("--temperature", type=nonneg_float, default=0.0, help="0: greedy; else Gumbel-max sampling "
                    "at this temperature (default: %(default)s)")
-    g.add_argument("--refine-steps", type=nonneg_int, default=REFINE_STEPS, help="--reconstruct: move each "
+    g.add_argument("--refine-steps", type=nonneg_int, default=NUM_REFINE_STEPS, help="--reconstruct: move each "
                    "span's z from mu by this many Adam steps on the decoder's loss of the span (vae.VAE.refine); 0: "
                    "z = mu (default: %(default)s)")
     g.add_argument("--interp-steps", type=at_least_2, default=5, help="points on the --interpolate path, both "

@@ -40,7 +40,7 @@ from common import (TINY_MODELS, UserError, batch_seed, config_from, fraction, m
                     parse, positive_float, positive_int, run_cli)
 from offload import MemoryConfig, add_memory_args
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
-from vae import REFINE_STEPS, VAEConfig, build_vae, load_weights, should_train_base
+from vae import NUM_REFINE_STEPS, VAEConfig, build_vae, load_weights, should_train_base
 from vae_eval import evaluate, evaluate_paragraphs
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
@@ -71,10 +71,10 @@ def parse_args(argv=None):
                    f"prefix before it (BigVAE: 64; default: {per_base('context')})")
     g.add_argument("--iw-samples", type=positive_int, default=32, help="posterior samples per span for the "
                    "importance-weighted NLL at the end and in --eval-only (Optimus: 100; default: %(default)s)")
-    g.add_argument("--refine-steps", type=nonneg_int, default=REFINE_STEPS, help="at the end and in --eval-only, "
+    g.add_argument("--refine-steps", type=nonneg_int, default=NUM_REFINE_STEPS, help="at the end and in --eval-only, "
                    "also report the figures of z refined from mu by this many Adam steps on the decoder's loss of "
-                   "the span itself (vae.VAE.refine: semi-amortised encoding; paragraphs then use it; 0: z = mu "
-                   "only; default: %(default)s)")
+                   "the span itself (vae.VAE.refine), paragraphs too (the evaluations during training: z = mu only; "
+                   "0: z = mu only; default: %(default)s)")
     g.add_argument("--eval-paragraphs", type=nonneg_int, default=16, help="whole held-out paragraphs of at most 256 "
                    "tokens reconstructed in chained spans at the end and in --eval-only (0: none; default: "
                    "%(default)s)")
@@ -179,7 +179,7 @@ def main(argv=None):
     def evaluate_all():  # every metric of vae_eval.py: the end of a run, and --eval-only
         model.eval()
         metrics = evaluate(model, val_batches, args.iw_samples, should_train, should_print=run.is_main,
-                           refine_steps=args.refine_steps)
+                           num_refine_steps=args.refine_steps)
         return {**metrics, **(evaluate_paragraphs(model, paragraphs, args.context, args.refine_steps) if paragraphs
                               else {})}
 

@@ -46,7 +46,7 @@ from vae_math import bidirectional_mask, gumbel_max, kl_per_dim, kl_weight, nois
 # encoding past the encoder (VAE.refine): Adam steps that move z from mu toward the decoder's own best code
 # for the text, and their lr per coordinate of z (small against BigVAE's unit noise, which the decoder
 # trains through once the noise has ramped in)
-REFINE_STEPS, REFINE_LR = 10, 0.05
+NUM_REFINE_STEPS, REFINE_LR = 10, 0.05
 
 
 @dataclass
@@ -186,7 +186,7 @@ class VAE(nn.Module):
         logvar = self.head.w_logvar(pooled) if self.head.w_logvar is not None else None
         return self.head.w_e(pooled), logvar
 
-    def refine(self, mu, target_ids, prefix_ids=None, num_steps=REFINE_STEPS, lr=REFINE_LR):
+    def refine(self, mu, target_ids, prefix_ids=None, num_steps=NUM_REFINE_STEPS, lr=REFINE_LR):
         """z moved from mu by num_steps steps of Adam on the decoder's cross-entropy of target_ids (after the
         prefix, as it will decode them). The refinement of SA-VAE (Kim et al. 2018), simplified: the
         likelihood alone (no KL term; mu only, a logvar is not used) and at evaluation only (the encoder
@@ -203,8 +203,8 @@ class VAE(nn.Module):
                 z.grad, = torch.autograd.grad(loss, z)
                 optimizer.step()
         if not torch.isfinite(z).all():  # a float16 base's backward can overflow
-            raise UserError("refining z gave a non-finite value: load the base in bfloat16 or float32, or give "
-                            "--refine-steps 0 (z = mu)")
+            raise UserError("z is not finite after refining: give --dtype bfloat16 or float32 (a float16 base's "
+                            "backward pass overflows), or --refine-steps 0 (z = mu)")
         return z.detach()
 
     @staticmethod
@@ -367,9 +367,9 @@ class VAE(nn.Module):
         return [self.tokenizer.decode([i for i in row if i != eos]) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
 
     @torch.no_grad()
-    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True, refine_steps=REFINE_STEPS):
+    def reconstruct_ids(self, ids, span, temperature=0.0, should_stop_at_eos=True, num_refine_steps=NUM_REFINE_STEPS):
         """A token list of any length back through z (greedy at temperature 0), span by span as BigVAE
-        chains spans: each span of `span` tokens is encoded alone (z = mu, then refine_steps of refine
+        chains spans: each span of `span` tokens is encoded alone (z = mu, then num_refine_steps of refine
         toward it after that prefix) and decoded after the previous decoded tokens as its prefix. The last
         span is the text's last `span` tokens, overlapping the one before it, so every span the encoder
         reads is as long as the ones it trained on."""
@@ -380,20 +380,19 @@ class VAE(nn.Module):
             chunk = torch.tensor([ids[start:start + span]], device=device)  # (1, S)
             mu, _ = self.encode(chunk)
             prefix = torch.tensor([out[max(0, start - span):start]], device=device) if start else None  # (1, P)
-            if refine_steps > 0:
-                mu = self.refine(mu, chunk, prefix, refine_steps)
-            decoded = self.generate(mu, chunk.shape[1], prefix, temperature, should_stop_at_eos)
+            z = self.refine(mu, chunk, prefix, num_refine_steps) if num_refine_steps > 0 else mu
+            decoded = self.generate(z, chunk.shape[1], prefix, temperature, should_stop_at_eos)
             out = out[:start] + decoded[0].tolist()
         return out
 
-    def reconstruct(self, texts, temperature=0.0, refine_steps=REFINE_STEPS):
+    def reconstruct(self, texts, temperature=0.0, num_refine_steps=NUM_REFINE_STEPS):
         """Texts back through z (refined, reconstruct_ids); one longer than the trained span (cfg.prefix_slots)
         in chained spans."""
         ids, mask = self.tokenize(texts)
         rows = [row[keep].tolist() for row, keep in zip(ids, mask)]
         span = self.cfg.prefix_slots
-        return self.detokenize([self.reconstruct_ids(ids, span or len(ids), temperature, refine_steps=refine_steps)
-                                for ids in rows])
+        return self.detokenize([self.reconstruct_ids(ids, span or len(ids), temperature,
+                                                     num_refine_steps=num_refine_steps) for ids in rows])
 
     @torch.no_grad()
     def sample_prior(self, n, num_tokens, temperature=0.0):

@@ -15,12 +15,12 @@ each likelihood is of the span given its prefix.
   tokens before its first wrong one, ICAE's measure) and character similarity (1 - Levenshtein
   distance / the longer length); decoded on past end-of-text, which in a window of the stream
   only separates two documents;
-- with refine_steps (the full evaluation), z refined from mu toward the span (vae.VAE.refine:
+- with num_refine_steps (the full evaluation), z refined from mu toward the span (vae.VAE.refine:
   encoding past the encoder): accuracy and cross-entropy with it and with another span's refined z
   (the control), and its greedy figures, each `..._refined`;
 - whole held-out paragraphs back through z in chained spans (vae.reconstruct_ids, as BigVAE
   chains them): their exact match and character similarity (`evaluate_paragraphs`), with z = mu
-  and, with refine_steps, refined (`..._refined`);
+  and, with num_refine_steps, refined (`..._refined`);
 - ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)), one sample of z, per token and per example;
 - importance-weighted NLL (Burda et al. 2016): -log (1/K sum_k p(x|z_k) p(z_k) / q(z_k|x)),
   z_k ~ q(z|x); it bounds -log p(x) from above, tighter as K grows; and its perplexity;
@@ -39,7 +39,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from vae import REFINE_STEPS
+from vae import NUM_REFINE_STEPS
 from vae_math import kl_per_dim
 
 
@@ -102,12 +102,13 @@ def token_log_probs(logits, target):
 
 @torch.no_grad()
 def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_shown=3, should_print=True,
-             refine_steps=REFINE_STEPS):
+             num_refine_steps=NUM_REFINE_STEPS):
     """Held-out metrics (module docstring). num_iw_samples 0: the cheap ones only, with greedy
-    decoding on the first two batches; else all of them, greedy on every batch, and with refine_steps
+    decoding on the first two batches; else all of them, greedy on every batch, and with num_refine_steps
     > 0 the figures of z refined from mu too."""
     is_full = num_iw_samples > 0
-    ways = ("", "_refined") if is_full and refine_steps > 0 else ("",)
+    should_refine = is_full and num_refine_steps > 0
+    ways = ("", "_refined") if should_refine else ("",)
     sums, num_tokens, num_spans, mus, logvars = {}, 0, 0, [], []
     exact, exact_prefix, similarity, shown = ({way: [] for way in ways} for _ in range(4))
     for i, batch in enumerate(val_batches):
@@ -119,7 +120,7 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         logvars.append(torch.zeros_like(mu) if logvar is None else logvar)
         kl = kl_per_dim(mu, logvar).sum(-1)  # (B,)
         terms = {"kl": kl.sum().item(), "power": (mu.pow(2) + logvars[-1].exp()).sum().item() / mu.shape[1]}
-        codes = {"": mu, "_refined": model.refine(mu, target, prefix, refine_steps) if len(ways) > 1 else None}
+        codes = {"": mu, **({"_refined": model.refine(mu, target, prefix, num_refine_steps)} if should_refine else {})}
         for way in ways:  # each z and another span's (the control)
             for name, z in ((way, codes[way]), (way + "_shuffled", codes[way].roll(1, 0))):
                 logits = model(z, target, prefix)  # (B, T, V)
@@ -157,8 +158,8 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
         metrics.update({f"val_exact{way}": sum(exact[way]) / len(exact[way]),
                         f"val_exact_prefix{way}": sum(exact_prefix[way]) / len(exact_prefix[way]),
                         f"val_char_similarity{way}": statistics.median(similarity[way])})
-    if len(ways) > 1:
-        metrics.update(val_refine_steps=refine_steps)
+    if should_refine:
+        metrics.update(val_refine_steps=num_refine_steps)
     if is_full:
         metrics.update(val_rec_per_token=sums["rec"] / num_tokens, val_kl_per_token=sums["kl"] / num_tokens,
                        val_elbo=-(sums["rec"] + sums["kl"]) / num_spans,
@@ -171,21 +172,21 @@ def evaluate(model, val_batches, num_iw_samples=0, should_train_base=True, num_s
     if should_print:
         for i, (original, greedy) in enumerate(shown[""]):
             print(f"  original: {original!r}\n  greedy:   {greedy!r}")
-            if len(ways) > 1:
+            if should_refine:
                 print(f"  refined:  {shown['_refined'][i][1]!r}")
     return metrics
 
 
 @torch.no_grad()
-def evaluate_paragraphs(model, paragraphs, span, refine_steps=REFINE_STEPS):
+def evaluate_paragraphs(model, paragraphs, span, num_refine_steps=NUM_REFINE_STEPS):
     """Whole paragraphs (token lists) back through z in chained spans of `span` tokens
-    (vae.VAE.reconstruct_ids), with z = mu and, for refine_steps > 0, each z refined that many steps
+    (vae.VAE.reconstruct_ids), with z = mu and, for num_refine_steps > 0, each z refined that many steps
     (`_refined`): the share that comes back exactly, and the median character similarity."""
     metrics = {"val_paragraphs": len(paragraphs)}
-    for way, steps in (("", 0), ("_refined", refine_steps)) if refine_steps > 0 else (("", 0),):
+    for way, steps in (("", 0), ("_refined", num_refine_steps)) if num_refine_steps > 0 else (("", 0),):
         exact, similarity = [], []
         for ids in paragraphs:
-            reconstruction = model.reconstruct_ids(ids, span, should_stop_at_eos=False, refine_steps=steps)
+            reconstruction = model.reconstruct_ids(ids, span, should_stop_at_eos=False, num_refine_steps=steps)
             original, greedy = model.detokenize([ids, reconstruction])
             exact.append(original == greedy)
             similarity.append(char_similarity(original, greedy))

@@ -60,7 +60,7 @@ def recomputed_metrics(out, data):
     refined accuracies of out's checkpoint, recomputed here from its weights on SMALL's held-out windows of
     data (2 batches of 4 spans of 8 tokens, every other one after an 8-token prefix): teacher-forced argmax
     accuracy with each span's z = mu (over all spans, and apart for those with and without their prefix),
-    and with the next span's; the same with z refined (vae.REFINE_STEPS); the median similarity of each
+    and with the next span's; the same with z refined (vae.NUM_REFINE_STEPS); the median similarity of each
     span's greedy decoding to it, and of its decoding from the refined z, and the refined z's exact share."""
     model = vae.load_vae(out, torch.device("cpu")).eval()
     _, val = textdata.split_streams(textdata.read_documents(data), model.tokenizer, 16, data)
@@ -77,7 +77,7 @@ def recomputed_metrics(out, data):
         counts[0] += right_here
         counts[1] += target.numel()
         right_shuffled += (model(mu.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
-        z = model.refine(mu, target, prefix, vae.REFINE_STEPS)  # grads on inside, for z alone
+        z = model.refine(mu, target, prefix, vae.NUM_REFINE_STEPS)  # grads on inside, for z alone
         right_refined += (model(z, target, prefix).argmax(-1) == target).sum().item()
         right_refined_shuffled += (model(z.roll(1, 0), target, prefix).argmax(-1) == target).sum().item()
         num_tokens += target.numel()
@@ -137,6 +137,7 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
     assert any(line.startswith("step 4/4 |") and "rec " in line and "kl " in line and "tok/s" in line
                and "eta" in line for line in lines)
     assert any(line.startswith("  original: ") for line in lines)
+    assert any(line.startswith("  refined:  ") for line in lines)  # the end refines z (vae.NUM_REFINE_STEPS)
     for key in KEYS + FULL_KEYS + ("train_loss", "train_rec", "train_kl", "minutes", "steps"):
         assert key in metrics, key
     assert metrics["val_iw_samples"] == 2 and metrics["val_spans"] == 8
@@ -150,6 +151,9 @@ def test_train_and_eval_only_on_a_frozen_base(tmp_path, capsys, text_file, base_
     again, _ = run_main(["--eval-only", "--resume", out, "--data", text_file, "--device", "cpu", "--batch-size", "4",
                          "--eval-batches", "2"], capsys)
     assert set(KEYS + FULL_KEYS) <= set(again) and again["step"] == 4
+    plain, _ = run_main(["--eval-only", "--resume", out, "--data", text_file, "--device", "cpu", "--batch-size", "4",
+                         "--eval-batches", "2", "--refine-steps", "0", "--iw-samples", "1"], capsys)
+    assert not any("refine" in k for k in plain) and plain["val_acc"] == again["val_acc"]  # z = mu only
     for key in ("val_ce", "val_acc", "val_kl", "val_ppl_lm", "val_char_similarity"):  # the checkpoint round trip gives the same numbers
         assert again[key] == pytest.approx(metrics[key], abs=1e-5), key
     # so does a resumed training run: --latent-size 16, --lora-r 4, --context 8, --model from the checkpoint
@@ -168,7 +172,8 @@ def test_encoder_layers_trains_and_keeps_only_the_encoder_adapter_it_runs(tmp_pa
     frozen, they stay as they started (B zero); the checkpoint holds the setting, --eval-only rebuilds it from
     there, and a run that re-runs layers in the backward pass (checkpointing) or swaps the base's weights out
     (offload: at the save only the last layer is in, so layer 1 would be saved empty if taken for the base's)
-    saves the same weights."""
+    saves the same weights; refining z at the end (backward passes through those layers) gives the same numbers
+    and moves z."""
     three = str(tmp_path / "three")
     lm.save_base(GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=64, vocab_size=257,
                                             bos_token_id=256, eos_token_id=256)), lm.ByteTokenizer(), three)

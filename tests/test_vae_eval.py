@@ -65,8 +65,12 @@ class EchoOrNot:
     """A stand-in VAE whose reconstruction is right for even-length paragraphs and drops the last
     token of odd-length ones: evaluate_paragraphs' figures are then known by hand."""
 
-    def reconstruct_ids(self, ids, span, should_stop_at_eos=True, refine_steps=0):
-        assert span == 4 and not should_stop_at_eos and refine_steps in (0, 3)
+    def __init__(self):
+        self.steps = []  # num_refine_steps of each call
+
+    def reconstruct_ids(self, ids, span, should_stop_at_eos=True, num_refine_steps=0):
+        assert span == 4 and not should_stop_at_eos
+        self.steps.append(num_refine_steps)
         return ids if len(ids) % 2 == 0 else ids[:-1]
 
     def detokenize(self, rows):
@@ -75,11 +79,13 @@ class EchoOrNot:
 
 def test_evaluate_paragraphs_by_hand():
     paragraphs = [list(b"abcd"), list(b"abcdefgh"), list(b"abcde")]
-    metrics = evaluate_paragraphs(EchoOrNot(), paragraphs, 4, refine_steps=0)
+    metrics = evaluate_paragraphs(EchoOrNot(), paragraphs, 4, num_refine_steps=0)
     assert metrics == {"val_paragraph_exact": 2 / 3, "val_paragraph_char_similarity": 1.0, "val_paragraphs": 3}
-    metrics = evaluate_paragraphs(EchoOrNot(), [list(b"abcde"), list(b"abc"), list(b"abcdefgh")], 4, refine_steps=0)
+    metrics = evaluate_paragraphs(EchoOrNot(), [list(b"abcde"), list(b"abc"), list(b"abcdefgh")], 4, num_refine_steps=0)
     assert metrics["val_paragraph_exact"] == 1 / 3 and metrics["val_paragraph_char_similarity"] == 0.8  # median
-    both = evaluate_paragraphs(EchoOrNot(), paragraphs, 4, refine_steps=3)  # z = mu, then refined: here alike
+    model = EchoOrNot()
+    both = evaluate_paragraphs(model, paragraphs, 4, num_refine_steps=3)  # z = mu, then refined: here alike
+    assert model.steps == [0, 0, 0, 3, 3, 3]
     assert both == {"val_paragraph_exact": 2 / 3, "val_paragraph_char_similarity": 1.0, "val_paragraphs": 3,
                     "val_paragraph_exact_refined": 2 / 3, "val_paragraph_char_similarity_refined": 1.0}
 
