@@ -33,8 +33,8 @@ import lora
 from checkpoint import load_checkpoint
 from common import TINY_MODELS, UserError
 from lm import cache_kwarg
-from vae import load_vae, should_train_base
 from vae_math import gumbel_max
+from vae_setup import load_vae, should_train_base
 
 
 def guided_logits(base_logits, router_logits, scale):
@@ -164,7 +164,7 @@ def load_router(vae_dir, device, state=None, router_dir=None, vae_flag=None, mem
     """The frozen VAE in vae_dir (given with vae_flag) and a router on it, with the weights of a router
     checkpoint `state` (from router_dir) when given; refuses a VAE with no plain base to guide against,
     and a router trained on another VAE, before any base loads. memory, batch_size, should_print:
-    vae.load_vae's.
+    vae_setup.load_vae's.
     Returns (router, the VAE's checkpoint, its fingerprint)."""
     vae_state = load_checkpoint(vae_dir, "vae", vae_flag)  # read here too: the refusals come before the base loads
     base_name = vae_state.get("base", vae_state["config"]["model"])

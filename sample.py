@@ -37,7 +37,8 @@ from lm import num_positions
 from offload import MemoryConfig, add_memory_args, check_memory
 from router import load_router
 from trainer import pick_device
-from vae import NUM_REFINE_STEPS, load_vae
+from vae import NUM_REFINE_STEPS
+from vae_setup import load_vae
 
 # flags that only one way of decoding reads: given without it they would do nothing, so they are refused
 ONLY_WITH = {"guide": ("router", "target", "scale", "num_spans", "span_tokens"),

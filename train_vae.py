@@ -40,8 +40,9 @@ from common import (TINY_MODELS, UserError, batch_seed, config_from, fraction, m
                     parse, positive_float, positive_int, run_cli)
 from offload import MemoryConfig, add_memory_args
 from trainer import TrainConfig, add_common_args, finish, make_optimizer, setup, train
-from vae import NUM_REFINE_STEPS, VAEConfig, build_vae, load_weights, should_train_base
+from vae import NUM_REFINE_STEPS, VAEConfig
 from vae_eval import evaluate, evaluate_paragraphs
+from vae_setup import build_vae, load_weights, should_train_base
 
 # what a checkpoint records and a resumed run takes from it (unless a flag is given): the model's
 # settings, then the schedules
@@ -218,7 +219,7 @@ def main(argv=None):
                  "step": step, "history": history, "minutes": minutes_now(),
                  "model": lora.saved_state(model, "base.", args.model in TINY_MODELS),
                  "optimizer": optimizer.state_dict()}
-        if model.base_fingerprint is not None:  # a base that loads by name: what tells it apart (vae.load_weights)
+        if model.base_fingerprint is not None:  # a base that loads by name: what tells it apart (vae_setup.load_weights)
             saved["base_fingerprint"] = model.base_fingerprint
         if args.model not in TINY_MODELS:  # the adapters over a base that loads by name: peft's layout too, first
             # (a save cut short between the two leaves the checkpoint a step behind, which resumes and rewrites it)

@@ -37,7 +37,7 @@ def test_import_transformers_turns_its_progress_bars_off():
 
 
 def test_no_file_imports_a_training_script():
-    """A model file rebuilds itself from its checkpoint (vae.load_vae, router.load_router) and the world
+    """A model file rebuilds itself from its checkpoint (vae_setup.load_vae, router.load_router) and the world
     model's setup is a library (wm_setup.py), so no file outside tests/, experiments/ included, imports a
     train_* script: none of their lines starts with `import train_` or `from train_`, indented or not
     (issue #25's grep)."""

@@ -287,7 +287,8 @@ def test_the_memory_check_counts_the_vae_head_beside_its_frozen_base(monkeypatch
 
 def test_a_vae_that_is_used_not_trained_is_checked_without_gradients_or_moments(monkeypatch):
     """build_vae with no batch size (sample.py's): nothing trains, so the check counts no optimizer state."""
-    from vae import VAEConfig, build_vae
+    from vae import VAEConfig
+    from vae_setup import build_vae
 
     estimates, check = [], offload.check_memory
     monkeypatch.setattr(offload, "check_memory", lambda *args: estimates.append(check(*args)) or estimates[-1])

@@ -18,6 +18,7 @@ import sample
 import textdata
 import train_vae
 import vae
+import vae_setup
 from conftest import crash_at_step_2_then_resume, read_bytes, run_script, run_script_error, tiny_gpt2
 from vae_eval import char_similarity
 
@@ -62,7 +63,7 @@ def recomputed_metrics(out, data):
     accuracy with each span's z = mu (over all spans, and apart for those with and without their prefix),
     and with the next span's; the same with z refined (vae.NUM_REFINE_STEPS); the median similarity of each
     span's greedy decoding to it, and of its decoding from the refined z, and the refined z's exact share."""
-    model = vae.load_vae(out, torch.device("cpu")).eval()
+    model = vae_setup.load_vae(out, torch.device("cpu")).eval()
     _, val = textdata.split_streams(textdata.read_documents(data), model.tokenizer, 16, data)
     right, right_shuffled, right_refined, right_refined_shuffled, num_tokens = 0, 0, 0, 0, 0
     similarity, similarity_refined, exact_refined = [], [], []
@@ -193,7 +194,7 @@ def test_encoder_layers_trains_and_keeps_only_the_encoder_adapter_it_runs(tmp_pa
          for layer in range(3)}
     assert [len(v) for v in b.values()] == [4, 4, 4] and all(v.abs().sum() > 0 for v in b[0])
     assert all(torch.equal(v, torch.zeros_like(v)) for v in b[1] + b[2])
-    layers = offload.decoder_layers(vae.load_vae(plain, torch.device("cpu")).base)
+    layers = offload.decoder_layers(vae_setup.load_vae(plain, torch.device("cpu")).base)
     assert [any(p.requires_grad for p in lora.lora_parameters(layer, "encoder")) for layer in layers] == [
         True, False, False]
     again, _ = run_main(["--eval-only", "--resume", plain, "--data", text_file, "--device", "cpu", "--batch-size", "4",
@@ -547,8 +548,8 @@ def test_load_vae_reads_a_checkpoint_from_before_vae_config_as_the_new_one(train
     del state["config"]["word_dropout"]
     checkpoint.save_checkpoint(str(tmp_path), state)
     # each build draws other random weights: equal outputs mean the checkpoint's weights loaded
-    new = vae.load_vae(trained, torch.device("cpu")).eval()
-    old = vae.load_vae(str(tmp_path), torch.device("cpu")).eval()
+    new = vae_setup.load_vae(trained, torch.device("cpu")).eval()
+    old = vae_setup.load_vae(str(tmp_path), torch.device("cpu")).eval()
     assert old.cfg == new.cfg and new.cfg.word_dropout == 0.0 and new.cfg.latent_size == 16
     ids, prefix = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 3))
     with torch.no_grad():
@@ -563,4 +564,4 @@ def test_load_vae_reads_a_vae_config_from_before_a_field(trained, tmp_path):
     state = checkpoint.load_checkpoint(trained, "vae")
     del state["vae_config"]["own_tokens"]
     checkpoint.save_checkpoint(str(tmp_path), state)
-    assert vae.load_vae(str(tmp_path), torch.device("cpu")).cfg == vae.load_vae(trained, torch.device("cpu")).cfg
+    assert vae_setup.load_vae(str(tmp_path), torch.device("cpu")).cfg == vae_setup.load_vae(trained, torch.device("cpu")).cfg

@@ -288,7 +288,7 @@ def test_reconstruct_ids_chains_spans(num_refine_steps, monkeypatch):
     """A text longer than a span: span by span, each decoded after the decoded tokens before it as its
     prefix, the last span overlapping the one before (BigVAE's chaining); refined, each span's z is
     refined toward it after that same prefix (the calls to refine are recorded: on this untrained model
-    a few steps may change no greedy token)."""
+    a few steps may change no greedy token; 0 steps give mu)."""
     torch.manual_seed(0)
     vae = make_vae(prefix_slots=4)
     with torch.no_grad():
@@ -311,8 +311,8 @@ def test_reconstruct_ids_chains_spans(num_refine_steps, monkeypatch):
     monkeypatch.setattr(vae, "refine", lambda mu, span, prefix, steps: calls.append(
         (span.tolist(), None if prefix is None else prefix.tolist(), steps)) or refine(mu, span, prefix, steps))
     vae.reconstruct_ids(text, 4, should_stop_at_eos=False, num_refine_steps=num_refine_steps)
-    assert calls == ([] if num_refine_steps == 0 else [
-        ([text[0:4]], None, 3), ([text[4:8]], [first], 3), ([text[6:10]], [second[2:6]], 3)])
+    assert calls == [([text[0:4]], None, num_refine_steps), ([text[4:8]], [first], num_refine_steps),
+                     ([text[6:10]], [second[2:6]], num_refine_steps)]
     monkeypatch.undo()
     short = torch.tensor([text[:3]])
     short = vae.generate(vae.refine(vae.encode(short)[0], short, None, num_refine_steps), 3)[0].tolist()
