@@ -1,5 +1,5 @@
 # The two quick-start commands; each sets up the virtual environment first (once).
-#   make demo    train the text VAE on the tiny model, offline, on the CPU (~19 min on 2 cores)
+#   make demo    train the text VAE on the tiny model, offline, on the CPU (~16 min on 2 cores)
 #   make test    the test suite (~5 min on 2 cores), exactly what CI runs, in a random order
 #   make lock    refresh requirements.lock from requirements*.txt (PyPI, a few minutes)
 # Your own environment instead: see README.md, "Install".

@@ -4,7 +4,7 @@ Train the text VAE (vae.py) on a base LM and evaluate it on held-out text. BigVA
 and options from Optimus (Li et al. 2020) and AdaVAE (Tu et al. 2022): z as a key/value in
 every layer (Optimus), a diagonal posterior and a cyclical KL schedule (both).
 
-    python train_vae.py                               # tiny model, default corpus, CPU: ~19 min on 2 cores
+    python train_vae.py                               # tiny model, default corpus, CPU: ~16 min on 2 cores
     python train_vae.py --max-iters 500 --out-dir out-vae-quick   # a quick look: ~45 s
     python train_vae.py --model gpt2 --out-dir out-vae-gpt2       # GPT-2 small, frozen, + two LoRA adapters (GPU)
     python train_vae.py --model gpt2 --data my.txt --out-dir out-my   # your own UTF-8 text file
