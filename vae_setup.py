@@ -1,8 +1,8 @@
 """
 The text VAE as the scripts set it up (train_vae.py, sample.py, router.py): a VAE over a named base,
 placed on the device as offload.MemoryConfig asks and checked against its positions, and one rebuilt
-from train_vae.py's checkpoint with its weights (refused if its base changed since). vae.py holds the
-model; this file only builds and loads it.
+with its weights from a checkpoint of train_vae.py (refused if its base changed since). vae.py holds
+the model; this file only builds and loads it.
 
     vae = load_vae("out-vae", torch.device("cpu"))   # a trained one, ready to use (.eval())
 """
