@@ -64,7 +64,7 @@ def per_base(key):
 def parse_args(argv=None):
     parser = make_parser(__doc__)
     # defaults: tiny's CPU run (README, "The text VAE"); a pretrained base starts from BigVAE's lr
-    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=11000, eval_interval=2750, batch_size=16,
+    add_common_args(parser, model="tiny", out_dir="out-vae", max_iters=12000, eval_interval=3000, batch_size=16,
                     lr=None, lr_text=per_base("lr"),
                     warmup_iters=100)
     g = textdata.add_data_args(parser)
